@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test` (each sets itself up).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.stereo_kd_installed
+DEMO_FRAMES ?= 20
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): setup.py setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: later requirements are then satisfied by this build, not a multi-GB download
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[ros,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m stereo_kd_ros.demo --frames $(DEMO_FRAMES) --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q test
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stereo_kd_core stereo_kd_ros test launch benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/node_overhead.py
+
+clean:
+	rm -rf demo_out .pytest_cache build *.egg-info

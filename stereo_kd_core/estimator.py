@@ -1,0 +1,164 @@
+"""StereoEstimator: the one seam between the library and the ROS node (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from stereo_kd_core import registry
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class StereoPrediction:
+    disparity: np.ndarray   # float32 HxW, pixels, NaN where invalid
+    confidence: np.ndarray  # float32 HxW in [0, 1]
+
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got '{device}'")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}' requested but torch sees no CUDA GPU; use device 'auto' or 'cpu'")
+    return device
+
+
+def _as_rgb(image: np.ndarray, side: str) -> np.ndarray:
+    """Validate one input image; returns HxWx3 (uint8 or uint16)."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"{side} image must be a numpy array, got {type(image).__name__}")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{side} image must be uint8 or uint16, got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"{side} image must be HxW or HxWx3, got shape {image.shape}")
+    if image.shape[0] < 2 or image.shape[1] < 2:
+        raise ValueError(f"{side} image is too small: {image.shape[1]}x{image.shape[0]}")
+    return image
+
+
+def _check_pair(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    left, right = _as_rgb(left, "left"), _as_rgb(right, "right")
+    if left.shape != right.shape or left.dtype != right.dtype:
+        raise ValueError(f"left and right images differ: {left.shape} {left.dtype} vs {right.shape} {right.dtype}")
+    return left, right
+
+
+class StereoEstimator:
+    """Disparity (and confidence) for rectified stereo pairs, from a network or OpenCV SGBM."""
+
+    name: str
+    device: str
+    precision: str
+    max_disparity: int
+    min_disparity: float = 0.0
+
+    @classmethod
+    def load(cls, model: str = "sgbm", device: str = "auto", precision: str = "fp32",
+             max_disparity: int = 192) -> StereoEstimator:
+        """A registry name ("dsnet", ...), a checkpoint path, or "sgbm"."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        if not isinstance(max_disparity, int) or max_disparity < 16:
+            raise ValueError(f"max_disparity must be an integer >= 16, got {max_disparity!r}")
+        if model == "sgbm":
+            return SGBMEstimator(max_disparity=max_disparity)
+        if os.sep in model or model.endswith((".pt", ".pth", ".ckpt")) or Path(model).is_file():
+            path, sha = Path(model).expanduser(), None
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint path does not exist: {path}")
+            name = path.stem
+        else:
+            path, sha = registry.resolve_shipped(model)
+            name = model
+        from stereo_kd_core.checkpoint import load_model
+
+        network = load_model(path, expected_sha256=sha)
+        return NetworkEstimator(network, name=name, device=resolve_device(device),
+                                precision=precision, max_disparity=max_disparity)
+
+    def predict(self, left: np.ndarray, right: np.ndarray) -> StereoPrediction:
+        raise NotImplementedError
+
+
+class SGBMEstimator(StereoEstimator):
+    """OpenCV semi-global matching: the classical peer and CPU fallback.
+
+    Confidence is 1 where SGBM returns a disparity that passed its uniqueness, left-right
+    and speckle checks, 0 elsewhere (SGBM exposes no distribution over disparities).
+    """
+
+    def __init__(self, max_disparity: int = 192, block_size: int = 5):
+        self.name = "sgbm"
+        self.device = "cpu"
+        self.precision = "fp32"
+        self.max_disparity = int(max_disparity)
+        self.min_disparity = 0.0
+        num_disparities = ((self.max_disparity + 15) // 16) * 16
+        channels = 3
+        self._matcher = cv2.StereoSGBM_create(
+            minDisparity=0, numDisparities=num_disparities, blockSize=block_size,
+            P1=8 * channels * block_size**2, P2=32 * channels * block_size**2,
+            disp12MaxDiff=1, uniquenessRatio=10, speckleWindowSize=100, speckleRange=2,
+            mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY,
+        )
+
+    def predict(self, left: np.ndarray, right: np.ndarray) -> StereoPrediction:
+        left, right = _check_pair(left, right)
+        if left.dtype == np.uint16:
+            left, right = (left >> 8).astype(np.uint8), (right >> 8).astype(np.uint8)
+        fixed_point = self._matcher.compute(np.ascontiguousarray(left), np.ascontiguousarray(right))
+        disparity = fixed_point.astype(np.float32) * np.float32(1.0 / 16.0)  # StereoSGBM: 4 fractional bits
+        invalid = fixed_point < 0
+        disparity[invalid] = np.nan
+        confidence = (~invalid).astype(np.float32)
+        return StereoPrediction(disparity=disparity, confidence=confidence)
+
+
+class NetworkEstimator(StereoEstimator):
+    """A stereo network from the core model zoo, run under torch.no_grad()."""
+
+    def __init__(self, network: torch.nn.Module, name: str, device: str, precision: str,
+                 max_disparity: int):
+        self.name = name
+        self.device = device
+        self.precision = precision
+        model_max = int(getattr(network, "max_disparity", max_disparity))
+        if max_disparity != model_max:
+            log.warning("max_disparity %d requested but model '%s' was built for %d; using %d",
+                        max_disparity, name, model_max, model_max)
+        self.max_disparity = model_max
+        self.min_disparity = 0.0
+        if precision == "fp16" and not device.startswith("cuda"):
+            log.warning("fp16 needs a CUDA device; running '%s' in fp32 on %s", name, device)
+            self.precision = "fp32"
+        self.network = network.to(device).eval()
+
+    @torch.no_grad()
+    def predict(self, left: np.ndarray, right: np.ndarray) -> StereoPrediction:
+        left, right = _check_pair(left, right)
+        scale = 1.0 / (65535.0 if left.dtype == np.uint16 else 255.0)
+        pair = np.stack([left, right])                                   # (2, H, W, 3)
+        tensor = torch.from_numpy(pair).to(self.device, non_blocking=True)
+        tensor = tensor.permute(0, 3, 1, 2).float().mul_(scale)          # (2, 3, H, W)
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype,
+                            enabled=dtype != torch.float32):
+            disparity, confidence = self.network(tensor[0:1], tensor[1:2])  # (1, H, W) each
+        disparity = disparity[0].float().cpu().numpy()
+        confidence = confidence[0].float().clamp_(0, 1).cpu().numpy()
+        disparity[~np.isfinite(disparity)] = np.nan
+        return StereoPrediction(disparity=disparity, confidence=confidence)

@@ -1,0 +1,135 @@
+"""Rectified stereo camera geometry: Q matrix, disparity -> depth -> XYZ.
+
+Follows image_geometry's StereoCameraModel (ROS), including the cx_left - cx_right term of
+Q, so that clouds match stereo_image_proc for the same disparity map:
+
+    Z = fx * B / (d - (cx_left - cx_right)),  X = (u - cx_left) * Z / fx,  Y = (v - cy) * Z / fy
+
+with B the baseline in metres, taken from the right projection matrix: P_right[0, 3] = -fx * B.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StereoGeometry:
+    """Intrinsics of a rectified pair (left camera frame) and the baseline."""
+
+    fx: float
+    fy: float
+    cx_left: float
+    cx_right: float
+    cy: float
+    baseline_m: float
+
+    def __post_init__(self) -> None:
+        values = {
+            "fx": self.fx, "fy": self.fy, "cx_left": self.cx_left, "cx_right": self.cx_right,
+            "cy": self.cy, "baseline_m": self.baseline_m,
+        }
+        for name, value in values.items():
+            if not np.isfinite(value):
+                raise ValueError(f"stereo geometry: {name} is not finite ({value})")
+        if self.fx <= 0 or self.fy <= 0:
+            raise ValueError(f"stereo geometry: focal length must be positive (fx={self.fx}, fy={self.fy})")
+        if self.baseline_m == 0:
+            raise ValueError("stereo geometry: zero baseline (right P[0,3] is 0): cannot triangulate")
+        if self.baseline_m < 0:
+            raise ValueError(
+                f"stereo geometry: negative baseline ({self.baseline_m} m): the right camera must be "
+                "to the right of the left one (right P[0,3] = -fx * baseline < 0); are left and right swapped?"
+            )
+
+    @classmethod
+    def from_projections(cls, projection_left, projection_right) -> StereoGeometry:
+        """Build from the 3x4 rectified projection matrices (CameraInfo.p) of both cameras."""
+        p_left = np.asarray(projection_left, dtype=np.float64).reshape(3, 4)
+        p_right = np.asarray(projection_right, dtype=np.float64).reshape(3, 4)
+        for side, p in (("left", p_left), ("right", p_right)):
+            if not np.all(np.isfinite(p)):
+                raise ValueError(f"stereo geometry: {side} projection matrix has NaN or inf entries")
+            if p[0, 0] <= 0 or p[1, 1] <= 0:
+                raise ValueError(
+                    f"stereo geometry: {side} projection has non-positive focal length "
+                    f"(fx={p[0, 0]}, fy={p[1, 1]})"
+                )
+        baseline_m = -p_right[0, 3] / p_right[0, 0]
+        return cls(
+            fx=float(p_left[0, 0]), fy=float(p_left[1, 1]), cx_left=float(p_left[0, 2]),
+            cx_right=float(p_right[0, 2]), cy=float(p_left[1, 2]), baseline_m=float(baseline_m),
+        )
+
+    @classmethod
+    def from_intrinsics(cls, focal_px: float, cx: float, cy: float, baseline_m: float,
+                        cx_right: float | None = None, fy: float | None = None) -> StereoGeometry:
+        return cls(fx=focal_px, fy=focal_px if fy is None else fy, cx_left=cx,
+                   cx_right=cx if cx_right is None else cx_right, cy=cy, baseline_m=baseline_m)
+
+    def projection_matrices(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (P_left, P_right) 3x4 matrices this geometry corresponds to."""
+        p_left = np.array([[self.fx, 0, self.cx_left, 0], [0, self.fy, self.cy, 0], [0, 0, 1, 0]])
+        p_right = p_left.copy()
+        p_right[0, 2] = self.cx_right
+        p_right[0, 3] = -self.fx * self.baseline_m
+        return p_left, p_right
+
+    @property
+    def disparity_offset(self) -> float:
+        """cx_left - cx_right: the disparity of a point at infinity."""
+        return self.cx_left - self.cx_right
+
+    @property
+    def Q(self) -> np.ndarray:  # noqa: N802 (the name used throughout the stereo literature)
+        """4x4 reprojection matrix: [u, v, d, 1] -> homogeneous [X, Y, Z, W] (image_geometry form)."""
+        tx = -self.baseline_m
+        q = np.zeros((4, 4), dtype=np.float64)
+        q[0, 0] = self.fy * tx
+        q[0, 3] = -self.fy * self.cx_left * tx
+        q[1, 1] = self.fx * tx
+        q[1, 3] = -self.fx * self.cy * tx
+        q[2, 3] = self.fx * self.fy * tx
+        q[3, 2] = -self.fy
+        q[3, 3] = self.fy * (self.cx_left - self.cx_right)
+        return q
+
+    def depth_from_disparity(self, disparity: np.ndarray) -> np.ndarray:
+        """float32 HxW depth in metres (Z along the optical axis), NaN where invalid."""
+        d = np.asarray(disparity, dtype=np.float32)
+        shifted = d - np.float32(self.disparity_offset)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            depth = np.float32(self.fx * self.baseline_m) / shifted
+        depth[~(shifted > 0)] = np.nan  # also catches NaN disparities
+        return depth
+
+    def depth_to_disparity(self, depth_m: np.ndarray) -> np.ndarray:
+        """Inverse of depth_from_disparity (NaN stays NaN)."""
+        depth = np.asarray(depth_m, dtype=np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.float32(self.fx * self.baseline_m) / depth + np.float32(self.disparity_offset)
+
+    def points_from_disparity(self, disparity: np.ndarray) -> np.ndarray:
+        """float32 HxWx3 (x right, y down, z forward; metres; left optical frame), NaN invalid."""
+        depth = self.depth_from_disparity(disparity)
+        height, width = depth.shape
+        u = (np.arange(width, dtype=np.float32) - np.float32(self.cx_left)) / np.float32(self.fx)
+        v = (np.arange(height, dtype=np.float32) - np.float32(self.cy)) / np.float32(self.fy)
+        points = np.empty((height, width, 3), dtype=np.float32)
+        np.multiply(depth, u[None, :], out=points[..., 0])
+        np.multiply(depth, v[:, None], out=points[..., 1])
+        points[..., 2] = depth
+        return points
+
+    def scaled(self, scale_x: float, scale_y: float | None = None) -> StereoGeometry:
+        """Geometry of the images resized by (scale_x, scale_y); pixel centres are kept aligned."""
+        sy = scale_x if scale_y is None else scale_y
+        sx = scale_x
+        # A pixel centre at u maps to (u + 0.5) * s - 0.5 (OpenCV resize convention).
+        return StereoGeometry(
+            fx=self.fx * sx, fy=self.fy * sy,
+            cx_left=(self.cx_left + 0.5) * sx - 0.5, cx_right=(self.cx_right + 0.5) * sx - 0.5,
+            cy=(self.cy + 0.5) * sy - 0.5, baseline_m=self.baseline_m,
+        )

@@ -1,0 +1,56 @@
+"""StereoEstimator seam: the sgbm backend on a scene with known disparity, and input checks."""
+
+import numpy as np
+import pytest
+
+from stereo_kd_core import StereoEstimator
+
+
+def textured_pair(height=96, width=160, shift=12, seed=0):
+    """Right image = left shifted by `shift` px: true disparity is `shift` everywhere it is visible."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(height, width + shift), dtype=np.uint8)
+    left = base[:, 0:width]                # left(x) = base(x)
+    right = base[:, shift:shift + width]   # right(x - shift) = base(x) = left(x)
+    return np.repeat(left[..., None], 3, 2), np.repeat(right[..., None], 3, 2)
+
+
+def test_sgbm_recovers_a_constant_shift():
+    left, right = textured_pair()
+    est = StereoEstimator.load("sgbm", max_disparity=32)
+    out = est.predict(left, right)
+    assert out.disparity.dtype == np.float32 and out.disparity.shape == left.shape[:2]
+    valid = np.isfinite(out.disparity)
+    assert valid.mean() > 0.7  # all but SGBM's left band of max_disparity columns
+    assert np.median(np.abs(out.disparity[valid] - 12.0)) < 0.25
+    assert set(np.unique(out.confidence)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(out.confidence > 0, valid)
+
+
+def test_sgbm_accepts_mono_and_uint16():
+    left, right = textured_pair()
+    est = StereoEstimator.load("sgbm", max_disparity=32)
+    mono = est.predict(left[..., 0], right[..., 0]).disparity
+    deep = est.predict(left.astype(np.uint16) * 257, right.astype(np.uint16) * 257).disparity
+    np.testing.assert_allclose(np.nan_to_num(mono, nan=-1), np.nan_to_num(deep, nan=-1))
+
+
+@pytest.mark.parametrize("left_shape, right_shape, dtype, message", [
+    ((32, 48, 3), (32, 40, 3), np.uint8, "differ"),
+    ((32, 48, 4), (32, 48, 4), np.uint8, "HxW or HxWx3"),
+    ((32, 48, 3), (32, 48, 3), np.float32, "uint8 or uint16"),
+])
+def test_bad_inputs_get_specific_errors(left_shape, right_shape, dtype, message):
+    est = StereoEstimator.load("sgbm", max_disparity=32)
+    with pytest.raises(ValueError, match=message):
+        est.predict(np.zeros(left_shape, dtype), np.zeros(right_shape, dtype))
+
+
+def test_unknown_model_lists_known_names_and_missing_path_is_named(tmp_path):
+    with pytest.raises(ValueError, match="Known models: .*sgbm"):
+        StereoEstimator.load("no-such-model")
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        StereoEstimator.load(str(missing))
+    with pytest.raises(ValueError, match="precision"):
+        StereoEstimator.load("sgbm", precision="int3")

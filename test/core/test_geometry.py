@@ -1,0 +1,79 @@
+"""Camera geometry against hand-computed values and image_geometry's Q convention."""
+
+import numpy as np
+import pytest
+
+from stereo_kd_core.geometry import StereoGeometry
+
+FX, FY, CX_L, CX_R, CY, BASELINE = 500.0, 480.0, 320.5, 330.5, 240.25, 0.12
+
+
+def make_geometry() -> StereoGeometry:
+    p_left = np.array([[FX, 0, CX_L, 0], [0, FY, CY, 0], [0, 0, 1, 0]])
+    p_right = np.array([[FX, 0, CX_R, -FX * BASELINE], [0, FY, CY, 0], [0, 0, 1, 0]])
+    return StereoGeometry.from_projections(p_left.ravel(), p_right.ravel())
+
+
+def test_from_projections_reads_baseline_and_centres():
+    g = make_geometry()
+    assert (g.fx, g.fy, g.cx_left, g.cx_right, g.cy) == (FX, FY, CX_L, CX_R, CY)
+    assert g.baseline_m == pytest.approx(BASELINE)
+    assert g.disparity_offset == pytest.approx(CX_L - CX_R)
+
+
+def test_q_matrix_reprojects_like_the_closed_form():
+    g = make_geometry()
+    u, v, d = 100.0, 50.0, 30.0
+    x, y, z, w = g.Q @ np.array([u, v, d, 1.0])
+    z_expected = FX * BASELINE / (d - (CX_L - CX_R))   # 500 * 0.12 / 40 = 1.5 m
+    assert z / w == pytest.approx(z_expected)
+    assert x / w == pytest.approx((u - CX_L) * z_expected / FX)
+    assert y / w == pytest.approx((v - CY) * z_expected / FY)
+
+
+def test_points_and_depth_match_q_and_mark_invalid():
+    g = make_geometry()
+    disparity = np.full((4, 6), 30.0, dtype=np.float32)
+    disparity[0, 0] = np.nan
+    disparity[1, 1] = -10.0          # shifted disparity 0: point at infinity -> invalid
+    disparity[2, 2] = -20.0          # negative shifted disparity -> invalid
+    points = g.points_from_disparity(disparity)
+    depth = g.depth_from_disparity(disparity)
+    assert points.dtype == np.float32 and points.shape == (4, 6, 3)
+    for r, c in [(0, 0), (1, 1), (2, 2)]:
+        assert np.isnan(depth[r, c]) and np.all(np.isnan(points[r, c]))
+    for r, c in [(3, 5), (0, 4)]:
+        homogeneous = g.Q @ np.array([c, r, disparity[r, c], 1.0])
+        np.testing.assert_allclose(points[r, c], homogeneous[:3] / homogeneous[3], rtol=1e-5)
+        assert depth[r, c] == pytest.approx(1.5, rel=1e-6)
+    np.testing.assert_allclose(g.depth_to_disparity(depth)[3, 5], 30.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("p_left_fx", 0.0, "focal"),
+    ("p_right_tx", 0.0, "zero baseline"),
+    ("p_right_tx", +60.0, "negative baseline"),
+    ("p_left_cx", float("nan"), "NaN or inf"),
+])
+def test_bad_projections_are_refused_with_a_specific_message(field, value, message):
+    p_left = np.array([[FX, 0, CX_L, 0], [0, FY, CY, 0], [0, 0, 1, 0]])
+    p_right = np.array([[FX, 0, CX_R, -FX * BASELINE], [0, FY, CY, 0], [0, 0, 1, 0]])
+    if field == "p_left_fx":
+        p_left[0, 0] = value
+    elif field == "p_right_tx":
+        p_right[0, 3] = value
+    else:
+        p_left[0, 2] = value
+    with pytest.raises(ValueError, match=message):
+        StereoGeometry.from_projections(p_left, p_right)
+
+
+def test_scaled_geometry_keeps_depth_of_a_point():
+    g = make_geometry()
+    half = g.scaled(0.5)
+    # a point at depth 1.5 m has disparity 30 px at full size (offset -10) ...
+    z = g.depth_from_disparity(np.array([[30.0]], np.float32))[0, 0]
+    # ... and half the shifted disparity at half size
+    d_half = (30.0 - g.disparity_offset) * 0.5 + half.disparity_offset
+    assert half.depth_from_disparity(np.array([[d_half]], np.float32))[0, 0] == pytest.approx(z, rel=1e-5)
+    assert half.fx == FX / 2 and half.cx_left == pytest.approx((CX_L + 0.5) / 2 - 0.5)
