@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 class StereoPrediction:
     disparity: np.ndarray   # float32 HxW, pixels, NaN where invalid
     confidence: np.ndarray  # float32 HxW in [0, 1]
+    points: np.ndarray | None = None  # float32 HxWx3 metres (left optical frame) when geometry was given
 
 
 def resolve_device(device: str) -> str:
@@ -68,8 +69,12 @@ class StereoEstimator:
 
     @classmethod
     def load(cls, model: str = "sgbm", device: str = "auto", precision: str = "fp32",
-             max_disparity: int = 192) -> StereoEstimator:
-        """A registry name ("dsnet", ...), a checkpoint path, or "sgbm"."""
+             max_disparity: int = 192, compile: bool = False) -> StereoEstimator:
+        """A registry name ("dsnet", ...), a checkpoint path, or "sgbm".
+
+        compile: torch.compile the network (CUDA graphs on CUDA); falls back to eager with a
+        warning where compilation is unavailable.
+        """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
         if not isinstance(max_disparity, int) or max_disparity < 16:
@@ -88,10 +93,16 @@ class StereoEstimator:
 
         network = load_model(path, expected_sha256=sha)
         return NetworkEstimator(network, name=name, device=resolve_device(device),
-                                precision=precision, max_disparity=max_disparity)
+                                precision=precision, max_disparity=max_disparity, compile=compile)
 
-    def predict(self, left: np.ndarray, right: np.ndarray) -> StereoPrediction:
+    def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
+        """Disparity and confidence of a rectified pair; with `geometry` (a StereoGeometry) also
+        the organized point cloud, computed on the estimator's device."""
         raise NotImplementedError
+
+    @staticmethod
+    def _points(disparity: np.ndarray, geometry) -> np.ndarray | None:
+        return None if geometry is None else geometry.points_from_disparity(disparity)
 
 
 class SGBMEstimator(StereoEstimator):
@@ -116,7 +127,7 @@ class SGBMEstimator(StereoEstimator):
             mode=cv2.STEREO_SGBM_MODE_SGBM_3WAY,
         )
 
-    def predict(self, left: np.ndarray, right: np.ndarray) -> StereoPrediction:
+    def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
         left, right = _check_pair(left, right)
         if left.dtype == np.uint16:
             left, right = (left >> 8).astype(np.uint8), (right >> 8).astype(np.uint8)
@@ -125,14 +136,25 @@ class SGBMEstimator(StereoEstimator):
         invalid = fixed_point < 0
         disparity[invalid] = np.nan
         confidence = (~invalid).astype(np.float32)
-        return StereoPrediction(disparity=disparity, confidence=confidence)
+        return StereoPrediction(disparity=disparity, confidence=confidence,
+                                points=self._points(disparity, geometry))
+
+
+# Padded input sizes on CUDA are rounded up to a multiple of this, so that a compiled graph (and
+# cudnn's autotuning) sees a handful of shapes instead of one per camera resolution.
+SHAPE_BUCKET = 64
 
 
 class NetworkEstimator(StereoEstimator):
-    """A stereo network from the core model zoo, run under torch.no_grad()."""
+    """A stereo network from the core model zoo, run under torch.inference_mode().
+
+    On CUDA: cudnn autotuning, channels_last, pinned host staging buffers with non-blocking
+    copies, shape buckets, optional torch.compile, and one device-to-host copy per frame for
+    disparity, confidence and (optionally) points together.
+    """
 
     def __init__(self, network: torch.nn.Module, name: str, device: str, precision: str,
-                 max_disparity: int):
+                 max_disparity: int, compile: bool = False):
         self.name = name
         self.device = device
         self.precision = precision
@@ -142,23 +164,76 @@ class NetworkEstimator(StereoEstimator):
                         max_disparity, name, model_max, model_max)
         self.max_disparity = model_max
         self.min_disparity = 0.0
-        if precision == "fp16" and not device.startswith("cuda"):
+        self._cuda = device.startswith("cuda")
+        if precision == "fp16" and not self._cuda:
             log.warning("fp16 needs a CUDA device; running '%s' in fp32 on %s", name, device)
             self.precision = "fp32"
         self.network = network.to(device).eval()
+        self._host_buffer: torch.Tensor | None = None
+        if self._cuda:
+            torch.backends.cudnn.benchmark = True
+            self.network = self.network.to(memory_format=torch.channels_last)
+        self._forward = self.network
+        self.compiled = False
+        if compile:
+            self._forward = self._try_compile()
 
-    @torch.no_grad()
-    def predict(self, left: np.ndarray, right: np.ndarray) -> StereoPrediction:
-        left, right = _check_pair(left, right)
-        scale = 1.0 / (65535.0 if left.dtype == np.uint16 else 255.0)
-        pair = np.stack([left, right])                                   # (2, H, W, 3)
-        tensor = torch.from_numpy(pair).to(self.device, non_blocking=True)
-        tensor = tensor.permute(0, 3, 1, 2).float().mul_(scale)          # (2, 3, H, W)
+    def _try_compile(self):
+        try:
+            mode = "reduce-overhead" if self._cuda else "default"  # reduce-overhead = CUDA graphs
+            compiled = torch.compile(self.network, mode=mode, dynamic=False)
+            self.compiled = True
+            return compiled
+        except Exception as exc:  # noqa: BLE001 (any failure means: run eager)
+            log.warning("torch.compile unavailable (%s); running '%s' eagerly", exc, self.name)
+            return self.network
+
+    def _stage(self, left: np.ndarray, right: np.ndarray) -> torch.Tensor:
+        """(2, H, W, 3) uint8/uint16 host pair -> device tensor, through a pinned buffer on CUDA."""
+        pair = torch.from_numpy(np.stack([left, right]).astype(np.int32 if left.dtype == np.uint16 else np.uint8,
+                                                              copy=False))
+        if not self._cuda:
+            return pair
+        if self._host_buffer is None or self._host_buffer.shape != pair.shape or self._host_buffer.dtype != pair.dtype:
+            self._host_buffer = torch.empty(pair.shape, dtype=pair.dtype).pin_memory()
+        self._host_buffer.copy_(pair)
+        return self._host_buffer.to(self.device, non_blocking=True)
+
+    def _run_network(self, left_t: torch.Tensor, right_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = PRECISIONS[self.precision]
         with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype,
                             enabled=dtype != torch.float32):
-            disparity, confidence = self.network(tensor[0:1], tensor[1:2])  # (1, H, W) each
-        disparity = disparity[0].float().cpu().numpy()
-        confidence = confidence[0].float().clamp_(0, 1).cpu().numpy()
-        disparity[~np.isfinite(disparity)] = np.nan
-        return StereoPrediction(disparity=disparity, confidence=confidence)
+            try:
+                return self._forward(left_t, right_t)
+            except Exception as exc:  # compiled graph failed at first use: fall back to eager once
+                if not self.compiled:
+                    raise
+                log.warning("compiled '%s' failed (%s); falling back to eager", self.name, exc)
+                self._forward, self.compiled = self.network, False
+                return self._forward(left_t, right_t)
+
+    @torch.inference_mode()
+    def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
+        from stereo_kd_core.geometry import points_from_disparity_torch
+
+        left, right = _check_pair(left, right)
+        height, width = left.shape[:2]
+        scale = 1.0 / (65535.0 if left.dtype == np.uint16 else 255.0)
+        pair = self._stage(left, right)                                   # (2, H, W, 3) on device
+        images = pair.permute(0, 3, 1, 2).float().mul_(scale)              # (2, 3, H, W) in [0, 1]
+        if self._cuda:
+            padded_h = -(-height // SHAPE_BUCKET) * SHAPE_BUCKET
+            padded_w = -(-width // SHAPE_BUCKET) * SHAPE_BUCKET
+            images = torch.nn.functional.pad(images, (0, padded_w - width, 0, padded_h - height), mode="replicate")
+            images = images.contiguous(memory_format=torch.channels_last)
+        disparity, confidence = self._run_network(images[0:1], images[1:2])  # (1, Hp, Wp) each
+        disparity = disparity[0, :height, :width].float()
+        confidence = confidence[0, :height, :width].float().clamp(0, 1)
+        disparity = torch.where(torch.isfinite(disparity), disparity, torch.full_like(disparity, float("nan")))
+        planes = [disparity[..., None], confidence[..., None]]
+        if geometry is not None:
+            planes.append(points_from_disparity_torch(geometry, disparity))
+        packed = torch.cat(planes, dim=-1).cpu().numpy()                   # one device-to-host copy
+        return StereoPrediction(
+            disparity=np.ascontiguousarray(packed[..., 0]), confidence=np.ascontiguousarray(packed[..., 1]),
+            points=np.ascontiguousarray(packed[..., 2:5]) if geometry is not None else None)

@@ -133,3 +133,20 @@ class StereoGeometry:
             cx_left=(self.cx_left + 0.5) * sx - 0.5, cx_right=(self.cx_right + 0.5) * sx - 0.5,
             cy=(self.cy + 0.5) * sy - 0.5, baseline_m=self.baseline_m,
         )
+
+
+def points_from_disparity_torch(geometry: StereoGeometry, disparity):
+    """Torch twin of StereoGeometry.points_from_disparity, for reprojection on the estimator's device.
+
+    disparity: (H, W) float tensor -> (H, W, 3) float32 tensor, NaN where invalid.
+    """
+    import torch
+
+    disparity = disparity.float()
+    height, width = disparity.shape
+    shifted = disparity - geometry.disparity_offset
+    depth = (geometry.fx * geometry.baseline_m) / shifted
+    depth = torch.where(shifted > 0, depth, torch.full_like(depth, float("nan")))
+    u = (torch.arange(width, device=disparity.device, dtype=torch.float32) - geometry.cx_left) / geometry.fx
+    v = (torch.arange(height, device=disparity.device, dtype=torch.float32) - geometry.cy) / geometry.fy
+    return torch.stack((depth * u[None, :], depth * v[:, None], depth), dim=-1)

@@ -1,0 +1,58 @@
+"""Latency and memory of an estimator's network (or SGBM) at a given size."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from stereo_kd_core.estimator import StereoEstimator
+
+
+def machine_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+
+
+def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 50, warmup: int = 5,
+              seed: int = 0) -> dict:
+    """Median / p90 wall time per predict() of random real-size uint8 pairs (end to end: H2D and D2H
+    included), plus peak memory. On CUDA the network time alone is also timed with CUDA events."""
+    rng = np.random.default_rng(seed)
+    left = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    right = np.roll(left, -8, axis=1)
+    device = estimator.device
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        estimator.predict(left, right)
+    times_ms = []
+    network_ms = []
+    for _ in range(runs):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+        start = time.perf_counter()
+        estimator.predict(left, right)
+        times_ms.append((time.perf_counter() - start) * 1e3)
+        if cuda:
+            end.record()
+            end.synchronize()
+            network_ms.append(begin.elapsed_time(end))
+    result = {
+        "model": estimator.name, "device": device, "machine": machine_description(device),
+        "precision": estimator.precision, "height": height, "width": width, "runs": runs,
+        "median_ms": statistics.median(times_ms),
+        "p90_ms": float(np.percentile(times_ms, 90)),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+    if cuda:
+        result["median_cuda_event_ms"] = statistics.median(network_ms)
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result

@@ -1,0 +1,251 @@
+"""`stereo-kd`: train, distill, evaluate, predict, benchmark, export, generate data, inspect models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def _load_estimator(args: argparse.Namespace):
+    from stereo_kd_core import StereoEstimator
+
+    return StereoEstimator.load(args.model, device=args.device, precision=args.precision,
+                                max_disparity=args.max_disparity)
+
+
+def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "--checkpoint", dest="model", default="sgbm",
+                        help="registry name (see `stereo-kd info --list`), checkpoint path, or 'sgbm'")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="inference precision (fp16 needs CUDA)")
+    parser.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from stereo_kd_core.train import run_training
+
+    overrides = dict(item.split("=", 1) for item in args.set or [])
+    path = run_training(args.recipe, out_dir=args.out, resume=args.resume, overrides=overrides,
+                        max_steps=args.max_steps)
+    print(f"final checkpoint: {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stereo_kd_core.evaluate import evaluate, open_eval_dataset
+
+    kwargs = {}
+    if args.dataset == "synthetic":
+        kwargs = {"n": args.n, "seed": args.seed, "height": args.height, "width": args.width,
+                  "max_disparity": args.max_disparity}
+    estimator = _load_estimator(args)
+    samples = open_eval_dataset(args.dataset, args.data_root, **kwargs)
+
+    def show(case: dict) -> None:
+        if args.per_case:
+            print(f"{case['name']:>24}  EPE {case['epe']:.3f}  bad2 {case['bad2']:.2f}%  D1 {case['d1']:.2f}%")
+
+    result = evaluate(estimator, samples, max_disparity=args.max_disparity, use_nocc=args.nocc, progress=show)
+    result["dataset"] = args.dataset
+    mean = result["mean"]
+    print(f"{estimator.name} on {args.dataset} ({len(result['cases'])} cases): EPE {mean['epe']:.3f} px, "
+          f"bad-1 {mean['bad1']:.2f}%, bad-2 {mean['bad2']:.2f}%, bad-3 {mean['bad3']:.2f}%, D1 {mean['d1']:.2f}%")
+    _write_json(args.json, result)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import cv2
+
+    from stereo_kd_core.data.io import read_image_rgb, write_pfm
+    from stereo_kd_core.viz import colorize_disparity
+
+    estimator = _load_estimator(args)
+    prediction = estimator.predict(read_image_rgb(args.left), read_image_rgb(args.right))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_pfm(out / "disparity.pfm", prediction.disparity)
+    colour = colorize_disparity(prediction.disparity, max_disparity=estimator.max_disparity)
+    cv2.imwrite(str(out / "disparity.png"), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
+    print(f"wrote {out / 'disparity.pfm'} and {out / 'disparity.png'}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from stereo_kd_core.bench import benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    estimator = _load_estimator(args)
+    result = benchmark(estimator, args.height, args.width, runs=args.runs, warmup=args.warmup)
+    line = (f"{result['model']} {args.height}x{args.width} {result['precision']} on {result['machine']}: "
+            f"median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms")
+    if "peak_gpu_mb" in result:
+        line += f", peak GPU {result['peak_gpu_mb']:.0f} MiB"
+    print(line)
+    _write_json(args.json, result)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stereo_kd_core.export import export_model
+
+    estimator = _load_estimator(args)
+    network = getattr(estimator, "network", None)
+    if network is None:
+        raise SystemExit(f"stereo-kd export: '{args.model}' is not a network; give a checkpoint or registry name")
+    path = export_model(network.float(), args.out, args.format, args.height, args.width, dynamic=args.dynamic)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from stereo_kd_core.data.synthetic import write_middlebury_dataset
+
+    cases = write_middlebury_dataset(args.out, args.n, seed=args.seed, height=args.height, width=args.width,
+                                     max_disparity=args.max_disparity)
+    print(f"wrote {len(cases)} cases to {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from stereo_kd_core import registry
+    from stereo_kd_core.models import ARCHITECTURES, build_model, default_config
+    from stereo_kd_core.models.profile import count_flops, count_parameters
+
+    if args.list or not args.model:
+        print("architectures:", ", ".join(sorted(ARCHITECTURES)))
+        print("registry (shipped weights and classical backends):", ", ".join(registry.known_model_names()))
+        return 0
+    if args.model in ARCHITECTURES:
+        model = build_model(default_config(args.model, max_disparity=args.max_disparity))
+    else:
+        from stereo_kd_core.checkpoint import load_model
+
+        path = args.model if Path(args.model).is_file() else registry.resolve_shipped(args.model)[0]
+        model = load_model(path)
+    params = count_parameters(model)
+    flops = count_flops(model, height=args.height, width=args.width)
+    result = {"model": args.model, "parameters": params, "gflops": flops / 1e9, "height": args.height,
+              "width": args.width, "config": model.config}
+    print(f"{args.model}: {params / 1e6:.3f} M parameters, {flops / 1e9:.1f} GFLOPs at {args.height}x{args.width}")
+    _write_json(args.json, result)
+    return 0
+
+
+def cmd_fetch_teacher(args: argparse.Namespace) -> int:
+    from stereo_kd_core.teachers import convert_psmnet_checkpoint, fetch_psmnet_kitti2015
+
+    source = fetch_psmnet_kitti2015(cache_dir=args.cache_dir)
+    out = convert_psmnet_checkpoint(source, args.out)
+    print(f"verified {source} and wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stereo-kd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, helptext in (("train", "supervised training from a YAML recipe"),
+                           ("distill", "knowledge distillation from a YAML recipe with a teacher")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("recipe", help="recipe name in stereo_kd_core/recipes (e.g. dsnet) or a YAML path")
+        p.add_argument("--out", default="runs/latest", help="output folder for checkpoints and logs")
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+        p.add_argument("--max-steps", type=int, default=None,
+                       help="stop after this many steps in total (resumable chunks)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a recipe value, dotted keys (e.g. optim.lr=1e-4); repeatable")
+        p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="EPE, bad-1/2/3 and D1 on a data set")
+    _add_estimator_args(p)
+    p.add_argument("--dataset", required=True,
+                   help="motorcycle (built in), synthetic, middlebury, sceneflow, kitti2012, kitti2015, eth3d, ...")
+    p.add_argument("--data-root", default=None, help="data set folder (not needed for motorcycle, synthetic)")
+    p.add_argument("--n", type=int, default=200, help="synthetic: number of pairs")
+    p.add_argument("--seed", type=int, default=2026, help="synthetic: seed (2026 = the fixed test split)")
+    p.add_argument("--height", type=int, default=256, help="synthetic: image height")
+    p.add_argument("--width", type=int, default=512, help="synthetic: image width")
+    p.add_argument("--nocc", action="store_true", help="only non-occluded pixels (where the data set has a mask)")
+    p.add_argument("--per-case", action="store_true", help="print every case")
+    p.add_argument("--json", default=None, help="write per-case and mean figures to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="disparity of one pair: PFM + colourised PNG")
+    _add_estimator_args(p)
+    p.add_argument("left", help="left image")
+    p.add_argument("right", help="right image")
+    p.add_argument("--out", default="predict_out", help="output folder")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="median latency and peak memory")
+    p.add_argument("model", help="registry name, checkpoint path, or sgbm")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="inference precision")
+    p.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
+    p.add_argument("--height", type=int, default=384, help="input height")
+    p.add_argument("--width", type=int, default=640, help="input width")
+    p.add_argument("--runs", type=int, default=50, help="timed runs (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="ONNX or TorchScript file of a network")
+    _add_estimator_args(p)
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="output format")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--height", type=int, default=576, help="input height of the exported graph")
+    p.add_argument("--width", type=int, default=960, help="input width of the exported graph")
+    p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("synth", help="write a synthetic data set in Middlebury layout")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, required=True, help="number of pairs")
+    p.add_argument("--seed", type=int, default=0, help="generator seed")
+    p.add_argument("--height", type=int, default=256, help="image height")
+    p.add_argument("--width", type=int, default=512, help="image width")
+    p.add_argument("--max-disparity", type=int, default=192, help="disparity range of the scenes")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("info", help="parameters and FLOPs of a model")
+    p.add_argument("model", nargs="?", help="architecture, registry name or checkpoint")
+    p.add_argument("--list", action="store_true", help="list architectures and registry names")
+    p.add_argument("--height", type=int, default=576, help="input height for FLOPs")
+    p.add_argument("--width", type=int, default=960, help="input width for FLOPs")
+    p.add_argument("--max-disparity", type=int, default=192, help="max disparity of an architecture's default")
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("fetch-teacher", help="download, verify and convert PSMNet's official KITTI 2015 weights")
+    p.add_argument("--out", default="teachers/psmnet_kitti2015.pt", help="converted checkpoint path")
+    p.add_argument("--cache-dir", default=None, help="download cache (default $STEREO_KD_CACHE or ~/.cache/stereo-kd)")
+    p.set_defaults(func=cmd_fetch_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"stereo-kd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Augmentation keeps geometry consistent and touches only what it should."""
+
+import numpy as np
+import pytest
+
+from stereo_kd_core.data.augment import AugmentConfig, adjust_photometric, augment_sample, crop_sample, scale_sample
+from stereo_kd_core.data.datasets import TrainingDataset
+
+H, W = 12, 20
+STILL = dict(photometric=False, occlusion_prob=0.0)  # geometry only
+
+
+def random_sample(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "left": rng.integers(30, 220, (H, W, 3), dtype=np.uint8),
+        "right": rng.integers(30, 220, (H, W, 3), dtype=np.uint8),
+        "disparity": rng.uniform(1, 10, (H, W)).astype(np.float32),
+        "nocc": rng.random((H, W)) < 0.7,
+        "name": "toy",
+        "calib": {"doffs": 0.0},
+    }
+
+
+def find_window(full: np.ndarray, window: np.ndarray) -> list[tuple[int, int]]:
+    h, w = window.shape[:2]
+    return [(top, left) for top in range(full.shape[0] - h + 1) for left in range(full.shape[1] - w + 1)
+            if np.array_equal(full[top:top + h, left:left + w], window)]
+
+
+def test_random_crop_cuts_the_same_window_everywhere():
+    sample = random_sample()
+    for seed in range(5):
+        out = augment_sample(sample, np.random.default_rng(seed), (5, 8), AugmentConfig(**STILL))
+        [(top, left)] = find_window(sample["left"], out["left"])
+        for key in ("right", "disparity", "nocc"):
+            np.testing.assert_array_equal(out[key], sample[key][top:top + 5, left:left + 8])
+        assert "calib" not in out and out["name"] == "toy"
+
+
+def test_centred_crop_and_padding():
+    sample = random_sample()
+    out = augment_sample(sample, np.random.default_rng(0), (6, 10), AugmentConfig(random_crop=False, **STILL))
+    np.testing.assert_array_equal(out["left"], sample["left"][3:9, 5:15])
+    padded = crop_sample(sample, 10, 18, (4, 4))
+    assert padded["left"].shape == (4, 4, 3)
+    np.testing.assert_array_equal(padded["left"][:2, :2], sample["left"][10:, 18:])
+    assert (padded["left"][2:] == 0).all() and np.isnan(padded["disparity"][2:]).all()
+    assert not padded["nocc"][:, 2:].any()
+
+
+def test_occlusion_patch_touches_only_the_right_image():
+    sample = random_sample()
+    config = AugmentConfig(photometric=False, occlusion_prob=1.0, occlusion_size=(3, 5))
+    out = augment_sample(sample, np.random.default_rng(1), None, config)
+    np.testing.assert_array_equal(out["left"], sample["left"])
+    np.testing.assert_array_equal(out["disparity"], sample["disparity"])
+    changed = np.any(out["right"] != sample["right"], axis=2)
+    rows, cols = np.nonzero(changed)
+    height, width = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert 3 <= height <= 5 and 3 <= width <= 5
+    patch = out["right"][rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    np.testing.assert_allclose(patch, np.broadcast_to(sample["right"].reshape(-1, 3).mean(0), patch.shape), atol=1e-4)
+    never = augment_sample(sample, np.random.default_rng(1), None, AugmentConfig(photometric=False, occlusion_prob=0))
+    np.testing.assert_array_equal(never["right"], sample["right"])
+
+
+def test_scaling_multiplies_disparity_by_the_horizontal_factor():
+    sample = random_sample()
+    sample["disparity"][:] = 6.0
+    doubled = augment_sample(sample, np.random.default_rng(0), None, AugmentConfig(scale_range=(2.0, 2.0), **STILL))
+    assert doubled["left"].shape == (2 * H, 2 * W, 3)
+    np.testing.assert_array_equal(doubled["disparity"], np.full((2 * H, 2 * W), 12.0))
+    assert doubled["nocc"].mean() == pytest.approx(sample["nocc"].mean())
+    # 20 px * 0.33 rounds to 7 px: disparity follows the realised factor 7/20, not 0.33
+    shrunk = scale_sample(sample, 0.33)
+    assert shrunk["disparity"].shape == (4, 7)
+    np.testing.assert_allclose(shrunk["disparity"], 6.0 * 7 / 20)
+
+
+def test_scaling_never_goes_below_the_crop():
+    sample = random_sample()
+    config = AugmentConfig(scale_range=(0.5, 0.5), **STILL)
+    out = augment_sample(sample, np.random.default_rng(0), (H, W), config)  # the crop is the whole image
+    np.testing.assert_array_equal(out["left"], sample["left"])
+    np.testing.assert_array_equal(out["disparity"], sample["disparity"])
+
+
+def test_photometric_factors_one_at_a_time():
+    image = np.random.default_rng(2).uniform(60, 180, (4, 5, 3)).astype(np.float32)
+    np.testing.assert_allclose(adjust_photometric(image, 1.2, 1, 1, 1), image * 1.2, rtol=1e-5)
+    mean = image.mean()
+    np.testing.assert_allclose(adjust_photometric(image, 1, 0.5, 1, 1), (image - mean) * 0.5 + mean, rtol=1e-5)
+    grey = image.mean(axis=2, keepdims=True)
+    np.testing.assert_allclose(adjust_photometric(image, 1, 1, 0.0, 1), np.repeat(grey, 3, axis=2), rtol=1e-5)
+    np.testing.assert_allclose(adjust_photometric(image, 1, 1, 1, 2.0), 255 * (image / 255) ** 2, rtol=1e-5)
+
+
+def test_photometric_draws_respect_ranges_and_symmetry():
+    sample = random_sample()
+    sample["left"] = (sample["left"] * 0.9).astype(np.uint8)  # no clipping at 255 after a 1.25 gain
+    sample["right"] = sample["left"].copy()
+    brightness_only = dict(brightness=0.25, contrast=0.0, saturation=0.0, gamma=(1.0, 1.0), occlusion_prob=0.0)
+    symmetric = AugmentConfig(asymmetric_prob=0.0, **brightness_only)
+    asymmetric = AugmentConfig(asymmetric_prob=1.0, **brightness_only)
+    for seed in range(5):
+        out = augment_sample(sample, np.random.default_rng(seed), None, symmetric)
+        np.testing.assert_array_equal(out["left"], out["right"])
+        gain = out["left"] / sample["left"].astype(np.float32)
+        assert 0.75 - 1e-6 <= gain.min() and gain.max() <= 1.25 + 1e-6
+        assert np.ptp(gain) < 1e-4  # one gain for the whole image
+        np.testing.assert_array_equal(out["disparity"], sample["disparity"])
+        out = augment_sample(sample, np.random.default_rng(seed), None, asymmetric)
+        assert not np.allclose(out["left"], out["right"])
+
+
+def test_training_dataset_is_reproducible_per_seed_and_epoch():
+    base = [random_sample(i) for i in range(3)]
+    config = AugmentConfig(scale_range=(0.9, 1.3))
+    first = TrainingDataset(base, crop_size=(8, 12), augment=config, max_disparity=8, seed=5)
+    again = TrainingDataset(base, crop_size=(8, 12), augment=config, max_disparity=8, seed=5)
+    item, same = first[1], again[1]
+    for key in item:
+        np.testing.assert_array_equal(item[key].numpy(), same[key].numpy())
+    assert item["left"].shape == (3, 8, 12) and item["valid"].shape == (8, 12)
+    assert float(item["left"].max()) <= 1.0 and float(item["left"].min()) >= 0.0
+    valid = item["valid"].numpy()
+    disparity = item["disparity"].numpy()
+    assert (disparity[valid] < 8).all() and (disparity[valid] > 0).all() and (disparity[~valid] == 0).all()
+    again.set_epoch(1)
+    assert not np.array_equal(again[1]["left"].numpy(), item["left"].numpy())
+
+
+def test_gamma_range_is_used():
+    sample = random_sample()
+    config = AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0, gamma=(2.0, 2.0), occlusion_prob=0.0)
+    out = augment_sample(sample, np.random.default_rng(0), None, config)
+    np.testing.assert_allclose(out["left"], 255 * (sample["left"] / 255.0) ** 2, rtol=1e-5)
