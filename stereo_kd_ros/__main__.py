@@ -1,0 +1,7 @@
+"""`python -m stereo_kd_ros` runs the node, like the `stereo_kd_node` console script."""
+
+import sys
+
+from stereo_kd_ros.node import main
+
+sys.exit(main())

@@ -1,0 +1,504 @@
+"""stereo_kd_node: rectified stereo pair in, DisparityImage / PointCloud2 (and optional depth,
+confidence) out, with the estimator from stereo_kd_core running on a worker thread.
+
+Subscribed: left/image_rect, right/image_rect, left/camera_info, right/camera_info.
+Published: disparity, points2, [depth], [confidence], /diagnostics.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import (
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+from rclpy.qos_overriding_options import QoSOverridingOptions
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header
+from stereo_msgs.msg import DisparityImage
+
+from stereo_kd_core import StereoEstimator, StereoPrediction
+from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_ros import conversions
+from stereo_kd_ros.sync import subscribe_synchronized
+
+NODE_NAME = "stereo_kd_node"
+WARNING_INTERVAL_S = 5.0  # per rejection reason
+STATS_WINDOW = 200        # frames kept for latency percentiles
+# Sub-pixel step reported in DisparityImage.delta_d, as stereo_image_proc does (SGBM's 4
+# fractional bits); network outputs are continuous and at least this fine.
+DISPARITY_STEP = 1.0 / 16.0
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    name: str
+    default: Any
+    description: str
+    read_only: bool = True  # structural: fixed for the life of the node
+    value_range: tuple[float, float, float] | None = None  # (from, to, step); step 0 = any
+
+
+PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("model", "sgbm", "Estimator: 'sgbm' (OpenCV SGBM), a shipped model name, or a checkpoint path."),
+    ParameterSpec("device", "auto", "Inference device: auto (CUDA when available), cpu, cuda or cuda:N."),
+    ParameterSpec("precision", "fp32", "Network precision: fp32, fp16 or bf16."),
+    ParameterSpec("max_disparity", 192, "Disparity search range in pixels (multiple of 16).",
+                  value_range=(16, 1024, 16)),
+    ParameterSpec("approximate_sync", False, "Pair left/right images by nearest stamps instead of equal stamps."),
+    ParameterSpec("approximate_sync_tolerance_seconds", 0.01,
+                  "Largest stamp difference paired by approximate sync (> 0).", value_range=(0.0, 10.0, 0)),
+    ParameterSpec("queue_size", 5, "Per-topic synchronizer queue and subscription depth.",
+                  value_range=(1, 1000, 1)),
+    ParameterSpec("use_system_default_qos", False,
+                  "Subscribe with reliable QoS instead of sensor-data (best effort) QoS."),
+    ParameterSpec("use_color", True, "Add packed rgb from the left image to points2.", read_only=False),
+    ParameterSpec("publish_depth", False, "Publish 'depth' (32FC1, metres, NaN invalid)."),
+    ParameterSpec("publish_confidence", False, "Publish 'confidence' (32FC1 in [0, 1])."),
+    ParameterSpec("dense_points", False,
+                  "points2 holds only valid points in one row (is_dense) instead of an organized cloud.",
+                  read_only=False),
+    ParameterSpec("confidence_threshold", 0.0, "Pixels with lower confidence are invalid in every output.",
+                  read_only=False, value_range=(0.0, 1.0, 0)),
+    ParameterSpec("min_depth_m", 0.0, "Points nearer than this are invalid in points2 and depth.",
+                  read_only=False, value_range=(0.0, 10000.0, 0)),
+    ParameterSpec("max_depth_m", 0.0, "Points farther than this are invalid in points2 and depth; 0 = no limit.",
+                  read_only=False, value_range=(0.0, 10000.0, 0)),
+    ParameterSpec("diagnostics_period_s", 1.0, "Period of /diagnostics and of the one-line status log.",
+                  value_range=(0.1, 60.0, 0)),
+)
+PARAMETER_NAMES = tuple(spec.name for spec in PARAMETERS)
+
+
+class ParameterError(ValueError):
+    """A parameter value the node cannot run with."""
+
+
+def _descriptor(spec: ParameterSpec) -> ParameterDescriptor:
+    descriptor = ParameterDescriptor(
+        name=spec.name, type=Parameter.Type.from_parameter_value(spec.default).value,
+        description=spec.description, read_only=spec.read_only,
+    )
+    if spec.value_range is not None:
+        low, high, step = spec.value_range
+        if isinstance(spec.default, int) and not isinstance(spec.default, bool):
+            descriptor.integer_range = [IntegerRange(from_value=int(low), to_value=int(high), step=int(step))]
+        else:
+            descriptor.floating_point_range = [FloatingPointRange(from_value=low, to_value=high, step=float(step))]
+    return descriptor
+
+
+def validate_parameters(values: dict[str, Any]) -> None:
+    """Checks beyond the descriptors' ranges; raises ParameterError naming the parameter."""
+    device = values["device"]
+    if device not in DEVICE_CHOICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ParameterError(f"device: expected one of {', '.join(DEVICE_CHOICES)} or cuda:N, got '{device}'")
+    if values["precision"] not in PRECISION_CHOICES:
+        raise ParameterError(f"precision: expected one of {', '.join(PRECISION_CHOICES)}, got '{values['precision']}'")
+    if not values["model"].strip():
+        raise ParameterError("model: must not be empty (use 'sgbm' for the classical matcher)")
+    if values["approximate_sync_tolerance_seconds"] <= 0:
+        raise ParameterError("approximate_sync_tolerance_seconds: must be > 0")
+    if values["max_depth_m"] != 0 and values["max_depth_m"] <= values["min_depth_m"]:
+        raise ParameterError(
+            f"max_depth_m ({values['max_depth_m']}) must be 0 (no limit) or larger than "
+            f"min_depth_m ({values['min_depth_m']})"
+        )
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """The parameters that may change while running; replaced as a whole, read once per frame."""
+
+    confidence_threshold: float
+    min_depth_m: float
+    max_depth_m: float
+    use_color: bool
+    dense_points: bool
+
+
+class RejectedPairError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class StereoPair:
+    """A synchronized, validated pair ready for the estimator."""
+
+    header: Header              # left stamp, left camera frame
+    left: np.ndarray            # (H, W) or (H, W, 3) RGB uint8/uint16, views of the messages
+    right: np.ndarray
+    geometry: StereoGeometry
+    prepare_s: float = 0.0      # node time spent validating and decoding
+
+
+@dataclass
+class PipelineStats:
+    """Counters and recent timings; updated from both threads under one lock."""
+
+    pairs: int = 0
+    processed: int = 0
+    dropped: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    latency_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
+    inference_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
+    overhead_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _percentile(values: deque, q: float) -> float:
+    return float(np.percentile(np.fromiter(values, dtype=np.float64), q)) if values else float("nan")
+
+
+class StereoNode(Node):
+    """The ROS glue around StereoEstimator; see the module docstring for topics."""
+
+    def __init__(self, **node_options: Any):
+        super().__init__(NODE_NAME, **node_options)
+        values = self._declare_parameters()
+        validate_parameters(values)
+        self.settings = self._settings_from(values)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.add_post_set_parameters_callback(self._after_set_parameters)
+
+        self.estimator = StereoEstimator.load(values["model"], device=values["device"],
+                                              precision=values["precision"],
+                                              max_disparity=values["max_disparity"])
+        self.stats = PipelineStats()
+        self._last_warning: dict[str, float] = {}
+        self._suppressed: Counter = Counter()
+        self._last_stamp_ns: int | None = None
+        self._geometry_cache: tuple[tuple, StereoGeometry] | None = None
+        self.camera_infos: dict[str, CameraInfo] = {}
+
+        overrides = QoSOverridingOptions.with_default_policies()
+        if values["use_system_default_qos"]:
+            input_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=values["queue_size"],
+                                   reliability=ReliabilityPolicy.RELIABLE)
+        else:
+            input_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=values["queue_size"],
+                                   reliability=qos_profile_sensor_data.reliability,
+                                   durability=qos_profile_sensor_data.durability)
+        output_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=2,
+                                reliability=ReliabilityPolicy.RELIABLE)
+        self.disparity_pub = self.create_publisher(DisparityImage, "disparity", output_qos,
+                                                   qos_overriding_options=overrides)
+        self.points_pub = self.create_publisher(PointCloud2, "points2", output_qos,
+                                                qos_overriding_options=overrides)
+        self.depth_pub = (self.create_publisher(Image, "depth", output_qos, qos_overriding_options=overrides)
+                          if values["publish_depth"] else None)
+        self.confidence_pub = (self.create_publisher(Image, "confidence", output_qos,
+                                                     qos_overriding_options=overrides)
+                               if values["publish_confidence"] else None)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+        for side in ("left", "right"):
+            self.create_subscription(CameraInfo, f"{side}/camera_info",
+                                     lambda msg, side=side: self.camera_infos.__setitem__(side, msg),
+                                     input_qos, qos_overriding_options=overrides)
+        tolerance = values["approximate_sync_tolerance_seconds"] if values["approximate_sync"] else None
+        self.image_sync = subscribe_synchronized(
+            self, Image, ["left/image_rect", "right/image_rect"], input_qos, values["queue_size"],
+            tolerance, self.on_images, qos_overriding_options=overrides)
+
+        self._waiting: StereoPair | None = None  # at most one pair waits for the worker
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._worker = threading.Thread(target=self._work, name="stereo_kd_inference", daemon=True)
+        self._worker.start()
+
+        self._period_s = values["diagnostics_period_s"]
+        self._period_start = (time.monotonic(), 0, 0, 0)  # (t, processed, pairs, rejected)
+        self.create_timer(self._period_s, self._report)
+        self.get_logger().info(
+            f"model '{self.estimator.name}' on {self.estimator.device} ({self.estimator.precision}), "
+            f"max_disparity {self.estimator.max_disparity}, "
+            f"{'approximate' if tolerance else 'exact'} sync"
+            f"{' via message_filters' if self.image_sync.uses_message_filters else ''}"
+        )
+
+    # -- parameters -------------------------------------------------------------------------
+
+    def _declare_parameters(self) -> dict[str, Any]:
+        for spec in PARAMETERS:
+            self.declare_parameter(spec.name, spec.default, _descriptor(spec))
+        return {name: self.get_parameter(name).value for name in PARAMETER_NAMES}
+
+    @staticmethod
+    def _settings_from(values: dict[str, Any]) -> OutputSettings:
+        return OutputSettings(
+            confidence_threshold=values["confidence_threshold"], min_depth_m=values["min_depth_m"],
+            max_depth_m=values["max_depth_m"], use_color=values["use_color"],
+            dense_points=values["dense_points"],
+        )
+
+    def _merged_values(self, changes: list[Parameter]) -> dict[str, Any]:
+        values = {name: self.get_parameter(name).value for name in PARAMETER_NAMES}
+        values.update({p.name: p.value for p in changes if p.name in values})
+        return values
+
+    def _on_set_parameters(self, changes: list[Parameter]) -> SetParametersResult:
+        try:
+            validate_parameters(self._merged_values(changes))
+        except ParameterError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        return SetParametersResult(successful=True)
+
+    def _after_set_parameters(self, changes: list[Parameter]) -> None:
+        self.settings = self._settings_from(self._merged_values(changes))
+
+    # -- input (executor thread) -------------------------------------------------------------
+
+    def on_images(self, left: Image, right: Image) -> None:
+        """Synchronized pair: validate, then hand it to the worker (latest wins)."""
+        with self.stats.lock:
+            self.stats.pairs += 1
+        try:
+            pair = self.prepare(left, right)
+        except RejectedPairError as rejection:
+            self._reject(rejection.reason, str(rejection))
+            return
+        with self._wake:
+            if self._waiting is not None:
+                with self.stats.lock:
+                    self.stats.dropped += 1
+            self._waiting = pair
+            self._wake.notify()
+
+    def prepare(self, left: Image, right: Image) -> StereoPair:
+        """Checks a pair and decodes it (views); raises RejectedPairError with a reason key."""
+        start = time.perf_counter()
+        left_info = self.camera_infos.get("left")
+        right_info = self.camera_infos.get("right")
+        if left_info is None or right_info is None:
+            missing = " and ".join(s for s, i in (("left", left_info), ("right", right_info)) if i is None)
+            raise RejectedPairError("missing_camera_info", f"no camera_info received yet on {missing}/camera_info")
+        stamp = conversions.stamp_to_ns(left.header.stamp)
+        if self._last_stamp_ns is not None and stamp <= self._last_stamp_ns:
+            raise RejectedPairError("stamp_out_of_order",
+                           f"left stamp {stamp * 1e-9:.6f} s is not after the previous pair's "
+                           f"{self._last_stamp_ns * 1e-9:.6f} s")
+        for side, image, info in (("left", left, left_info), ("right", right, right_info)):
+            if image.header.frame_id != info.header.frame_id:
+                raise RejectedPairError("frame_mismatch",
+                               f"{side} image frame '{image.header.frame_id}' differs from its "
+                               f"camera_info frame '{info.header.frame_id}'")
+        try:
+            left_rgb = conversions.image_to_rgb(left)
+            right_rgb = conversions.image_to_rgb(right)
+        except conversions.ImageFormatError as error:
+            raise RejectedPairError(error.reason, str(error)) from error
+        if left_rgb.shape != right_rgb.shape or left_rgb.dtype != right_rgb.dtype:
+            raise RejectedPairError("size_mismatch",
+                           f"left {left.width}x{left.height} {left.encoding} and right "
+                           f"{right.width}x{right.height} {right.encoding} differ")
+        for side, image, info in (("left", left, left_info), ("right", right, right_info)):
+            if info.width and info.height and (info.width, info.height) != (image.width, image.height):
+                raise RejectedPairError("size_mismatch",
+                               f"{side} image is {image.width}x{image.height} but its camera_info "
+                               f"says {info.width}x{info.height}")
+        geometry = self._geometry(left_info, right_info)
+        self._last_stamp_ns = stamp
+        header = Header(stamp=left.header.stamp, frame_id=left.header.frame_id)
+        return StereoPair(header, left_rgb, right_rgb, geometry, time.perf_counter() - start)
+
+    def _geometry(self, left_info: CameraInfo, right_info: CameraInfo) -> StereoGeometry:
+        key = (tuple(left_info.p), tuple(right_info.p))
+        if self._geometry_cache is not None and self._geometry_cache[0] == key:
+            return self._geometry_cache[1]
+        try:
+            geometry = conversions.geometry_from_camera_infos(left_info, right_info)
+        except ValueError as error:
+            raise RejectedPairError("bad_camera_info", str(error)) from error
+        self._geometry_cache = (key, geometry)
+        return geometry
+
+    def _reject(self, reason: str, message: str) -> None:
+        with self.stats.lock:
+            self.stats.rejected[reason] += 1
+        now = time.monotonic()
+        last = self._last_warning.get(reason)
+        if last is not None and now - last < WARNING_INTERVAL_S:
+            self._suppressed[reason] += 1
+            return
+        suppressed = self._suppressed.pop(reason, 0)
+        more = f" ({suppressed} more since the last warning)" if suppressed else ""
+        self._last_warning[reason] = now
+        self.get_logger().warning(f"skipping stereo pair [{reason}]: {message}{more}")
+
+    # -- inference and output (worker thread) ------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                while self._waiting is None and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                pair, self._waiting = self._waiting, None
+            try:
+                self.process(pair)
+            except Exception as error:  # a failing frame must not end the worker
+                self._reject("estimator_error", f"{type(error).__name__}: {error}")
+
+    def process(self, pair: StereoPair) -> None:
+        start = time.perf_counter()
+        prediction = self.estimator.predict(pair.left, pair.right)
+        inferred = time.perf_counter()
+        self.publish_outputs(pair, prediction)
+        done = time.perf_counter()
+        latency_ns = self.get_clock().now().nanoseconds - conversions.stamp_to_ns(pair.header.stamp)
+        with self.stats.lock:
+            self.stats.processed += 1
+            self.stats.latency_ms.append(latency_ns * 1e-6)
+            self.stats.inference_ms.append((inferred - start) * 1e3)
+            self.stats.overhead_ms.append((done - inferred + pair.prepare_s) * 1e3)
+
+    def publish_outputs(self, pair: StereoPair, prediction: StereoPrediction) -> None:
+        """Build and publish every output of one pair from the estimator's prediction."""
+        settings = self.settings
+        disparity = prediction.disparity  # (H, W) float32, NaN invalid
+        if settings.confidence_threshold > 0:
+            disparity = np.where(prediction.confidence >= settings.confidence_threshold,
+                                 disparity, np.float32(np.nan))
+        estimator = self.estimator
+        self.disparity_pub.publish(conversions.disparity_image(
+            disparity, pair.header, pair.geometry, min_disparity=estimator.min_disparity,
+            max_disparity=estimator.min_disparity + estimator.max_disparity - 1,
+            delta_d=DISPARITY_STEP))
+        points = pair.geometry.points_from_disparity(disparity)  # (H, W, 3) metres
+        depth = points[..., 2]
+        if settings.min_depth_m > 0 or settings.max_depth_m > 0:
+            with np.errstate(invalid="ignore"):
+                out_of_range = depth < settings.min_depth_m
+                if settings.max_depth_m > 0:
+                    out_of_range |= depth > settings.max_depth_m
+            points[out_of_range] = np.nan
+        color = conversions.color_for_points(pair.left) if settings.use_color else None
+        self.points_pub.publish(conversions.point_cloud(points, pair.header, color,
+                                                        dense=settings.dense_points))
+        if self.depth_pub is not None:
+            self.depth_pub.publish(conversions.float_image(np.ascontiguousarray(depth), pair.header))
+        if self.confidence_pub is not None:
+            self.confidence_pub.publish(conversions.float_image(prediction.confidence, pair.header))
+
+    # -- diagnostics -------------------------------------------------------------------------
+
+    def diagnostic_values(self) -> dict[str, str]:
+        """Current figures, as published on /diagnostics."""
+        with self.stats.lock:
+            stats = self.stats
+            start_t, start_processed, _, _ = self._period_start
+            elapsed = max(time.monotonic() - start_t, 1e-9)
+            values = {
+                "rate_hz": f"{(stats.processed - start_processed) / elapsed:.2f}",
+                "latency_p50_ms": f"{_percentile(stats.latency_ms, 50):.1f}",
+                "latency_p95_ms": f"{_percentile(stats.latency_ms, 95):.1f}",
+                "inference_p50_ms": f"{_percentile(stats.inference_ms, 50):.1f}",
+                "overhead_p50_ms": f"{_percentile(stats.overhead_ms, 50):.2f}",
+                "pairs": str(stats.pairs),
+                "processed": str(stats.processed),
+                "dropped": str(stats.dropped),
+                "rejected": str(sum(stats.rejected.values())),
+            }
+            values.update({f"rejected_{reason}": str(count) for reason, count in sorted(stats.rejected.items())})
+        evicted = self.image_sync.evicted
+        if evicted is not None:
+            values["unmatched_images"] = str(evicted)
+        values.update(model=self.estimator.name, device=self.estimator.device)
+        return values
+
+    def _report(self) -> None:
+        values = self.diagnostic_values()
+        with self.stats.lock:
+            _, _, start_pairs, start_rejected = self._period_start
+            rejected_total = sum(self.stats.rejected.values())
+            new_pairs, new_rejected = self.stats.pairs - start_pairs, rejected_total - start_rejected
+            self._period_start = (time.monotonic(), self.stats.processed, self.stats.pairs, rejected_total)
+        if new_rejected:
+            level, summary = DiagnosticStatus.WARN, f"{new_rejected} pairs rejected in the last period"
+        elif new_pairs == 0:
+            level, summary = DiagnosticStatus.WARN, "no synchronized stereo input"
+        else:
+            level, summary = DiagnosticStatus.OK, "running"
+        status = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: stereo",
+                                  message=summary, hardware_id=f"{values['model']} on {values['device']}",
+                                  values=[KeyValue(key=k, value=v) for k, v in values.items()])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self.diagnostics_pub.publish(array)
+        self.get_logger().info(
+            f"{values['rate_hz']} Hz | latency p50 {values['latency_p50_ms']} ms "
+            f"p95 {values['latency_p95_ms']} ms | inference p50 {values['inference_p50_ms']} ms | "
+            f"overhead p50 {values['overhead_p50_ms']} ms | dropped {values['dropped']} | "
+            f"rejected {values['rejected']} | {summary}"
+        )
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker (the frame in flight finishes)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._worker.join(timeout_s)
+
+
+def run(node_factory: Callable[[], Node], argv: list[str] | None = None) -> int:
+    """Spin one node until SIGINT/SIGTERM; 0 on a clean stop, 2 on a configuration error."""
+    rclpy.init(args=argv)
+    try:
+        node = node_factory()
+    except (ParameterError, InvalidParameterValueException, InvalidParameterTypeException,
+            FileNotFoundError, ValueError) as error:
+        print(f"{NODE_NAME}: configuration error: {error}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if hasattr(node, "close"):
+            node.close()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script `stereo_kd_node` (ROS arguments after --ros-args as usual)."""
+    return run(StereoNode, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Shared set-up for node tests: loopback-only DDS, one ROS domain per test module, and a
+harness running the node in-process next to a test node over real rclpy/Fast DDS."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Must be in place before any DDS participant is created in this process (and inherited
+# by the node subprocesses some tests start).
+os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO_ROOT / "config" / "fastdds_localhost.xml")
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import rclpy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
+from stereo_msgs.msg import DisparityImage  # noqa: E402
+
+from stereo_kd_ros.node import StereoNode  # noqa: E402
+
+RELIABLE = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+
+
+@pytest.fixture(scope="module")
+def ros_context(request):
+    """An initialised rclpy context on the module's own ROS_DOMAIN_ID (module constant)."""
+    domain_id = request.module.ROS_DOMAIN_ID
+    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    yield context
+    context.try_shutdown()
+
+
+def wait_until(predicate, timeout_s: float = 10.0, period_s: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period_s)
+    return predicate()
+
+
+class StereoHarness:
+    """The node under test plus a test node publishing its inputs and recording its outputs."""
+
+    def __init__(self, context, **parameters):
+        overrides = [Parameter(name, value=value) for name, value in parameters.items()]
+        self.node = StereoNode(context=context, parameter_overrides=overrides)
+        self.io = Node("stereo_kd_test_io", context=context)
+        self.pubs = {topic: self.io.create_publisher(msg_type, topic, RELIABLE) for topic, msg_type in (
+            ("left/image_rect", Image), ("right/image_rect", Image),
+            ("left/camera_info", CameraInfo), ("right/camera_info", CameraInfo))}
+        self.received: dict[str, list] = {"disparity": [], "points2": [], "depth": [], "confidence": [],
+                                          "/diagnostics": []}
+        self._lock = threading.Lock()
+        for topic, msg_type in (("disparity", DisparityImage), ("points2", PointCloud2), ("depth", Image),
+                                ("confidence", Image), ("/diagnostics", DiagnosticArray)):
+            self.io.create_subscription(msg_type, topic, lambda msg, topic=topic: self._record(topic, msg),
+                                        RELIABLE)
+        self.executor = MultiThreadedExecutor(num_threads=2, context=context)
+        self.executor.add_node(self.node)
+        self.executor.add_node(self.io)
+        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spinner.start()
+        assert wait_until(lambda: all(p.get_subscription_count() > 0 for p in self.pubs.values())
+                          and self.node.disparity_pub.get_subscription_count() > 0
+                          and self.node.points_pub.get_subscription_count() > 0), "DDS discovery timed out"
+
+    def _record(self, topic: str, msg) -> None:
+        with self._lock:
+            self.received[topic].append(msg)
+
+    def count(self, topic: str) -> int:
+        with self._lock:
+            return len(self.received[topic])
+
+    def last(self, topic: str):
+        with self._lock:
+            return self.received[topic][-1]
+
+    def send_infos(self, left_info: CameraInfo, right_info: CameraInfo) -> None:
+        """Publish camera infos and wait until the node holds these very messages."""
+        self.pubs["left/camera_info"].publish(left_info)
+        self.pubs["right/camera_info"].publish(right_info)
+        assert wait_until(lambda: all(
+            self.node.camera_infos.get(side) is not None
+            and np.array_equal(self.node.camera_infos[side].p, info.p, equal_nan=True)
+            and self.node.camera_infos[side].header.frame_id == info.header.frame_id
+            for side, info in (("left", left_info), ("right", right_info)))), "camera_info not received"
+
+    def send_images(self, left: Image, right: Image) -> None:
+        self.pubs["left/image_rect"].publish(left)
+        self.pubs["right/image_rect"].publish(right)
+
+    def diagnostics(self) -> dict[str, str]:
+        """Latest /diagnostics values of the node (waits for the next report)."""
+        start = self.count("/diagnostics")
+        assert wait_until(lambda: self.count("/diagnostics") > start, timeout_s=5.0)
+        return {kv.key: kv.value for kv in self.last("/diagnostics").status[0].values}
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.close()
+        self.node.destroy_node()
+        self.io.destroy_node()
+
+
+@pytest.fixture
+def make_harness(ros_context):
+    """Factory: make_harness(**node_parameters) -> StereoHarness, closed after the test."""
+    harnesses = []
+
+    def make(**parameters) -> StereoHarness:
+        harness = StereoHarness(ros_context, **{"diagnostics_period_s": 0.2, "max_disparity": 32,
+                                                **parameters})
+        harnesses.append(harness)
+        return harness
+
+    yield make
+    for harness in harnesses:
+        harness.close()

@@ -1,0 +1,123 @@
+"""The node over real DDS on the analytic plane + box scene: DisparityImage fields, disparity
+against truth, point cloud against the pinhole model, optional depth/confidence outputs."""
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from conftest import wait_until
+from rclpy.parameter import Parameter
+from stereo_scene import make_scene
+
+from stereo_kd_ros.conversions import disparity_from_msg, point_cloud_to_numpy, unpack_rgb
+
+ROS_DOMAIN_ID = 141
+CX_OFFSET = 2.0  # cx_left - cx_right: exercises the Q term stereo_image_proc also applies
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene(cx_offset=CX_OFFSET)
+
+
+def run_one_pair(harness, scene, encoding="mono8", stamp_sec=1):
+    stamp = Time(sec=stamp_sec, nanosec=500)
+    harness.send_infos(*scene.camera_infos(stamp))
+    before = harness.count("points2")
+    harness.send_images(*scene.images(stamp, encoding=encoding))
+    assert wait_until(lambda: harness.count("points2") > before and harness.count("disparity") > before)
+    return harness.last("disparity"), harness.last("points2")
+
+
+def test_disparity_image_matches_scene(make_harness, scene):
+    harness = make_harness(publish_depth=True, publish_confidence=True)
+    disparity_msg, _ = run_one_pair(harness, scene)
+
+    assert disparity_msg.header.frame_id == "left_optical"
+    assert (disparity_msg.header.stamp.sec, disparity_msg.header.stamp.nanosec) == (1, 500)
+    assert disparity_msg.image.encoding == "32FC1"
+    assert disparity_msg.f == pytest.approx(scene.focal_px)
+    assert disparity_msg.t == pytest.approx(scene.baseline_m)
+    # Values are shifted by cx_left - cx_right (Z = f T / d); SGBM searches raw [0, 31].
+    assert disparity_msg.min_disparity == pytest.approx(0 - CX_OFFSET)
+    assert disparity_msg.max_disparity == pytest.approx(31 - CX_OFFSET)
+    assert disparity_msg.delta_d == pytest.approx(1 / 16)
+
+    raw = np.frombuffer(disparity_msg.image.data, dtype=np.float32).reshape(scene.left.shape)
+    published = disparity_from_msg(disparity_msg)
+    valid = np.isfinite(published)
+    assert np.all(raw[~valid] < disparity_msg.min_disparity)  # invalid: below the valid range
+    # SGBM on exact integer shifts of a random texture is exact up to its 1/16 px step; allow
+    # half a pixel for sub-pixel interpolation and require nearly every comparable pixel valid.
+    truth = scene.disparity - CX_OFFSET
+    comparable = scene.comparable
+    assert valid[comparable].mean() > 0.98
+    error = np.abs(published - truth)[comparable & valid]
+    assert np.all(error <= 0.5)
+    # SGBM leaves its leftmost max_disparity columns empty: the valid window starts after them.
+    window = disparity_msg.valid_window
+    rows, cols = np.nonzero(valid)
+    assert (window.x_offset, window.y_offset) == (cols.min(), rows.min())
+    assert (window.width, window.height) == (cols.max() - cols.min() + 1, rows.max() - rows.min() + 1)
+    assert window.x_offset >= 31
+
+    assert wait_until(lambda: harness.count("depth") and harness.count("confidence"))
+    depth = np.frombuffer(harness.last("depth").data, dtype=np.float32).reshape(scene.left.shape)
+    expected_depth = disparity_msg.f * disparity_msg.t / published
+    np.testing.assert_allclose(depth[valid], expected_depth[valid], rtol=1e-5)
+    assert np.all(np.isnan(depth[~valid]))
+    confidence = np.frombuffer(harness.last("confidence").data, dtype=np.float32).reshape(scene.left.shape)
+    assert set(np.unique(confidence)) <= {0.0, 1.0}  # SGBM: valid or not
+    np.testing.assert_array_equal(confidence == 1.0, valid)
+
+
+def test_point_cloud_follows_pinhole_model(make_harness, scene):
+    harness = make_harness()
+    disparity_msg, cloud_msg = run_one_pair(harness, scene, encoding="rgb8")
+    height, width = scene.left.shape
+    assert (cloud_msg.height, cloud_msg.width, cloud_msg.is_dense) == (height, width, False)
+    assert [f.name for f in cloud_msg.fields] == ["x", "y", "z", "rgb"]
+    assert [f.offset for f in cloud_msg.fields] == [0, 4, 8, 12]
+    assert cloud_msg.point_step == 16 and cloud_msg.row_step == 16 * width
+
+    cloud = point_cloud_to_numpy(cloud_msg)
+    disparity = disparity_from_msg(disparity_msg)
+    valid = np.isfinite(disparity)
+    z = scene.focal_px * scene.baseline_m / disparity
+    u, v = np.meshgrid(np.arange(width), np.arange(height))
+    np.testing.assert_allclose(cloud[..., 2][valid], z[valid], rtol=1e-5)
+    np.testing.assert_allclose(cloud[..., 0][valid], ((u - scene.cx_left) * z / scene.focal_px)[valid],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(cloud[..., 1][valid], ((v - scene.cy) * z / scene.focal_px)[valid],
+                               rtol=1e-5, atol=1e-6)
+    assert np.all(np.isnan(cloud[..., :3][~valid]))
+    # Against the analytic scene: plane at f B / (8 - 2) = 1.667 m, box at f B / (16 - 2) = 0.714 m.
+    plane = scene.comparable & (scene.disparity == 8)
+    box = scene.comparable & (scene.disparity == 16)
+    assert np.nanmedian(cloud[..., 2][plane]) == pytest.approx(10.0 / 6, rel=0.01)
+    assert np.nanmedian(cloud[..., 2][box]) == pytest.approx(10.0 / 14, rel=0.01)
+    grey = np.repeat(scene.left[..., None], 3, axis=2)
+    np.testing.assert_array_equal(unpack_rgb(cloud[..., 3]), grey)
+
+
+def test_runtime_thresholds_and_dense_mode(make_harness, scene):
+    harness = make_harness()
+    # The plane is at 1.667 m and the box at 0.714 m: a 1 m limit keeps only the box.
+    results = harness.node.set_parameters([Parameter("max_depth_m", value=1.0),
+                                           Parameter("dense_points", value=True),
+                                           Parameter("use_color", value=False)])
+    assert all(r.successful for r in results)
+    _, cloud_msg = run_one_pair(harness, scene)
+    assert cloud_msg.height == 1 and cloud_msg.is_dense
+    assert [f.name for f in cloud_msg.fields] == ["x", "y", "z"] and cloud_msg.point_step == 12
+    cloud = point_cloud_to_numpy(cloud_msg)[0]
+    assert np.all(np.isfinite(cloud)) and np.all(cloud[:, 2] <= 1.0)
+    box_pixels = int((scene.comparable & (scene.disparity == 16)).sum())
+    assert cloud.shape[0] >= box_pixels
+
+    rejected = harness.node.set_parameters([Parameter("min_depth_m", value=2.0)])  # above max_depth_m
+    assert not rejected[0].successful and "max_depth_m" in rejected[0].reason
+    out_of_range = harness.node.set_parameters([Parameter("confidence_threshold", value=1.5)])
+    assert not out_of_range[0].successful
+    read_only = harness.node.set_parameters([Parameter("model", value="dsnet")])
+    assert not read_only[0].successful
+    assert harness.node.settings.min_depth_m == 0.0 and harness.node.settings.confidence_threshold == 0.0

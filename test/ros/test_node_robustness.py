@@ -1,0 +1,141 @@
+"""Sync modes, bad input (each class rejected, counted, node keeps going) and latest-wins."""
+
+import time
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from conftest import wait_until
+from stereo_scene import make_scene
+
+ROS_DOMAIN_ID = 142
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene(width=96, height=64, plane_disparity=6, box_disparity=12)
+
+
+def outputs_after(harness, before: int, timeout_s: float = 10.0) -> bool:
+    return wait_until(lambda: harness.count("disparity") > before, timeout_s=timeout_s)
+
+
+def test_approximate_sync_pairs_offset_stamps_exact_sync_rejects_them(make_harness, scene):
+    left_stamp, right_stamp = Time(sec=5, nanosec=0), Time(sec=5, nanosec=3_000_000)  # 3 ms apart
+    exact = make_harness()
+    exact.send_infos(*scene.camera_infos(left_stamp))
+    left, _ = scene.images(left_stamp)
+    _, right = scene.images(right_stamp)
+    exact.send_images(left, right)
+    time.sleep(1.0)
+    assert exact.count("disparity") == 0
+    assert exact.diagnostics()["pairs"] == "0"
+    exact.close()
+
+    approximate = make_harness(approximate_sync=True, approximate_sync_tolerance_seconds=0.005)
+    approximate.send_infos(*scene.camera_infos(left_stamp))
+    approximate.send_images(left, right)
+    assert outputs_after(approximate, 0)
+    assert approximate.last("disparity").header.stamp == left_stamp
+    # 20 ms apart is beyond the 5 ms tolerance: not paired.
+    _, far_right = scene.images(Time(sec=6, nanosec=20_000_000))
+    far_left, _ = scene.images(Time(sec=6))
+    approximate.send_images(far_left, far_right)
+    time.sleep(1.0)
+    assert approximate.count("disparity") == 1
+
+
+def corrupt(kind: str, scene, stamp: Time):
+    """(left, right, left_info, right_info) with one defect of the given kind."""
+    left, right = scene.images(stamp)
+    left_info, right_info = scene.camera_infos(stamp)
+    if kind == "size_mismatch":
+        right.width, right.step = right.width - 8, right.step - 8
+        right.data = right.data[: right.step * right.height]
+    elif kind == "unsupported_encoding":
+        left.encoding = right.encoding = "yuv422"
+    elif kind == "data_length":
+        left.data = left.data[:-1]
+    elif kind == "step_too_small":
+        left.step = right.step = left.width - 1
+    elif kind == "bad_camera_info":  # zero baseline
+        right_info.p[3] = 0.0
+    elif kind == "bad_camera_info_nan":
+        left_info.p[0] = float("nan")
+    elif kind == "bad_camera_info_zero_focal":
+        left_info.p[0] = 0.0
+    elif kind == "frame_mismatch":
+        left.header.frame_id = "somewhere_else"
+    return left, right, left_info, right_info
+
+
+BAD_INPUTS = [
+    ("size_mismatch", "size_mismatch"),
+    ("unsupported_encoding", "unsupported_encoding"),
+    ("data_length", "data_length"),
+    ("step_too_small", "step_too_small"),
+    ("bad_camera_info", "bad_camera_info"),
+    ("bad_camera_info_nan", "bad_camera_info"),
+    ("bad_camera_info_zero_focal", "bad_camera_info"),
+    ("frame_mismatch", "frame_mismatch"),
+]
+
+
+def test_each_bad_input_is_rejected_counted_and_the_next_good_pair_processed(make_harness, scene):
+    harness = make_harness()
+    # Missing camera_info: images before any camera_info arrived.
+    harness.send_images(*scene.images(Time(sec=1)))
+    assert wait_until(lambda: harness.node.stats.rejected["missing_camera_info"] == 1)
+    processed = 0
+    counts = harness.node.stats.rejected
+    for index, (kind, reason) in enumerate(BAD_INPUTS):
+        stamp = Time(sec=10 + 2 * index)
+        left, right, left_info, right_info = corrupt(kind, scene, stamp)
+        rejected_before = harness.node.stats.rejected[reason]
+        harness.send_infos(left_info, right_info)
+        harness.send_images(left, right)
+        assert wait_until(lambda key=reason, before=rejected_before: counts[key] > before), kind
+        good_stamp = Time(sec=11 + 2 * index)
+        harness.send_infos(*scene.camera_infos(good_stamp))
+        harness.send_images(*scene.images(good_stamp))
+        assert outputs_after(harness, processed), f"no output after {kind}"
+        processed = harness.count("disparity")
+        assert harness.last("disparity").header.stamp == good_stamp
+
+    # Stamps out of order: an older pair after a newer one.
+    harness.send_images(*scene.images(Time(sec=3)))
+    assert wait_until(lambda: harness.node.stats.rejected["stamp_out_of_order"] == 1)
+    values = harness.diagnostics()
+    expected = {"missing_camera_info": 1, "stamp_out_of_order": 1, "size_mismatch": 1,
+                "unsupported_encoding": 1, "data_length": 1, "step_too_small": 1, "bad_camera_info": 3,
+                "frame_mismatch": 1}
+    for reason, count in expected.items():
+        assert values[f"rejected_{reason}"] == str(count), reason
+    assert values["rejected"] == str(sum(expected.values()))
+    assert values["processed"] == str(len(BAD_INPUTS))
+    assert harness.node.stats.rejected.get("estimator_error", 0) == 0
+
+
+def test_latest_wins_under_load(make_harness):
+    # 320x240 SGBM with 128 disparities takes tens of ms per pair here; publish at 100 Hz.
+    scene = make_scene(width=320, height=240, plane_disparity=10, box_disparity=30, max_disparity=128)
+    harness = make_harness(max_disparity=128)
+    harness.send_infos(*scene.camera_infos(Time(sec=1)))
+    sent = 60
+    start = time.monotonic()
+    for frame in range(sent):
+        harness.send_images(*scene.images(Time(sec=100 + frame)))
+        time.sleep(0.01)
+    assert wait_until(lambda: harness.node.stats.pairs == sent, timeout_s=10)
+    # Everything received is either processed or dropped; the worker never holds more than one pair.
+    assert wait_until(lambda: harness.node.stats.processed + harness.node.stats.dropped == sent, timeout_s=20)
+    elapsed = time.monotonic() - start
+    stats = harness.node.stats
+    assert stats.dropped > 0
+    assert harness.node._waiting is None
+    inference_s = np.median(stats.inference_ms) * 1e-3
+    # Output rate is bounded by the estimator, not by the input rate.
+    assert stats.processed <= elapsed / inference_s + 2
+    # The newest pair is never the one dropped.
+    assert wait_until(lambda: harness.count("disparity") == stats.processed)
+    assert harness.last("disparity").header.stamp == Time(sec=100 + sent - 1)
