@@ -66,17 +66,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import cv2
 
-    from stereo_kd_core.data.io import read_image_rgb, write_pfm
-    from stereo_kd_core.viz import colorize_disparity
+    from stereo_kd_core.data.io import read_image_rgb, write_image_rgb, write_pfm
+    from stereo_kd_core.geometry import StereoGeometry
+    from stereo_kd_core.viz import colorize_disparity, stereo_panel
 
     estimator = _load_estimator(args)
-    prediction = estimator.predict(read_image_rgb(args.left), read_image_rgb(args.right))
+    left = read_image_rgb(args.left)
+    prediction = estimator.predict(left, read_image_rgb(args.right))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_pfm(out / "disparity.pfm", prediction.disparity)
     colour = colorize_disparity(prediction.disparity, max_disparity=estimator.max_disparity)
     cv2.imwrite(str(out / "disparity.png"), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
-    print(f"wrote {out / 'disparity.pfm'} and {out / 'disparity.png'}")
+    # No calibration here: a nominal camera (focal = image width, unit baseline) shows the
+    # shape of the scene up to scale.
+    height, width = left.shape[:2]
+    nominal = StereoGeometry.from_intrinsics(float(width), (width - 1) / 2, (height - 1) / 2, 1.0)
+    panel = stereo_panel(left, prediction.disparity, prediction.confidence,
+                         nominal.points_from_disparity(prediction.disparity), max_disparity=estimator.max_disparity)
+    write_image_rgb(out / "panel.png", panel)
+    print(f"wrote {out / 'disparity.pfm'}, {out / 'disparity.png'} and {out / 'panel.png'}")
+    return 0
+
+
+def cmd_bag(args: argparse.Namespace) -> int:
+    from stereo_kd_ros.bag import run_bag  # rosbags only: no ROS install needed
+
+    summary = run_bag(args.input, args.out, model=args.model, device=args.device, precision=args.precision,
+                      max_disparity=args.max_disparity, left_image_topic=args.left_image_topic,
+                      right_image_topic=args.right_image_topic, left_info_topic=args.left_info_topic,
+                      right_info_topic=args.right_info_topic, disparity_topic=args.disparity_topic,
+                      points_topic=args.points_topic, use_color=not args.no_color, max_pairs=args.max_pairs,
+                      storage=args.storage)
+    skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items()) or "none"
+    print(f"wrote {summary['output']} ({summary['storage']}): {summary['pairs_processed']} pairs with "
+          f"{summary['model']} on {summary['device']}, {summary['messages_copied']} input messages copied; "
+          f"skipped: {skipped}")
+    _write_json(args.json, summary)
     return 0
 
 
@@ -189,6 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("right", help="right image")
     p.add_argument("--out", default="predict_out", help="output folder")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bag", help="estimate a recorded ROS 2 bag offline: a new bag with disparity and points2")
+    _add_estimator_args(p)
+    p.add_argument("input", help="rosbag2 folder (sqlite3 or MCAP) or a single .db3/.mcap file")
+    p.add_argument("--out", required=True, help="output bag folder (must not exist)")
+    p.add_argument("--storage", choices=["sqlite3", "mcap"], default=None,
+                   help="output storage format (default: the input's)")
+    p.add_argument("--left-image-topic", default="/left/image_rect", help="left rectified image topic in the bag")
+    p.add_argument("--right-image-topic", default="/right/image_rect", help="right rectified image topic in the bag")
+    p.add_argument("--left-info-topic", default="/left/camera_info", help="left camera_info topic in the bag")
+    p.add_argument("--right-info-topic", default="/right/camera_info", help="right camera_info topic in the bag")
+    p.add_argument("--disparity-topic", default="/disparity", help="topic of the added DisparityImage messages")
+    p.add_argument("--points-topic", default="/points2", help="topic of the added PointCloud2 messages")
+    p.add_argument("--no-color", action="store_true", help="points2 without the packed rgb field")
+    p.add_argument("--max-pairs", type=int, default=None, help="estimate at most this many pairs")
+    p.add_argument("--json", default=None, help="write the summary to this JSON file")
+    p.set_defaults(func=cmd_bag)
 
     p = sub.add_parser("bench", help="median latency and peak memory")
     p.add_argument("model", help="registry name, checkpoint path, or sgbm")

@@ -1,7 +1,8 @@
 """stereo_kd_demo (what `make demo` runs): node and player as two processes over DDS.
 
 Plays the bundled Motorcycle pair for a fixed number of frames, records the node's outputs
-and writes into the output folder: disparity.png (colourised), points.ply, summary.json.
+and writes into the output folder: disparity.png (colourised), panel.png (left image, disparity
+with scale bar, confidence, rendered point cloud), points.ply, summary.json.
 """
 
 from __future__ import annotations
@@ -48,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
-    from sensor_msgs.msg import PointCloud2
+    from sensor_msgs.msg import Image, PointCloud2
     from stereo_msgs.msg import DisparityImage
 
-    from stereo_kd_core.viz import colorize_disparity, write_ply
-    from stereo_kd_ros.conversions import disparity_from_msg, point_cloud_to_numpy, stamp_to_ns, unpack_rgb
+    from stereo_kd_core.viz import colorize_disparity, stereo_panel, write_ply
+    from stereo_kd_ros.conversions import (
+        disparity_from_msg,
+        image_to_numpy,
+        point_cloud_to_numpy,
+        stamp_to_ns,
+        unpack_rgb,
+    )
+    from stereo_kd_ros.player import motorcycle_pair
 
     args.out.mkdir(parents=True, exist_ok=True)
     env = ros_environment(args.domain_id)
@@ -60,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "stereo_kd_ros", "--ros-args", "--params-file",
          str(REPO_ROOT / "config" / "stereo.yaml"), "-p", f"model:={args.model}", "-p", f"device:={args.device}",
          # Reliable input: megabyte images as best-effort UDP fragments get lost on a busy CPU.
-         "-p", "use_system_default_qos:=true"],
+         "-p", "use_system_default_qos:=true", "-p", "publish_confidence:=true"],
         env=env)
     rclpy.init()
     collector = rclpy.create_node("stereo_kd_demo_collector")
-    received: dict[str, list] = {"disparity": [], "points2": [], "latency_ms": [], "diagnostics": []}
+    received: dict[str, list] = {"disparity": [], "points2": [], "confidence": [], "latency_ms": [],
+                                 "diagnostics": []}
     lock = threading.Lock()
 
     def on_output(topic: str, msg) -> None:
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
     collector.create_subscription(DisparityImage, "disparity", lambda m: on_output("disparity", m), qos)
     collector.create_subscription(PointCloud2, "points2", lambda m: on_output("points2", m), qos)
+    collector.create_subscription(Image, "confidence", lambda m: on_output("confidence", m), qos)
     collector.create_subscription(DiagnosticArray, "/diagnostics", lambda m: on_output("diagnostics", m), 10)
     executor = SingleThreadedExecutor()
     executor.add_node(collector)
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     with lock:
         disparities, clouds, latencies = received["disparity"], received["points2"], received["latency_ms"]
         diagnostics = received["diagnostics"]
+        confidences = {stamp_to_ns(m.header.stamp): m for m in received["confidence"]}
     if not disparities or not clouds:
         print("stereo_kd_demo: no output received from the node", file=sys.stderr)
         return 1
@@ -118,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     cloud = point_cloud_to_numpy(clouds[-1])
     rgb = unpack_rgb(cloud[..., 3]) if cloud.shape[-1] == 4 else None
     points_written = write_ply(args.out / "points.ply", cloud[..., :3], rgb)
+    confidence_msg = confidences.get(stamp_to_ns(disparities[-1].header.stamp))
+    confidence = image_to_numpy(confidence_msg, ("32FC1",)) if confidence_msg is not None else None
+    panel = stereo_panel(motorcycle_pair().left, disparity, confidence, cloud[..., :3],
+                         max_disparity=float(valid_disparity.max()))
+    PILImage.fromarray(panel).save(args.out / "panel.png")
     stamps = sorted(stamp_to_ns(m.header.stamp) for m in disparities)
     node_values = ({kv.key: kv.value for kv in diagnostics[-1].status[0].values} if diagnostics else {})
     summary = {

@@ -1,8 +1,19 @@
-"""stereo_kd_player: publish a rectified stereo pair (image_rect + camera_info, both sides).
+"""stereo_kd_player: publish rectified stereo (image_rect + camera_info, both sides) from recorded data.
 
-The bundled default input is the Middlebury 2014 Motorcycle pair shipped with scikit-image,
-with its real calibration. Other sources (folders, bags) are functions returning
-`StereoFrames`, registered in SOURCES.
+Sources (`--source`):
+  motorcycle      the bundled Middlebury 2014 Motorcycle pair (scikit-image) with its real
+                  calibration, repeated with fresh stamps until --frames (the default).
+  FOLDER          pairs in Middlebury layout (CASE/im0.png, CASE/im1.png, CASE/calib.txt) or KITTI
+                  layout (image_2/ + image_3/ or colored_0/ + colored_1/, NNNNNN_10.png, with
+                  KITTI 2015 calib_cam_to_cam/NNNNNN.txt (P_rect_02, P_rect_03) or KITTI 2012
+                  calib/NNNNNN.txt (P2, P3)), in name order, freshly stamped.
+  BAG             a rosbag2 folder (sqlite3 or MCAP) or a .db3/.mcap file: the pairs of its stereo
+                  topics (equal image stamps), each with the latest camera_info of its side, as
+                  recorded (byte for byte, recorded stamps unless --restamp).
+
+`--calibration FILE.yaml` gives the geometry of a folder without calibration files (and
+overrides them). Its keys are those of StereoGeometry: fx, cy, cx_left, baseline_m (metres),
+optional fy (default fx) and cx_right (default cx_left).
 """
 
 from __future__ import annotations
@@ -10,33 +21,51 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import cv2
 import numpy as np
 import rclpy
+import yaml
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message
 from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 
+from stereo_kd_core.data.io import read_image_rgb, read_middlebury_calib
 from stereo_kd_core.geometry import StereoGeometry
-from stereo_kd_ros.conversions import numpy_to_image
+from stereo_kd_ros.conversions import numpy_to_image, stamp_to_ns
 from stereo_kd_ros.node import run
 
 LEFT_FRAME = "left_optical"
 RIGHT_FRAME = "right_optical"
+TOPIC_KEYS = ("left_info", "left_image", "right_info", "right_image")  # publishing order of a frame
+RECORDED_TIMING_POLL_S = 0.005
+KITTI_IMAGE_DIRS = (("image_2", "image_3"), ("colored_0", "colored_1"))
+KITTI_CALIBS = (("calib_cam_to_cam", "P_rect_02", "P_rect_03"), ("calib", "P2", "P3"))  # 2015, 2012
+BAG_SUFFIXES = (".db3", ".mcap")
 
 
 @dataclass
 class StereoFrames:
     """A rectified pair and its geometry."""
 
-    left: np.ndarray   # (H, W, 3) uint8 RGB
-    right: np.ndarray  # (H, W, 3) uint8 RGB
+    left: np.ndarray   # (H, W, 3) uint8 RGB, or (H, W) mono8 / mono16
+    right: np.ndarray  # same shape and type as left
     geometry: StereoGeometry
     name: str
+
+
+@dataclass
+class PlayerFrame:
+    """The four messages of one stereo frame, keyed by TOPIC_KEYS."""
+
+    messages: dict[str, object]
+    recorded_ns: int | None = None  # receive time in the bag (recorded timing), None for folders
 
 
 def motorcycle_pair() -> StereoFrames:
@@ -50,9 +79,6 @@ def motorcycle_pair() -> StereoFrames:
     return StereoFrames(left=left, right=right, geometry=geometry, name="middlebury-motorcycle")
 
 
-SOURCES: dict[str, Callable[[], StereoFrames]] = {"motorcycle": motorcycle_pair}
-
-
 def camera_info(projection: np.ndarray, width: int, height: int, header: Header) -> CameraInfo:
     info = CameraInfo(header=header, width=width, height=height, distortion_model="plumb_bob")
     info.k = [float(v) for v in projection[:, :3].ravel()]
@@ -62,56 +88,311 @@ def camera_info(projection: np.ndarray, width: int, height: int, header: Header)
     return info
 
 
+def frame_messages(stereo: StereoFrames) -> PlayerFrame:
+    """Camera infos and images of a pair (stamps left at zero: the player sets them)."""
+    encoding = {(3, np.uint8): "rgb8", (2, np.uint8): "mono8", (2, np.uint16): "mono16"}.get(
+        (stereo.left.ndim, stereo.left.dtype.type))
+    if encoding is None or stereo.left.shape != stereo.right.shape or stereo.left.dtype != stereo.right.dtype:
+        raise ValueError(f"{stereo.name}: left {stereo.left.shape} {stereo.left.dtype} and right "
+                         f"{stereo.right.shape} {stereo.right.dtype} are not a playable pair")
+    height, width = stereo.left.shape[:2]
+    p_left, p_right = stereo.geometry.projection_matrices()
+    messages = {}
+    for side, frame_id, pixels, projection in (("left", LEFT_FRAME, stereo.left, p_left),
+                                               ("right", RIGHT_FRAME, stereo.right, p_right)):
+        messages[f"{side}_info"] = camera_info(projection, width, height, Header(frame_id=frame_id))
+        messages[f"{side}_image"] = numpy_to_image(pixels, encoding, Header(frame_id=frame_id))
+    return PlayerFrame(messages)
+
+
+# -- calibration files -------------------------------------------------------------------------
+
+def geometry_from_yaml(path: str | Path) -> StereoGeometry:
+    """Geometry from a YAML file with keys fx, cy, cx_left, baseline_m [, fy, cx_right]."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    required, optional = ("fx", "cy", "cx_left", "baseline_m"), ("fy", "cx_right")
+    missing = [key for key in required if key not in values]
+    unknown = sorted(set(values) - set(required) - set(optional))
+    if missing or unknown:
+        raise ValueError(f"{path}: calibration keys are {', '.join(required)} and optionally "
+                         f"{', '.join(optional)}; missing {missing}, unknown {unknown}")
+    return StereoGeometry.from_intrinsics(float(values["fx"]), float(values["cx_left"]), float(values["cy"]),
+                                          float(values["baseline_m"]), cx_right=values.get("cx_right"),
+                                          fy=values.get("fy"))
+
+
+def geometry_from_middlebury_calib(path: Path) -> StereoGeometry:
+    """Middlebury calib.txt: cam0/cam1 intrinsics, baseline in millimetres."""
+    calib = read_middlebury_calib(path)
+    if not {"cam0", "cam1", "baseline"} <= set(calib):
+        raise ValueError(f"{path}: needs cam0, cam1 and baseline")
+    cam0, cam1 = calib["cam0"], calib["cam1"]
+    return StereoGeometry(fx=float(cam0[0, 0]), fy=float(cam0[1, 1]), cx_left=float(cam0[0, 2]),
+                          cx_right=float(cam1[0, 2]), cy=float(cam0[1, 2]), baseline_m=float(calib["baseline"]) / 1000)
+
+
+def read_kitti_projections(path: Path, left_key: str, right_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The two 3x4 rectified projections named `left_key`, `right_key` in a KITTI calib file."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            rows[key.strip()] = value
+    try:
+        return tuple(np.array(rows[key].split(), dtype=np.float64).reshape(3, 4) for key in (left_key, right_key))
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"{path}: needs 12 values for each of {left_key} and {right_key}") from error
+
+
+def geometry_from_kitti_projections(p_left: np.ndarray, p_right: np.ndarray) -> StereoGeometry:
+    """KITTI's P_rect_0i are relative to camera 0; the pair's baseline is their x offset difference."""
+    fx = p_left[0, 0]
+    return StereoGeometry(fx=float(fx), fy=float(p_left[1, 1]), cx_left=float(p_left[0, 2]),
+                          cx_right=float(p_right[0, 2]), cy=float(p_left[1, 2]),
+                          baseline_m=float((p_left[0, 3] - p_right[0, 3]) / fx))
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+def read_stereo_image(path: Path) -> np.ndarray:
+    """An image file as published: 8-bit grey stays mono8, 16-bit grey mono16, anything else RGB8."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is not None and raw.ndim == 2 and raw.dtype in (np.uint8, np.uint16):
+        return raw
+    return read_image_rgb(path)
+
+
+def folder_pairs(root: Path, calibration: StereoGeometry | None = None) -> list[tuple[str, Path, Path, Callable]]:
+    """(name, left, right, geometry loader) of every pair of a Middlebury or KITTI layout folder."""
+    pairs = []
+    for left_dir, right_dir in KITTI_IMAGE_DIRS:
+        for left in sorted((root / left_dir).glob("*.png")):
+            right = root / right_dir / left.name
+            if not right.is_file():
+                continue
+            calib_files = [(root / folder / f"{left.stem.split('_')[0]}.txt", keys)
+                           for folder, *keys in KITTI_CALIBS]
+            found = next(((path, keys) for path, keys in calib_files if path.is_file()), None)
+            if calibration is None and found is None:
+                raise ValueError(f"{left}: no KITTI calibration ({' or '.join(str(p) for p, _ in calib_files)}); "
+                                 "give --calibration")
+            loader = ((lambda geometry=calibration: geometry) if calibration is not None else
+                      (lambda path=found[0], keys=found[1]: geometry_from_kitti_projections(
+                          *read_kitti_projections(path, *keys))))
+            pairs.append((f"{left_dir}/{left.stem}", left, right, loader))
+    if pairs:
+        return pairs
+    for left in sorted(root.rglob("im0.png")):
+        right, calib = left.parent / "im1.png", left.parent / "calib.txt"
+        if not right.is_file():
+            continue
+        if calibration is None and not calib.is_file():
+            raise ValueError(f"{left.parent}: no calib.txt; give --calibration")
+        loader = ((lambda geometry=calibration: geometry) if calibration is not None else
+                  (lambda path=calib: geometry_from_middlebury_calib(path)))
+        pairs.append((left.parent.relative_to(root).as_posix(), left, right, loader))
+    if not pairs:
+        raise ValueError(f"{root}: no stereo pairs in Middlebury (CASE/im0.png, im1.png) or KITTI "
+                         "(image_2/, image_3/) layout")
+    return pairs
+
+
+def folder_frames(root: Path, calibration: StereoGeometry | None = None) -> Callable[[], Iterator[PlayerFrame]]:
+    """A pass over the folder's pairs; images are read when their frame is due."""
+    pairs = folder_pairs(root, calibration)
+
+    def frames() -> Iterator[PlayerFrame]:
+        for name, left, right, geometry in pairs:
+            yield frame_messages(StereoFrames(read_stereo_image(left), read_stereo_image(right), geometry(), name))
+
+    return frames
+
+
+def is_bag(path: Path) -> bool:
+    return (path / "metadata.yaml").is_file() or (path.is_file() and path.suffix in BAG_SUFFIXES)
+
+
+def bag_frames(path: Path, topics: dict[str, str]) -> Callable[[], Iterator[PlayerFrame]]:
+    """A pass over a bag's stereo pairs (exact stamp match), each with its sides' latest camera_info.
+
+    topics: TOPIC_KEYS -> topic name in the bag.
+    """
+    from rosbags.rosbag2 import Reader
+
+    with Reader(path) as reader:
+        missing = [name for name in topics.values() if name not in reader.topics]
+    if missing:
+        raise ValueError(f"{path}: no topic {', '.join(missing)}")
+    key_of = {name: key for key, name in topics.items()}
+
+    def frames() -> Iterator[PlayerFrame]:
+        latest: dict[str, object] = {}
+        waiting: dict[str, dict[int, Image]] = {"left": {}, "right": {}}
+        with Reader(path) as reader:
+            connections = [c for c in reader.connections if c.topic in key_of]
+            for conn, log_ns, raw in reader.messages(connections):
+                key = key_of[conn.topic]
+                side, kind = key.split("_")
+                msg = deserialize_message(bytes(raw), CameraInfo if kind == "info" else Image)
+                if kind == "info":
+                    latest[key] = msg
+                    continue
+                stamp = stamp_to_ns(msg.header.stamp)
+                partner = waiting["right" if side == "left" else "left"].pop(stamp, None)
+                if partner is None:
+                    waiting[side][stamp] = msg
+                    continue
+                if "left_info" not in latest or "right_info" not in latest:
+                    continue  # as the node would: no geometry yet
+                waiting["left"] = {s: m for s, m in waiting["left"].items() if s > stamp}
+                waiting["right"] = {s: m for s, m in waiting["right"].items() if s > stamp}
+                other_side = "right" if side == "left" else "left"
+                yield PlayerFrame({"left_info": latest["left_info"], "right_info": latest["right_info"],
+                                   f"{side}_image": msg, f"{other_side}_image": partner}, recorded_ns=log_ns)
+
+    return frames
+
+
+def open_source(source: str, calibration: str | None, bag_topics: dict[str, str]) -> tuple[str, Callable, bool]:
+    """(description, frame pass factory, repeats) of a --source value."""
+    if source == "motorcycle":
+        stereo = motorcycle_pair()
+        return f"'{stereo.name}'", lambda: iter([frame_messages(stereo)]), True
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"--source: '{source}' is neither 'motorcycle' nor an existing folder or bag")
+    if is_bag(path):
+        return f"bag {path}", bag_frames(path, bag_topics), False
+    geometry = geometry_from_yaml(calibration) if calibration else None
+    return f"folder {path}", folder_frames(path, geometry), False
+
+
 class StereoPlayer(Node):
-    """Publishes one pair repeatedly with fresh stamps at `rate_hz`; `frames` = 0 repeats forever."""
+    """Publishes stereo frames at `rate_hz` or at their recorded timing.
 
-    def __init__(self, stereo: StereoFrames, rate_hz: float = 10.0, frames: int = 0, **node_options):
+    `frames` > 0: stop after that many frames, counted from when every topic has a subscriber.
+    `loop`: start the source again at its end (a one-pair source always repeats).
+    `restamp`: give recorded frames fresh stamps (frames from files always get fresh ones).
+    """
+
+    def __init__(self, source: Callable[[], Iterator[PlayerFrame]], description: str = "stereo",
+                 rate_hz: float = 10.0, frames: int = 0, loop: bool = False, recorded_timing: bool = False,
+                 restamp: bool = False, topics: dict[str, str] | None = None, **node_options):
         super().__init__("stereo_kd_player", **node_options)
-        height, width = stereo.left.shape[:2]
-        p_left, p_right = stereo.geometry.projection_matrices()
-        self.messages = []
-        for side, frame, pixels, projection in (("left", LEFT_FRAME, stereo.left, p_left),
-                                                ("right", RIGHT_FRAME, stereo.right, p_right)):
-            header = Header(frame_id=frame)
-            qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
-            self.messages.append((self.create_publisher(CameraInfo, f"{side}/camera_info", qos),
-                                  camera_info(projection, width, height, header)))
-            self.messages.append((self.create_publisher(Image, f"{side}/image_rect", qos),
-                                  numpy_to_image(pixels, "rgb8", header)))
-        self.frames = frames
+        topics = topics or {"left_info": "left/camera_info", "left_image": "left/image_rect",
+                            "right_info": "right/camera_info", "right_image": "right/image_rect"}
+        qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        self.publishers_by_key = {key: self.create_publisher(CameraInfo if key.endswith("info") else Image,
+                                                             topics[key], qos) for key in TOPIC_KEYS}
+        self.source, self.loop, self.frames, self.restamp = source, loop, frames, restamp
+        self.recorded_timing = recorded_timing
         self.published = 0
-        self.create_timer(1.0 / rate_hz, self._publish)
-        self.get_logger().info(f"publishing '{stereo.name}' {width}x{height} at {rate_hz} Hz, "
-                               f"{frames or 'unlimited'} frames")
+        self._pass: Iterator[PlayerFrame] | None = None
+        self._next: PlayerFrame | None = None
+        self._pass_start: tuple[float, int] | None = None  # (monotonic s, recorded ns) at a pass's first frame
+        self._done = False
+        period = RECORDED_TIMING_POLL_S if recorded_timing else 1.0 / rate_hz
+        self.create_timer(period, self._tick)
+        self.get_logger().info(f"publishing {description} "
+                               f"{'at the recorded timing' if recorded_timing else f'at {rate_hz} Hz'}, "
+                               f"{frames or 'unlimited'} frames{', looping' if loop else ''}")
 
-    def _publish(self) -> None:
-        if self.frames and self.published >= self.frames:
-            return
-        if self.frames and not all(pub.get_subscription_count() for pub, _ in self.messages):
+    def _peek(self) -> PlayerFrame | None:
+        """The next frame, starting a new pass at the end of one when looping."""
+        if self._next is None and not self._done:
+            for attempt in range(2):
+                if self._pass is None:
+                    self._pass, self._pass_start = self.source(), None
+                self._next = next(self._pass, None)
+                if self._next is not None or not self.loop or attempt:
+                    break
+                self._pass = None
+            self._done = self._next is None
+        return self._next
+
+    def _tick(self) -> None:
+        if self.frames and not all(pub.get_subscription_count() for pub in self.publishers_by_key.values()):
             return  # a fixed number of frames counts from when every topic has a subscriber
-        stamp = self.get_clock().now().to_msg()
-        for publisher, msg in self.messages:  # camera_info first, then the image, per side
-            msg.header.stamp = stamp
-            publisher.publish(msg)
+        try:
+            frame = self._peek()
+        except (ValueError, OSError) as error:
+            self.get_logger().error(f"cannot read the next frame: {error}")
+            self._pass, self._next = None, None
+            self._done = not self.loop
+            frame = None
+        if frame is None:
+            if self._done:
+                self._finish()
+            return
+        if self.recorded_timing and frame.recorded_ns is not None:
+            now = time.monotonic()
+            if self._pass_start is None:
+                self._pass_start = (now, frame.recorded_ns)
+            if now - self._pass_start[0] < (frame.recorded_ns - self._pass_start[1]) * 1e-9:
+                return  # not due yet
+        self._next = None
+        if frame.recorded_ns is None or self.restamp:
+            stamp = self.get_clock().now().to_msg()
+            for msg in frame.messages.values():
+                msg.header.stamp = stamp
+        try:
+            for key in TOPIC_KEYS:  # camera_info first, then the image, per side
+                self.publishers_by_key[key].publish(frame.messages[key])
+        except Exception:
+            if self.context.ok():
+                raise
+            return  # SIGINT/SIGTERM shut the context down mid-frame: the rest of the frame is dropped
         self.published += 1
         if self.frames and self.published >= self.frames:
-            self.get_logger().info(f"published {self.published} frames")
-            time.sleep(0.5)  # let reliable writers deliver the last frame before exiting
-            rclpy.try_shutdown(context=self.context)
+            self._finish()
+
+    def _finish(self) -> None:
+        self.get_logger().info(f"published {self.published} frames")
+        time.sleep(0.5)  # let reliable writers deliver the last frame before exiting
+        rclpy.try_shutdown(context=self.context)
+
+    def close(self) -> None:
+        """Release the source (an open bag); a frame not yet published is dropped."""
+        if self._pass is not None and hasattr(self._pass, "close"):
+            self._pass.close()
+        self._pass = self._next = None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console script `stereo_kd_player`."""
     args_in = sys.argv if argv is None else argv
-    parser = argparse.ArgumentParser(prog="stereo_kd_player", description=__doc__.splitlines()[0])
-    parser.add_argument("--source", choices=sorted(SOURCES), default="motorcycle", help="Stereo input to play.")
+    parser = argparse.ArgumentParser(prog="stereo_kd_player", description=__doc__.splitlines()[0],
+                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--source", default="motorcycle",
+                        help="'motorcycle' (built in), a folder of pairs, or a ROS 2 bag (folder, .db3 or .mcap).")
+    parser.add_argument("--calibration", default=None, help="YAML geometry for a folder (keys below).")
     parser.add_argument("--rate", type=float, default=10.0, help="Frames per second.")
-    parser.add_argument("--frames", type=int, default=0, help="Frames to publish, then exit (0 = forever).")
+    parser.add_argument("--recorded-timing", action="store_true", help="Bag: publish at the recorded times.")
+    parser.add_argument("--loop", action="store_true", help="Start the folder or bag again at its end.")
+    parser.add_argument("--restamp", action="store_true", help="Bag: fresh stamps instead of the recorded ones.")
+    parser.add_argument("--frames", type=int, default=0, help="Frames to publish, then exit (0 = all / forever).")
+    topic_flags = {"left_image": "left/image_rect", "right_image": "right/image_rect",
+                   "left_info": "left/camera_info", "right_info": "right/camera_info"}
+    for key, default in topic_flags.items():
+        flag = key.replace("_", "-")
+        what = key.replace("_", " ")
+        parser.add_argument(f"--{flag}-topic", default=default, help=f"Published {what} topic.")
+        parser.add_argument(f"--bag-{flag}-topic", default=f"/{default}", help=f"Bag: recorded {what} topic.")
     args = parser.parse_args(remove_ros_args(args_in)[1:])
     if args.rate <= 0 or args.frames < 0:
         parser.error("--rate must be > 0 and --frames >= 0")
-    stereo = SOURCES[args.source]()
-    return run(lambda: StereoPlayer(stereo, rate_hz=args.rate, frames=args.frames), args_in)
+    topics = {key: getattr(args, f"{key}_topic") for key in TOPIC_KEYS}
+    bag_topics = {key: getattr(args, f"bag_{key}_topic") for key in TOPIC_KEYS}
+    try:
+        description, source, repeats = open_source(args.source, args.calibration, bag_topics)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"stereo_kd_player: {error}", file=sys.stderr)
+        return 2
+    if args.recorded_timing and not is_bag(Path(args.source)):
+        parser.error("--recorded-timing needs a bag source")
+    return run(lambda: StereoPlayer(source, description, rate_hz=args.rate, frames=args.frames,
+                                    loop=args.loop or repeats, recorded_timing=args.recorded_timing,
+                                    restamp=args.restamp, topics=topics), args_in)
 
 
 if __name__ == "__main__":

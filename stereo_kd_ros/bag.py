@@ -1,0 +1,246 @@
+"""Offline stereo over a recorded ROS 2 bag, without a ROS install (rosbags + stereo_kd_core).
+
+Reads the rectified stereo topics of a rosbag2 bag (sqlite3 or MCAP), pairs left and right
+images by equal header stamps (as the node's exact sync does), runs StereoEstimator on every
+pair and writes a new bag holding every input message unchanged plus `disparity`
+(stereo_msgs/msg/DisparityImage) and `points2` (sensor_msgs/msg/PointCloud2), built with the
+same payload code and defaults as the node (organized cloud, rgb when use_color, no
+confidence threshold, no depth limits). Each output is logged at the receive time of the image
+that completed its pair and stamped with the left image's header.
+
+Skipped pairs are counted by reason in the summary, with the node's reason names:
+`missing_camera_info` (no camera_info on a side yet), `bad_camera_info`, `frame_mismatch`,
+`size_mismatch`, `stamp_out_of_order`, image decoding reasons (`unsupported_encoding`, ...),
+`unmatched_image` (an image whose partner with the same stamp never came), `max_pairs`
+(pairs past the `max_pairs` limit), `estimator_error`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
+from rosbags.rosbag2.storage_mcap import McapReader
+from rosbags.typesys import Stores, get_typestore
+from tqdm import tqdm
+
+from stereo_kd_core import StereoEstimator
+from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_ros import payloads
+
+STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
+PENDING_IMAGES_PER_SIDE = 64  # unmatched images kept waiting for their partner
+DISPARITY_TYPE = "stereo_msgs/msg/DisparityImage"
+POINTS_TYPE = "sensor_msgs/msg/PointCloud2"
+
+
+def input_storage(reader: Reader) -> str:
+    """'mcap' or 'sqlite3': the storage format of an open bag."""
+    storages = getattr(reader.storage, "storages", [reader.storage])  # a bag folder or a single file
+    return "mcap" if isinstance(storages[0], McapReader) else "sqlite3"
+
+
+class _SkippedPairError(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _OutputBuilder:
+    """Builds the node's output messages as rosbags messages and serializes them."""
+
+    def __init__(self, typestore: Any, estimator: StereoEstimator, use_color: bool):
+        self.typestore = typestore
+        self.estimator = estimator
+        self.use_color = use_color
+        types = typestore.types
+        self.image_type, self.disparity_type = types["sensor_msgs/msg/Image"], types[DISPARITY_TYPE]
+        self.cloud_type, self.field_type = types[POINTS_TYPE], types["sensor_msgs/msg/PointField"]
+        self.roi_type = types["sensor_msgs/msg/RegionOfInterest"]
+
+    def disparity(self, disparity: np.ndarray, header: Any, geometry: StereoGeometry) -> bytes:
+        estimator = self.estimator
+        payload = payloads.disparity_payload(
+            disparity, geometry, min_disparity=estimator.min_disparity,
+            max_disparity=estimator.min_disparity + estimator.max_disparity - 1)
+        height, width = payload.values.shape
+        image = self.image_type(header=header, height=height, width=width, encoding="32FC1", is_bigendian=0,
+                                step=width * 4, data=payload.values.reshape(-1).view(np.uint8))
+        window = payload.valid_window
+        roi = self.roi_type(x_offset=window.x_offset, y_offset=window.y_offset, height=window.height,
+                            width=window.width, do_rectify=False)
+        msg = self.disparity_type(header=header, image=image, f=payload.f, t=payload.t, valid_window=roi,
+                                  min_disparity=payload.min_disparity, max_disparity=payload.max_disparity,
+                                  delta_d=payload.delta_d)
+        return bytes(self.typestore.serialize_cdr(msg, DISPARITY_TYPE))
+
+    def points(self, disparity: np.ndarray, left_rgb: np.ndarray, header: Any, geometry: StereoGeometry) -> bytes:
+        points = geometry.points_from_disparity(disparity)  # (H, W, 3) metres
+        color = payloads.color_for_points(left_rgb) if self.use_color else None
+        payload = payloads.point_cloud_payload(points, color)
+        fields = [self.field_type(name=name, offset=4 * i, datatype=payloads.FLOAT32, count=1)
+                  for i, name in enumerate(payload.field_names)]
+        height, width = payload.values.shape[:2]
+        msg = self.cloud_type(header=header, height=height, width=width, fields=fields, is_bigendian=False,
+                              point_step=payload.point_step, row_step=payload.row_step,
+                              data=payload.values.reshape(-1).view(np.uint8), is_dense=payload.is_dense)
+        return bytes(self.typestore.serialize_cdr(msg, POINTS_TYPE))
+
+
+def run_bag(
+    input_path: str | Path,
+    output_path: str | Path,
+    model: str = "sgbm",
+    device: str = "auto",
+    left_image_topic: str = "/left/image_rect",
+    right_image_topic: str = "/right/image_rect",
+    left_info_topic: str = "/left/camera_info",
+    right_info_topic: str = "/right/camera_info",
+    disparity_topic: str = "/disparity",
+    points_topic: str = "/points2",
+    use_color: bool = True,
+    max_pairs: int | None = None,
+    storage: str | None = None,
+    precision: str = "fp32",
+    max_disparity: int = 192,
+) -> dict:
+    """Run the estimator over a bag's stereo pairs; write `output_path` (a new bag) and return a summary.
+
+    storage: 'sqlite3' or 'mcap' for the output; None = the input's format.
+    max_pairs: estimate at most this many pairs (every input message is still copied).
+    """
+    input_path, output_path = Path(input_path), Path(output_path)
+    if storage is not None and storage not in STORAGES:
+        raise ValueError(f"storage must be one of {', '.join(STORAGES)}, got '{storage}'")
+    if max_pairs is not None and max_pairs < 0:
+        raise ValueError(f"max_pairs must be >= 0, got {max_pairs}")
+    if output_path.exists():
+        raise ValueError(f"output bag {output_path} exists already; give a new path")
+    image_topics = {left_image_topic: "left", right_image_topic: "right"}
+    info_topics = {left_info_topic: "left", right_info_topic: "right"}
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    estimator = StereoEstimator.load(model, device=device, precision=precision, max_disparity=max_disparity)
+    builder = _OutputBuilder(typestore, estimator, use_color)
+    skipped: Counter = Counter()
+    infos: dict[str, Any] = {}
+    pending: dict[str, OrderedDict] = {"left": OrderedDict(), "right": OrderedDict()}  # stamp -> image
+    last_stamp_ns: int | None = None
+    geometry_cache: tuple[tuple, StereoGeometry] | None = None
+    processed, copied, inference_s = 0, 0, 0.0
+    start = time.perf_counter()
+
+    with Reader(input_path) as reader:
+        topics = reader.topics
+        for topic in (*image_topics, *info_topics):
+            if topic not in topics:
+                raise ValueError(f"{input_path}: no topic '{topic}' (topics: {', '.join(sorted(topics))})")
+        for topic in (disparity_topic, points_topic):
+            if topic in topics:
+                raise ValueError(f"{input_path} already has a topic '{topic}'; choose other output topics")
+        out_storage = storage or input_storage(reader)
+        pair_total = min(topics[left_image_topic].msgcount, topics[right_image_topic].msgcount)
+        if max_pairs is not None:
+            pair_total = min(pair_total, max_pairs)
+
+        def process(left: Any, right: Any) -> tuple[bytes, bytes]:
+            nonlocal last_stamp_ns, geometry_cache
+            if "left" not in infos or "right" not in infos:
+                raise _SkippedPairError("missing_camera_info")
+            stamp = payloads.stamp_to_ns(left.header.stamp)
+            if last_stamp_ns is not None and stamp <= last_stamp_ns:
+                raise _SkippedPairError("stamp_out_of_order")
+            for image, info in ((left, infos["left"]), (right, infos["right"])):
+                if image.header.frame_id != info.header.frame_id:
+                    raise _SkippedPairError("frame_mismatch")
+                if info.width and info.height and (info.width, info.height) != (image.width, image.height):
+                    raise _SkippedPairError("size_mismatch")
+            try:
+                left_rgb, right_rgb = payloads.image_to_rgb(left), payloads.image_to_rgb(right)
+            except payloads.ImageFormatError as error:
+                raise _SkippedPairError(error.reason) from error
+            if left_rgb.shape != right_rgb.shape or left_rgb.dtype != right_rgb.dtype:
+                raise _SkippedPairError("size_mismatch")
+            key = (tuple(infos["left"].p), tuple(infos["right"].p))
+            if geometry_cache is None or geometry_cache[0] != key:
+                try:
+                    geometry_cache = (key, StereoGeometry.from_projections(*key))
+                except ValueError as error:
+                    raise _SkippedPairError("bad_camera_info") from error
+            geometry = geometry_cache[1]
+            last_stamp_ns = stamp
+            header = typestore.types["std_msgs/msg/Header"](stamp=left.header.stamp, frame_id=left.header.frame_id)
+            try:
+                prediction = estimator.predict(left_rgb, right_rgb)
+            except (ValueError, RuntimeError) as error:
+                raise _SkippedPairError("estimator_error") from error
+            disparity = prediction.disparity  # (H, W) float32, NaN invalid
+            return (builder.disparity(disparity, header, geometry),
+                    builder.points(disparity, left_rgb, header, geometry))
+
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        with Writer(output_path, version=Writer.VERSION_LATEST, storage_plugin=STORAGES[out_storage]) as writer:
+            connections = {}
+            for conn in reader.connections:
+                known = conn.msgdef.data and conn.digest
+                connections[conn.id] = writer.add_connection(
+                    conn.topic, conn.msgtype, typestore=None if known else typestore,
+                    msgdef=conn.msgdef.data if known else None, rihs01=conn.digest if known else None,
+                    offered_qos_profiles=conn.ext.offered_qos_profiles)
+            disparity_out = writer.add_connection(disparity_topic, DISPARITY_TYPE, typestore=typestore)
+            points_out = writer.add_connection(points_topic, POINTS_TYPE, typestore=typestore)
+
+            with tqdm(total=pair_total, unit="pair", desc="stereo-kd bag", disable=None) as progress:
+                for conn, log_time, raw in reader.messages():
+                    writer.write(connections[conn.id], log_time, raw)
+                    copied += 1
+                    if conn.topic in info_topics:
+                        infos[info_topics[conn.topic]] = typestore.deserialize_cdr(raw, conn.msgtype)
+                        continue
+                    side = image_topics.get(conn.topic)
+                    if side is None:
+                        continue
+                    image = typestore.deserialize_cdr(raw, conn.msgtype)
+                    stamp = payloads.stamp_to_ns(image.header.stamp)
+                    other = pending["right" if side == "left" else "left"]
+                    partner = other.pop(stamp, None)
+                    if partner is None:
+                        waiting = pending[side]
+                        waiting[stamp] = image
+                        if len(waiting) > PENDING_IMAGES_PER_SIDE:
+                            waiting.popitem(last=False)
+                            skipped["unmatched_image"] += 1
+                        continue
+                    left, right = (image, partner) if side == "left" else (partner, image)
+                    if max_pairs is not None and processed >= max_pairs:
+                        skipped["max_pairs"] += 1
+                        continue
+                    tick = time.perf_counter()
+                    try:
+                        disparity_cdr, points_cdr = process(left, right)
+                    except _SkippedPairError as skip:
+                        skipped[skip.reason] += 1
+                        continue
+                    inference_s += time.perf_counter() - tick
+                    writer.write(disparity_out, log_time, disparity_cdr)
+                    writer.write(points_out, log_time, points_cdr)
+                    processed += 1
+                    progress.update(1)
+    skipped["unmatched_image"] += len(pending["left"]) + len(pending["right"])
+    return {
+        "input": str(input_path),
+        "output": str(output_path),
+        "storage": out_storage,
+        "model": estimator.name,
+        "device": estimator.device,
+        "pairs_processed": processed,
+        "skipped": {reason: count for reason, count in sorted(skipped.items()) if count},
+        "messages_copied": copied,
+        "messages_added": 2 * processed,
+        "topics_added": {disparity_topic: DISPARITY_TYPE, points_topic: POINTS_TYPE},
+        "per_pair_ms": 1e3 * inference_s / processed if processed else None,
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,270 @@
+"""Message payloads as plain NumPy: the byte layouts and field values of the stereo messages.
+
+No ROS import here, so the same code serves the node (rclpy messages) and offline bag
+processing (rosbags messages). Decoders take any object with the message's field names
+(`encoding`, `height`, `width`, `step`, `is_bigendian`, `data`), as both message flavours have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+from stereo_kd_core.geometry import StereoGeometry
+
+# Sub-pixel step reported in DisparityImage.delta_d, as stereo_image_proc does (SGBM's 4
+# fractional bits); network outputs are continuous and at least this fine.
+DISPARITY_STEP = 1.0 / 16.0
+FLOAT32 = 7  # sensor_msgs/PointField.FLOAT32
+
+
+@dataclass(frozen=True)
+class PixelFormat:
+    dtype: np.dtype        # one channel, little-endian
+    channels: int
+    rgb_channels: slice | None  # channel slice giving R, G, B (a view); None for one channel
+
+
+PIXEL_FORMATS: dict[str, PixelFormat] = {
+    "mono8": PixelFormat(np.dtype(np.uint8), 1, None),
+    "8UC1": PixelFormat(np.dtype(np.uint8), 1, None),
+    "mono16": PixelFormat(np.dtype("<u2"), 1, None),
+    "16UC1": PixelFormat(np.dtype("<u2"), 1, None),
+    "rgb8": PixelFormat(np.dtype(np.uint8), 3, slice(None)),
+    "bgr8": PixelFormat(np.dtype(np.uint8), 3, slice(None, None, -1)),
+    "8UC3": PixelFormat(np.dtype(np.uint8), 3, slice(None, None, -1)),  # OpenCV's default channel order
+    "rgba8": PixelFormat(np.dtype(np.uint8), 4, slice(0, 3)),
+    "bgra8": PixelFormat(np.dtype(np.uint8), 4, slice(2, None, -1)),
+    "32FC1": PixelFormat(np.dtype("<f4"), 1, None),
+}
+INPUT_ENCODINGS = ("mono8", "8UC1", "mono16", "16UC1", "rgb8", "bgr8", "8UC3", "rgba8", "bgra8")
+
+
+def stamp_to_ns(stamp: Any) -> int:
+    """builtin_interfaces/Time -> integer nanoseconds."""
+    return stamp.sec * 1_000_000_000 + stamp.nanosec
+
+
+class ImageFormatError(ValueError):
+    """An Image message whose layout cannot be decoded; `reason` is a short counter key."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def image_to_numpy(msg: Any, encodings: tuple[str, ...] = tuple(PIXEL_FORMATS)) -> np.ndarray:
+    """View of an Image as HxW or HxWxC in its own channel order (read-only, no copy).
+
+    Padded rows become a strided view; big-endian data becomes a byte-swapped dtype view.
+    Raises ImageFormatError for an unsupported encoding or inconsistent step/data length.
+    """
+    fmt = PIXEL_FORMATS.get(msg.encoding)
+    if fmt is None or msg.encoding not in encodings:
+        raise ImageFormatError(
+            "unsupported_encoding",
+            f"unsupported encoding '{msg.encoding}' (supported: {', '.join(encodings)})",
+        )
+    height, width, step = msg.height, msg.width, msg.step
+    pixel_bytes = fmt.dtype.itemsize * fmt.channels
+    if height == 0 or width == 0:
+        raise ImageFormatError("empty_image", f"empty image ({width}x{height})")
+    if step < width * pixel_bytes:
+        raise ImageFormatError(
+            "step_too_small",
+            f"step {step} is smaller than width * bytes_per_pixel = {width} * {pixel_bytes}",
+        )
+    if len(msg.data) != step * height:
+        raise ImageFormatError(
+            "data_length",
+            f"data length {len(msg.data)} != step * height = {step} * {height} = {step * height}",
+        )
+    dtype = fmt.dtype.newbyteorder(">") if msg.is_bigendian else fmt.dtype
+    if step % fmt.dtype.itemsize:
+        # Rows that start off the element alignment cannot be strided views; copy them out.
+        raw = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)[:, : width * pixel_bytes]
+        flat = np.ascontiguousarray(raw).view(dtype)
+    else:
+        flat = np.frombuffer(msg.data, dtype=dtype)
+        flat = np.lib.stride_tricks.as_strided(
+            flat, shape=(height, width * fmt.channels), strides=(step, fmt.dtype.itemsize),
+            writeable=False,
+        )
+    shape = (height, width) if fmt.channels == 1 else (height, width, fmt.channels)
+    return flat.reshape(shape)
+
+
+def image_to_rgb(msg: Any) -> np.ndarray:
+    """An input image as the estimator takes it: HxW (mono) or HxWx3 RGB, uint8/uint16, native byte order."""
+    pixels = image_to_numpy(msg, INPUT_ENCODINGS)
+    if pixels.dtype.byteorder == ">":
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
+    rgb_channels = PIXEL_FORMATS[msg.encoding].rgb_channels
+    return pixels if rgb_channels is None else pixels[..., rgb_channels]
+
+
+@dataclass(frozen=True)
+class ImagePayload:
+    """sensor_msgs/Image fields of an unpadded little-endian image."""
+
+    height: int
+    width: int
+    encoding: str
+    step: int
+    data: np.ndarray  # (height * step,) uint8
+
+
+def image_payload(values: np.ndarray, encoding: str) -> ImagePayload:
+    """HxW or HxWxC array -> the fields of a little-endian Image with unpadded rows."""
+    fmt = PIXEL_FORMATS[encoding]
+    channels = 1 if values.ndim == 2 else values.shape[2]
+    if channels != fmt.channels:
+        raise ValueError(f"encoding {encoding} needs {fmt.channels} channels, got {channels}")
+    values = np.ascontiguousarray(values.astype(fmt.dtype, copy=False))  # little-endian on any machine
+    height, width = int(values.shape[0]), int(values.shape[1])
+    return ImagePayload(height, width, encoding, width * fmt.channels * fmt.dtype.itemsize,
+                        values.reshape(-1).view(np.uint8))
+
+
+@dataclass(frozen=True)
+class ValidWindow:
+    x_offset: int
+    y_offset: int
+    width: int
+    height: int
+
+
+def valid_window(valid: np.ndarray) -> ValidWindow:
+    """Bounding box of the valid pixels (all zero when none is valid)."""
+    rows = np.flatnonzero(valid.any(axis=1))
+    if rows.size == 0:
+        return ValidWindow(0, 0, 0, 0)
+    cols = np.flatnonzero(valid[rows[0]: rows[-1] + 1].any(axis=0))
+    return ValidWindow(int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+
+
+@dataclass(frozen=True)
+class DisparityPayload:
+    """stereo_msgs/DisparityImage fields (the image is 32FC1, unpadded, little-endian)."""
+
+    values: np.ndarray  # (H, W) '<f4', shifted disparity, invalid = min_disparity - 1
+    f: float
+    t: float
+    min_disparity: float
+    max_disparity: float
+    delta_d: float
+    valid_window: ValidWindow
+
+
+def disparity_payload(disparity: np.ndarray, geometry: StereoGeometry, min_disparity: float,
+                      max_disparity: float, delta_d: float = DISPARITY_STEP,
+                      out: np.ndarray | None = None) -> DisparityPayload:
+    """DisparityImage content the way stereo_image_proc fills it.
+
+    `disparity` is the raw matcher output (x_left - x_right, NaN invalid). As stereo_image_proc
+    does, the published values are shifted by the principal point offset, d' = d - (cx_l - cx_r),
+    so that the message's own contract Z = f * T / d' holds; min/max_disparity are given in the
+    same shifted units. Invalid pixels are set to min_disparity - 1 (below the valid range).
+    `out`: an (H, W) '<f4' array to write the values into (e.g. a view of a message buffer).
+    """
+    offset = np.float32(geometry.disparity_offset)
+    shifted_min = float(min_disparity - offset)
+    values = np.empty(disparity.shape, dtype="<f4") if out is None else out  # (H, W)
+    np.subtract(disparity, offset, out=values)
+    valid = np.isfinite(values)
+    values[~valid] = np.float32(shifted_min - 1.0)
+    return DisparityPayload(values, float(geometry.fx), float(geometry.baseline_m), shifted_min,
+                            float(max_disparity - offset), float(delta_d), valid_window(valid))
+
+
+def disparity_from_payload(values: np.ndarray, min_disparity: float) -> np.ndarray:
+    """Published (shifted) disparity values back to float32 HxW with NaN where invalid."""
+    values = np.asarray(values, dtype=np.float32).copy()
+    values[values < min_disparity] = np.nan
+    return values
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """uint8 ...x3 RGB -> float32 ... holding 0x00RRGGBB in its bits (PCL's packed rgb)."""
+    packed = np.zeros(rgb.shape[:-1], dtype="<u4")
+    # Little-endian 0x00RRGGBB is the byte sequence B, G, R, 0: one strided byte copy.
+    packed_bytes = packed.view(np.uint8).reshape(rgb.shape[:-1] + (4,))
+    for byte, channel in ((0, 2), (1, 1), (2, 0)):
+        packed_bytes[..., byte] = rgb[..., channel]
+    return packed.view("<f4")
+
+
+def unpack_rgb(packed: np.ndarray) -> np.ndarray:
+    """Inverse of pack_rgb: float32 ... -> uint8 ...x3."""
+    bits = np.ascontiguousarray(packed, dtype=np.float32).view(np.uint32)
+    return np.stack([(bits >> 16) & 0xFF, (bits >> 8) & 0xFF, bits & 0xFF], axis=-1).astype(np.uint8)
+
+
+def color_for_points(image_rgb: np.ndarray) -> np.ndarray:
+    """Estimator-ready image (HxW or HxWx3, uint8/uint16) -> uint8 HxWx3 RGB for point colours."""
+    if image_rgb.dtype == np.uint16:
+        image_rgb = (image_rgb >> 8).astype(np.uint8)
+    if image_rgb.ndim == 2:
+        image_rgb = image_rgb[..., None]
+    return np.broadcast_to(image_rgb, image_rgb.shape[:2] + (3,))
+
+
+@dataclass(frozen=True)
+class PointCloudPayload:
+    """sensor_msgs/PointCloud2 fields: every field FLOAT32, count 1, at offset 4 * index."""
+
+    values: np.ndarray  # (height, width, len(field_names)) '<f4'
+    field_names: tuple[str, ...]  # ("x", "y", "z") or ("x", "y", "z", "rgb")
+    is_dense: bool
+
+    @property
+    def point_step(self) -> int:
+        return 4 * len(self.field_names)
+
+    @property
+    def row_step(self) -> int:
+        return self.point_step * self.values.shape[1]
+
+
+def point_cloud_shape(points: np.ndarray, dense: bool, with_color: bool) -> tuple[int, int, int]:
+    """(height, width, channels) of the cloud `point_cloud_payload` builds from `points`."""
+    channels = 4 if with_color else 3
+    if dense:
+        return 1, int(np.isfinite(points[..., 2]).sum()), channels
+    return int(points.shape[0]), int(points.shape[1]), channels
+
+
+def point_cloud_payload(points: np.ndarray, color: np.ndarray | None = None, dense: bool = False,
+                        out: np.ndarray | None = None) -> PointCloudPayload:
+    """PointCloud2 content from float32 HxWx3 points (NaN invalid) and optional uint8 HxWx3 RGB.
+
+    Organized (height H, width W, is_dense false) unless `dense`, which keeps only the finite
+    points in one row (is_dense true). rgb is PCL's packed float (little-endian 0x00RRGGBB).
+    `out`: an array of `point_cloud_shape(...)` '<f4' to write into (e.g. a message buffer view).
+    """
+    if dense:
+        keep = np.isfinite(points[..., 2])
+        points, color = points[keep][None], None if color is None else color[keep][None]  # (1, N, ...)
+    height, width, channels = point_cloud_shape(points, False, color is not None)
+    cloud = np.empty((height, width, channels), dtype="<f4") if out is None else out  # (H, W, x y z [rgb])
+    if color is None:
+        cloud[...] = points
+    else:
+        # Copying (H, W, 3) into (H, W, 4)[..., :3] in NumPy runs a 3-long inner loop; OpenCV's
+        # RGB -> RGBA writes the same interleaving in one vectorised pass (4th value replaced next).
+        cv2.cvtColor(np.ascontiguousarray(points), cv2.COLOR_RGB2RGBA, dst=cloud)
+        # Packed rgb as little-endian 0x00RRGGBB: bytes B, G, R, 0 at offset 12 of each point.
+        cloud_bytes = cloud.view(np.uint8).reshape(height, width, 4 * channels)
+        for byte, channel in ((12, 2), (13, 1), (14, 0)):  # per channel: long inner loops
+            cloud_bytes[..., byte] = color[..., channel]
+        cloud_bytes[..., 15] = 0
+    names = ("x", "y", "z", "rgb") if color is not None else ("x", "y", "z")
+    return PointCloudPayload(cloud, names, bool(dense))
+
+
+def point_cloud_values(data: Any, height: int, width: int, point_step: int) -> np.ndarray:
+    """float32 (height, width, fields) view of cloud data built by `point_cloud_payload`."""
+    return np.frombuffer(data, dtype="<f4").reshape(height, width, point_step // 4)

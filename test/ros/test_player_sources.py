@@ -1,0 +1,241 @@
+"""stereo_kd_player sources over real rclpy/DDS: what arrives equals the files and the bag, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ROS_DOMAIN_ID = 167
+SIGNAL_TEST_DOMAIN_ID = 168
+os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO_ROOT / "config" / "fastdds_localhost.xml")
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["ROS_DOMAIN_ID"] = str(ROS_DOMAIN_ID)
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import rclpy  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.serialization import serialize_message  # noqa: E402
+from rclpy.time import Time  # noqa: E402
+from rosbags.rosbag2 import StoragePlugin, Writer  # noqa: E402
+from rosbags.typesys import Stores, get_typestore  # noqa: E402
+from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
+
+from stereo_kd_core.data.io import write_middlebury_calib  # noqa: E402
+from stereo_kd_ros.player import TOPIC_KEYS, StereoPlayer, bag_frames, folder_frames, geometry_from_yaml  # noqa: E402
+
+TOPICS = {"left_info": "left/camera_info", "left_image": "left/image_rect",
+          "right_info": "right/camera_info", "right_image": "right/image_rect"}
+
+
+def play(frames_factory, frames: int, **player_options) -> dict[str, list[tuple[float, object]]]:
+    """Run a player in its own context until it has published `frames` frames; (receive time, msg) per topic."""
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=ROS_DOMAIN_ID)
+    received: dict[str, list] = {key: [] for key in TOPIC_KEYS}
+    lock = threading.Lock()
+    recorder = Node("player_test_recorder", context=context)
+    qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+
+    def record(key: str, msg) -> None:
+        with lock:
+            received[key].append((time.monotonic(), msg))
+
+    for key, topic in TOPICS.items():
+        recorder.create_subscription(CameraInfo if key.endswith("info") else Image, topic,
+                                     lambda msg, key=key: record(key, msg), qos)
+    player = StereoPlayer(frames_factory, frames=frames, context=context, **player_options)
+    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor.add_node(player)
+    executor.add_node(recorder)
+    deadline = time.monotonic() + 30
+    try:
+        while context.ok() and time.monotonic() < deadline:  # the player shuts the context down when done
+            executor.spin_once(timeout_sec=0.05)
+    finally:
+        player.close()
+        executor.shutdown()
+        player.destroy_node()
+        recorder.destroy_node()
+        context.try_shutdown()
+    assert player.published == frames, "player did not finish in time"
+    return received
+
+
+def random_image(rng, shape) -> np.ndarray:
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), pixels if pixels.ndim == 2 else pixels[..., ::-1])  # RGB -> file
+
+
+def test_middlebury_folder(tmp_path):
+    rng = np.random.default_rng(1)
+    cases = {"a_colour": random_image(rng, (2, 24, 32, 3)), "b_grey": random_image(rng, (2, 24, 32))}
+    for name, (left, right) in cases.items():
+        write_png(tmp_path / name / "im0.png", left)
+        write_png(tmp_path / name / "im1.png", right)
+    write_middlebury_calib(tmp_path / "a_colour" / "calib.txt", focal_px=100.0, cx0=15.5, cx1=19.5, cy=11.5,
+                           baseline_mm=120.0, width=32, height=24, ndisp=16)
+    write_middlebury_calib(tmp_path / "b_grey" / "calib.txt", focal_px=90.0, cx0=16.0, cx1=16.0, cy=12.0,
+                           baseline_mm=60.0, width=32, height=24, ndisp=16)
+    received = play(folder_frames(tmp_path), frames=2, rate_hz=20.0)
+    expected_p = {  # (left P, right P) from calib.txt by hand: P_right[0, 3] = -f * baseline_m
+        "a_colour": ([100, 0, 15.5, 0, 0, 100, 11.5, 0, 0, 0, 1, 0],
+                     [100, 0, 19.5, -12.0, 0, 100, 11.5, 0, 0, 0, 1, 0]),
+        "b_grey": ([90, 0, 16, 0, 0, 90, 12, 0, 0, 0, 1, 0], [90, 0, 16, -5.4, 0, 90, 12, 0, 0, 0, 1, 0]),
+    }
+    for index, (name, (left, right)) in enumerate(cases.items()):
+        for side, pixels, p in (("left", left, expected_p[name][0]), ("right", right, expected_p[name][1])):
+            image = received[f"{side}_image"][index][1]
+            assert image.encoding == ("rgb8" if pixels.ndim == 3 else "mono8")
+            assert (image.height, image.width, image.step) == (24, 32, 32 * (3 if pixels.ndim == 3 else 1))
+            assert bytes(image.data) == pixels.tobytes()
+            info = received[f"{side}_info"][index][1]
+            np.testing.assert_allclose(info.p, p, rtol=1e-12, atol=1e-12)
+            assert (info.width, info.height) == (32, 24)
+            assert info.header.stamp == image.header.stamp  # one fresh stamp for the whole frame
+        assert received["left_image"][index][1].header.stamp == received["right_image"][index][1].header.stamp
+
+
+@pytest.mark.parametrize("layout", ["kitti2015", "kitti2012"])
+def test_kitti_folder(tmp_path, layout):
+    rng = np.random.default_rng(2)
+    left, right = random_image(rng, (2, 20, 40, 3))
+    image_dirs, calib_dir, keys = {
+        "kitti2015": (("image_2", "image_3"), "calib_cam_to_cam", ("P_rect_02", "P_rect_03")),
+        "kitti2012": (("colored_0", "colored_1"), "calib", ("P2", "P3"))}[layout]
+    write_png(tmp_path / image_dirs[0] / "000007_10.png", left)
+    write_png(tmp_path / image_dirs[1] / "000007_10.png", right)
+    # KITTI projections are relative to camera 0 (values of a real KITTI 2015 calibration).
+    (tmp_path / calib_dir).mkdir()
+    (tmp_path / calib_dir / "000007.txt").write_text(
+        "calib_time: 09-Jan-2012 13:57:47\n"
+        f"{keys[0]}: 7.215377e+02 0.000000e+00 6.095593e+02 4.485728e+01 0.000000e+00 7.215377e+02 "
+        "1.728540e+02 2.163791e-01 0.000000e+00 0.000000e+00 1.000000e+00 2.745884e-03\n"
+        f"{keys[1]}: 7.215377e+02 0.000000e+00 6.095593e+02 -3.395242e+02 0.000000e+00 7.215377e+02 "
+        "1.728540e+02 2.199936e+00 0.000000e+00 0.000000e+00 1.000000e+00 2.729905e-03\n")
+    received = play(folder_frames(tmp_path), frames=1, rate_hz=20.0)
+    assert bytes(received["left_image"][0][1].data) == left.tobytes()
+    assert bytes(received["right_image"][0][1].data) == right.tobytes()
+    left_p = [721.5377, 0, 609.5593, 0, 0, 721.5377, 172.854, 0, 0, 0, 1, 0]
+    right_p = list(left_p)
+    right_p[3] = -(44.85728 + 339.5242)  # -fx * baseline, baseline = (P2[0,3] - P3[0,3]) / fx = 0.5327 m
+    np.testing.assert_allclose(received["left_info"][0][1].p, left_p, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(received["right_info"][0][1].p, right_p, rtol=1e-12, atol=1e-9)
+
+
+def test_yaml_calibration(tmp_path):
+    (tmp_path / "calib.yaml").write_text("fx: 50.0\ncy: 9.5\ncx_left: 20.0\ncx_right: 22.0\nbaseline_m: 0.1\n")
+    geometry = geometry_from_yaml(tmp_path / "calib.yaml")
+    assert (geometry.fx, geometry.fy, geometry.cx_left, geometry.cx_right, geometry.cy, geometry.baseline_m) == (
+        50.0, 50.0, 20.0, 22.0, 9.5, 0.1)
+    (tmp_path / "bad.yaml").write_text("fx: 50.0\ncy: 9.5\nbaseline: 0.1\n")
+    with pytest.raises(ValueError, match="missing.*cx_left.*unknown.*baseline"):
+        geometry_from_yaml(tmp_path / "bad.yaml")
+    rng = np.random.default_rng(3)
+    left, right = random_image(rng, (2, 20, 40, 3))
+    write_png(tmp_path / "pairs" / "x" / "im0.png", left)
+    write_png(tmp_path / "pairs" / "x" / "im1.png", right)
+    with pytest.raises(ValueError, match="no calib.txt"):
+        folder_frames(tmp_path / "pairs")
+    received = play(folder_frames(tmp_path / "pairs", geometry), frames=1, rate_hz=20.0)
+    np.testing.assert_allclose(received["right_info"][0][1].p, [50, 0, 22, -5, 0, 50, 9.5, 0, 0, 0, 1, 0])
+
+
+def write_bag(path: Path, period_ns: int) -> dict[str, list[bytes]]:
+    """Two stereo pairs `period_ns` apart (camera_info once per side), recorded under /cam/... topics."""
+    typestore = get_typestore(Stores.ROS2_KILTED)
+    types = typestore.types
+    rng = np.random.default_rng(4)
+    written: dict[str, list[bytes]] = {}
+
+    def header(stamp_ns: int):
+        return types["std_msgs/msg/Header"](stamp=types["builtin_interfaces/msg/Time"](
+            sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id="cam")
+
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        conns = {key: writer.add_connection(
+            f"/cam/{key}", f"sensor_msgs/msg/{'CameraInfo' if 'info' in key else 'Image'}", typestore=typestore)
+            for key in TOPIC_KEYS}
+
+        def write(key: str, msg, log_ns: int) -> None:
+            raw = bytes(typestore.serialize_cdr(msg, msg.__msgtype__))
+            writer.write(conns[key], log_ns, raw)
+            written.setdefault(key, []).append(raw)
+
+        roi = types["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
+        for key, tx in (("left_info", 0.0), ("right_info", -6.0)):
+            p = np.array([60, 0, 15, tx, 0, 60, 10, 0, 0, 0, 1, 0], dtype=np.float64)
+            write(key, types["sensor_msgs/msg/CameraInfo"](
+                header=header(5), height=20, width=30, distortion_model="plumb_bob", d=np.zeros(5),
+                k=p.reshape(3, 4)[:, :3].ravel(), r=np.eye(3).ravel(), p=p, binning_x=0, binning_y=0, roi=roi), 10)
+        for index in range(2):
+            stamp = 1_000_000_000 + index * period_ns
+            for offset, key in ((0, "right_image"), (1000, "left_image")):  # right recorded first
+                pixels = random_image(rng, (20, 30))
+                write(key, types["sensor_msgs/msg/Image"](header=header(stamp), height=20, width=30, encoding="mono8",
+                                                          is_bigendian=0, step=30, data=pixels.ravel()),
+                      stamp + offset)
+    return written
+
+
+def test_bag_source_recorded_timing_and_restamp(tmp_path):
+    period_ns = 400_000_000
+    written = write_bag(tmp_path / "bag", period_ns)
+    bag_topics = {key: f"/cam/{key}" for key in TOPIC_KEYS}
+    received = play(bag_frames(tmp_path / "bag", bag_topics), frames=2, recorded_timing=True)
+    for key in ("left_image", "right_image"):
+        assert [serialize_message(msg) for _, msg in received[key]] == written[key]  # byte for byte
+    for key in ("left_info", "right_info"):  # the latest camera_info goes with every pair
+        assert [serialize_message(msg) for _, msg in received[key]] == written[key] * 2
+    gap_s = received["left_image"][1][0] - received["left_image"][0][0]
+    assert 0.3 < gap_s < 0.6  # the recorded 0.4 s
+
+    before_ns = time.time_ns()
+    received = play(bag_frames(tmp_path / "bag", bag_topics), frames=3, loop=True, restamp=True, rate_hz=20.0)
+    stamps = [Time.from_msg(msg.header.stamp).nanoseconds for _, msg in received["left_image"]]
+    assert all(stamp > before_ns for stamp in stamps) and stamps == sorted(set(stamps))
+    assert [Time.from_msg(msg.header.stamp).nanoseconds for _, msg in received["right_info"]] == stamps
+    assert bytes(received["left_image"][2][1].data) == bytes(received["left_image"][0][1].data)  # looped
+
+    with pytest.raises(ValueError, match="no topic /left/image_rect"):
+        bag_frames(tmp_path / "bag", {**bag_topics, "left_image": "/left/image_rect"})
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_player_stops_cleanly_on_signal(tmp_path, signum):
+    rng = np.random.default_rng(5)
+    left, right = random_image(rng, (2, 24, 32, 3))
+    write_png(tmp_path / "case" / "im0.png", left)
+    write_png(tmp_path / "case" / "im1.png", right)
+    write_middlebury_calib(tmp_path / "case" / "calib.txt", 100.0, 15.5, 15.5, 11.5, 100.0, 32, 24, 16)
+    env = {**os.environ, "ROS_DOMAIN_ID": str(SIGNAL_TEST_DOMAIN_ID), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "stereo_kd_ros.player", "--source", str(tmp_path),
+                                "--loop", "--rate", "50"], env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in process.stderr:  # the player logs one line when it starts publishing
+            lines.append(line)
+            if "publishing folder" in line:
+                break
+        time.sleep(0.5)  # some frames out, then the signal lands at any point of the loop
+        process.send_signal(signum)
+        code = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = "".join(lines) + process.stderr.read()
+    assert code == 0, output
+    assert "Traceback" not in output
