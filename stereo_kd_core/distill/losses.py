@@ -1,0 +1,120 @@
+"""Distillation and ground-truth losses.
+
+Every loss returns a scalar tensor: the mean over the pixels (or voxels) it is defined on, or
+zero (connected to the graph) when none are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from stereo_kd_core.distill.adapters import resample_volume
+
+OUTPUT_WEIGHTS = (0.5, 0.7, 1.0)  # weights of the last three outputs (coarse -> final)
+GROUND_TRUTH_KINDS = ("smooth_l1", "log_l1")
+HINT_KINDS = ("mse", "smooth_l1")
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.expand_as(values)
+    count = mask.sum()
+    if count == 0:
+        return values.sum() * 0.0
+    return values[mask].sum() / count
+
+
+def cosine_feature_loss(student: torch.Tensor, teacher: torch.Tensor,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of 1 - cosine similarity over channels (dim 1), per pixel or voxel; two zero
+    vectors count as similar, one zero vector against a non-zero one as orthogonal.
+
+    student, teacher: (B, C, H, W) or (B, C, D, H, W); mask: broadcastable to (B, H, W) /
+    (B, D, H, W), True where the term counts.
+    """
+    teacher = teacher.to(student.dtype)
+    student_norm, teacher_norm = student.norm(dim=1), teacher.norm(dim=1)
+    similarity = (student * teacher).sum(dim=1) / (student_norm * teacher_norm).clamp_min(1e-12)
+    # two all-zero vectors (common after a ReLU) agree perfectly
+    both_zero = (student_norm == 0) & (teacher_norm == 0)
+    similarity = torch.where(both_zero, torch.ones_like(similarity), similarity)
+    return _masked_mean(1.0 - similarity, mask)
+
+
+def hint_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse",
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Element-wise hint loss (MSE or smooth L1) between adapted student and teacher tensors.
+
+    mask: broadcastable to the tensors (e.g. (B, 1, H, W)), True where the term counts.
+    """
+    teacher = teacher.to(student.dtype)
+    if kind == "mse":
+        values = (student - teacher) ** 2
+    elif kind == "smooth_l1":
+        values = F.smooth_l1_loss(student, teacher, reduction="none")
+    else:
+        raise ValueError(f"unknown hint loss {kind!r}; known: {', '.join(HINT_KINDS)}")
+    return _masked_mean(values, mask)
+
+
+def disparity_kl_loss(student_cost: torch.Tensor, teacher_cost: torch.Tensor,
+                      temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) between softmax distributions over disparity levels, times T^2.
+
+    student_cost: (B, D_s, H_s, W_s) logits; teacher_cost: (B, D_t, H_t, W_t) logits, resampled
+    trilinearly to the student's shape when they differ. mask: (B, H_s, W_s), True where the
+    term counts; pixels where the teacher's logits are not all finite never count.
+    """
+    teacher_cost = resample_volume(teacher_cost, tuple(student_cost.shape[1:])).float()
+    student_cost = student_cost.float()
+    finite = torch.isfinite(teacher_cost).all(dim=1)  # (B, H_s, W_s)
+    mask = finite if mask is None else mask & finite
+    teacher_cost = torch.where(torch.isfinite(teacher_cost), teacher_cost, torch.zeros_like(teacher_cost))
+    teacher_log_prob = F.log_softmax(teacher_cost / temperature, dim=1)
+    student_log_prob = F.log_softmax(student_cost / temperature, dim=1)
+    kl = (teacher_log_prob.exp() * (teacher_log_prob - student_log_prob)).sum(dim=1)  # (B, H, W)
+    return _masked_mean(kl, mask) * temperature**2
+
+
+def teacher_valid_mask(teacher_disparity: torch.Tensor, max_disparity: float) -> torch.Tensor:
+    """Pixels where the teacher's disparity can serve as a target: finite, in [0, max)."""
+    return torch.isfinite(teacher_disparity) & (teacher_disparity >= 0) & (teacher_disparity < max_disparity)
+
+
+def teacher_disparity_loss(student_disparity: torch.Tensor, teacher_disparity: torch.Tensor,
+                           max_disparity: float) -> torch.Tensor:
+    """Smooth L1 between student and teacher disparity (B, H, W) on teacher-valid pixels."""
+    valid = teacher_valid_mask(teacher_disparity, max_disparity)
+    target = torch.where(valid, teacher_disparity, torch.zeros_like(teacher_disparity))
+    values = F.smooth_l1_loss(student_disparity.float(), target.float(), reduction="none")
+    return _masked_mean(values, valid)
+
+
+def ground_truth_loss(disparities: Sequence[torch.Tensor], ground_truth: torch.Tensor,
+                      valid: torch.Tensor, kind: str = "smooth_l1",
+                      output_weights: Sequence[float] = OUTPUT_WEIGHTS) -> torch.Tensor:
+    """Weighted sum over the model's outputs of a loss to ground-truth disparity.
+
+    disparities: K tensors (B, H, W), coarse to final; output_weights are aligned to the last K
+    outputs (with K = 2 and the default weights: 0.7, 1.0). ground_truth: (B, H, W) pixels;
+    valid: (B, H, W) bool. kind: "smooth_l1" or "log_l1" (mean of log(1 + |error|)).
+    """
+    if kind not in GROUND_TRUTH_KINDS:
+        raise ValueError(f"unknown ground-truth loss {kind!r}; known: {', '.join(GROUND_TRUTH_KINDS)}")
+    if len(disparities) > len(output_weights):
+        raise ValueError(f"{len(disparities)} outputs but only {len(output_weights)} output weights")
+    weights = list(output_weights)[-len(disparities):]
+    valid = valid & torch.isfinite(ground_truth)
+    target = torch.where(valid, ground_truth, torch.zeros_like(ground_truth)).float()
+    total = disparities[0].new_zeros((), dtype=torch.float32)
+    for weight, disparity in zip(weights, disparities, strict=True):
+        if kind == "smooth_l1":
+            values = F.smooth_l1_loss(disparity.float(), target, reduction="none")
+        else:
+            values = torch.log1p((disparity.float() - target).abs())
+        total = total + weight * _masked_mean(values, valid)
+    return total

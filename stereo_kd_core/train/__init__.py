@@ -1,0 +1,6 @@
+"""Training: YAML recipes and the one trainer for supervised training and distillation."""
+
+from stereo_kd_core.train.recipe import RecipeError, load_recipe, validate_recipe
+from stereo_kd_core.train.trainer import NonFiniteLossError, Trainer, run_training
+
+__all__ = ["NonFiniteLossError", "RecipeError", "Trainer", "load_recipe", "run_training", "validate_recipe"]
