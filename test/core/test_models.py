@@ -1,0 +1,333 @@
+"""The stereo networks and their building blocks (CPU, tiny inputs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from stereo_kd_core.models import ARCHITECTURES, build_model, default_config
+from stereo_kd_core.models.blocks import (
+    FEATURE_STAGES,
+    concat_volume,
+    conv_layout,
+    convex_upsample,
+    distribution_confidence,
+    group_correlation_volume,
+    pad_to_multiple,
+    soft_argmin,
+)
+from stereo_kd_core.models.profile import count_flops, count_parameters
+
+HEIGHT, WIDTH = 37, 61  # odd on purpose: exercises padding and cropping
+MAX_DISPARITY = 32  # the smallest every architecture accepts (dsnet-fast: multiple of 32)
+OWN_ARCHITECTURES = ("acv-teacher", "dsnet", "dsnet-fast")  # psmnet has its own tests
+
+
+@pytest.fixture(scope="module", params=OWN_ARCHITECTURES)
+def model(request) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(default_config(request.param, MAX_DISPARITY))
+
+
+def stereo_pair(batch: int = 2, height: int = HEIGHT, width: int = WIDTH, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.rand(batch, 3, height, width, generator=generator)
+    right = torch.rand(batch, 3, height, width, generator=generator)
+    return left, right
+
+
+def padded(size: int, stride: int) -> int:
+    return -(-size // stride) * stride
+
+
+# ---------------------------------------------------------------- whole networks
+
+
+def test_training_outputs_every_contract_key_with_its_shape(model):
+    model.train()
+    left, right = stereo_pair()
+    outputs = model(left, right)
+
+    height, width = padded(HEIGHT, model.stride), padded(WIDTH, model.stride)
+    h, w = height // model.cost_stride, width // model.cost_stride
+    levels = MAX_DISPARITY // model.cost_stride
+    groups = model.config["groups"]
+    expected = {}
+    for stage in model.feature_stages:
+        expected[f"feat.{stage}.left"] = expected[f"feat.{stage}.right"] = None
+    correlation_channels = sum(model.config["layer_channels"][1:])
+    expected["feat.gwc.left"] = expected["feat.gwc.right"] = (2, correlation_channels, h, w)
+    expected["volume.gwc"] = (2, groups, levels, h, w)
+    expected["volume.attention"] = (2, 1, levels, h, w)
+    for index in range(model.num_outputs):
+        expected[f"cost.{index}"] = (2, levels, h, w)
+        expected[f"disp.{index}"] = (2, HEIGHT, WIDTH)
+    expected["disp"] = (2, HEIGHT, WIDTH)
+
+    assert set(outputs) == set(expected)
+    for key, shape in expected.items():
+        if shape is not None:
+            assert tuple(outputs[key].shape) == shape, key
+    for stage in model.feature_stages:
+        left_features = outputs[f"feat.{stage}.left"]
+        assert left_features.shape == outputs[f"feat.{stage}.right"].shape
+        assert left_features.shape[0] == 2 and left_features.shape[-1] * model.cost_stride >= width
+    assert torch.equal(outputs["disp"], outputs[f"disp.{model.num_outputs - 1}"])
+    # attention weights are a distribution over disparity
+    torch.testing.assert_close(outputs["volume.attention"].sum(2), torch.ones(2, 1, h, w))
+
+
+def test_eval_returns_disparity_and_confidence_in_range(model):
+    model.eval()
+    left, right = stereo_pair()
+    with torch.no_grad():
+        disparity, confidence = model(left, right)
+    for tensor in (disparity, confidence):
+        assert tensor.shape == (2, HEIGHT, WIDTH)
+        assert tensor.dtype == torch.float32
+        assert torch.isfinite(tensor).all()
+    assert disparity.min() >= 0 and disparity.max() <= MAX_DISPARITY
+    assert confidence.min() >= 0 and confidence.max() <= 1
+
+
+def test_eval_batch_equals_samples_run_one_by_one(model):
+    # Both views go through the backbone as one batch: a mix-up of the split would show here.
+    model.eval()
+    left, right = stereo_pair()
+    with torch.no_grad():
+        batch_disparity, batch_confidence = model(left, right)
+        for index in range(2):
+            disparity, confidence = model(left[index : index + 1], right[index : index + 1])
+            torch.testing.assert_close(disparity[0], batch_disparity[index], atol=0.02, rtol=1e-3)
+            torch.testing.assert_close(confidence[0], batch_confidence[index], atol=1e-3, rtol=1e-3)
+
+
+def test_eval_runs_only_the_final_cost_head(model):
+    model.eval()
+    calls = []
+    hooks = [
+        head.register_forward_hook(lambda module, inputs, output, index=index: calls.append(index))
+        for index, head in enumerate(model.aggregation.heads)
+    ]
+    try:
+        with torch.no_grad():
+            model(*stereo_pair(batch=1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == [model.num_outputs - 1]
+
+
+def test_contract_attributes():
+    expected = {  # arch: (cost_stride, num_outputs)
+        "acv-teacher": (4, 3),
+        "dsnet": (4, 3),
+        "dsnet-fast": (8, 2),
+    }
+    for arch, (cost_stride, num_outputs) in expected.items():
+        network = build_model(default_config(arch, 64))
+        assert network.max_disparity == 64
+        assert network.cost_stride == cost_stride
+        assert network.stride == 4 * cost_stride
+        assert network.num_outputs == num_outputs
+        assert network.feature_stages == FEATURE_STAGES
+
+
+def test_config_round_trip_rebuilds_the_same_model():
+    assert set(OWN_ARCHITECTURES) <= set(ARCHITECTURES)
+    for arch in OWN_ARCHITECTURES:
+        config = default_config(arch, 64)
+        assert config["arch"] == arch and config["max_disparity"] == 64
+        assert json.loads(json.dumps(config)) == config
+        network = build_model(config)
+        assert network.config == config
+        rebuilt = build_model(json.loads(json.dumps(network.config)))
+        original_state, rebuilt_state = network.state_dict(), rebuilt.state_dict()
+        assert original_state.keys() == rebuilt_state.keys()
+        assert all(original_state[k].shape == rebuilt_state[k].shape for k in original_state)
+        rebuilt.load_state_dict(original_state, strict=True)
+
+
+def test_config_changes_reach_the_model():
+    config = default_config("dsnet", 64) | {"aggregation_channels": 8, "groups": 20}
+    network = build_model(config)
+    assert network.config == config
+    outputs = network(*stereo_pair(batch=1))
+    assert outputs["volume.gwc"].shape[1] == 20
+    assert count_parameters(network) < count_parameters(build_model(default_config("dsnet", 64)))
+
+
+def test_unknown_architecture_and_bad_disparity_are_refused():
+    with pytest.raises(ValueError, match="acv-teacher.*dsnet.*dsnet-fast"):
+        build_model({"arch": "no-such-net"})
+    with pytest.raises(ValueError, match="known"):
+        default_config("no-such-net")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_model(default_config("dsnet", 40))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        build_model(default_config("dsnet-fast", 48))
+
+
+def test_parameter_counts():
+    students = count_parameters(build_model(default_config("dsnet")))
+    assert 1_500_000 <= students <= 2_000_000
+    teacher = count_parameters(build_model(default_config("acv-teacher")))
+    assert teacher > 3 * students
+
+
+def test_gradient_reaches_every_parameter():
+    torch.manual_seed(0)
+    network = build_model(default_config("dsnet", MAX_DISPARITY)).train()
+    outputs = network(*stereo_pair(batch=1, height=32, width=48))
+    loss = sum(outputs[f"disp.{i}"].mean() for i in range(network.num_outputs))
+    loss = loss + outputs["feat.stem.left"].mean() + outputs["volume.attention"].std()
+    loss.backward()
+    for name, parameter in network.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def test_group_correlation_volume_by_hand():
+    # C = 4 channels in G = 2 groups, one row of width 3, D = 3 levels.
+    left = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [2.0, 0.0, 1.0], [0.0, 4.0, 2.0]])
+    right = torch.tensor([[1.0, 0.0, 2.0], [3.0, 1.0, 1.0], [1.0, 1.0, 0.0], [2.0, 1.0, 3.0]])
+    volume = group_correlation_volume(left.view(1, 4, 1, 3), right.view(1, 4, 1, 3), 3, 2)
+    assert volume.shape == (1, 2, 3, 1, 3)
+    # group 0 = channels 0, 1; volume[g, d, x] = mean_c left[c, x] * right[c, x - d]
+    expected_group0 = [
+        [(1 * 1 + 1 * 3) / 2, (2 * 0 + 1 * 1) / 2, (3 * 2 + 1 * 1) / 2],  # d = 0
+        [0.0, (2 * 1 + 1 * 3) / 2, (3 * 0 + 1 * 1) / 2],  # d = 1: x = 0 has no match
+        [0.0, 0.0, (3 * 1 + 1 * 3) / 2],  # d = 2
+    ]
+    expected_group1 = [
+        [(2 * 1 + 0 * 2) / 2, (0 * 1 + 4 * 1) / 2, (1 * 0 + 2 * 3) / 2],
+        [0.0, (0 * 1 + 4 * 2) / 2, (1 * 1 + 2 * 1) / 2],
+        [0.0, 0.0, (1 * 1 + 2 * 2) / 2],
+    ]
+    torch.testing.assert_close(volume[0, 0, :, 0], torch.tensor(expected_group0))
+    torch.testing.assert_close(volume[0, 1, :, 0], torch.tensor(expected_group1))
+
+
+def test_group_correlation_peaks_at_the_true_shift():
+    generator = torch.Generator().manual_seed(0)
+    right = torch.randn(1, 2, 4, 5, 20, generator=generator)
+    # unit vectors per group: by Cauchy-Schwarz only the true match reaches the maximum
+    right = (right / right.norm(dim=2, keepdim=True)).view(1, 8, 5, 20)
+    shift = 3
+    left = torch.zeros_like(right)
+    left[..., shift:] = right[..., :-shift]  # left(x) = right(x - shift)
+    volume = group_correlation_volume(left, right, 6, 2)
+    assert (volume[..., shift:].argmax(dim=2) == shift).all()
+    assert (volume[:, :, 4, :, :4] == 0).all()  # x < d: out of the right image
+
+
+def test_group_correlation_volume_matches_its_definition_across_tiles():
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(2, 6, 3, 37, generator=generator)  # 37 columns: three 16-column tiles
+    right = torch.randn(2, 6, 3, 37, generator=generator)
+    levels, groups = 5, 3
+    volume = group_correlation_volume(left, right, levels, groups)
+    expected = torch.zeros(2, groups, levels, 3, 37)
+    for d in range(levels):
+        products = (left[..., d:] * right[..., : 37 - d]).view(2, groups, 2, 3, 37 - d)
+        expected[:, :, d, :, d:] = products.mean(2)
+    torch.testing.assert_close(volume, expected)
+
+
+def test_concat_volume_by_hand():
+    left = torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 1, 3)
+    right = torch.tensor([4.0, 5.0, 6.0]).view(1, 1, 1, 3)
+    volume = concat_volume(left, right, 2)
+    assert volume.shape == (1, 2, 2, 1, 3)
+    torch.testing.assert_close(volume[0, 0, :, 0], torch.tensor([[1.0, 2.0, 3.0], [0.0, 2.0, 3.0]]))
+    torch.testing.assert_close(volume[0, 1, :, 0], torch.tensor([[4.0, 5.0, 6.0], [0.0, 4.0, 5.0]]))
+
+
+def test_soft_argmin_of_a_one_hot_cost_is_its_level():
+    logits = torch.zeros(1, 6, 2, 3)
+    levels = torch.tensor([[0, 5, 2], [3, 1, 4]])
+    logits.scatter_(1, levels.view(1, 1, 2, 3), 100.0)
+    torch.testing.assert_close(soft_argmin(logits), levels.view(1, 2, 3).float())
+
+
+def test_soft_argmin_of_a_flat_cost_is_the_middle():
+    torch.testing.assert_close(soft_argmin(torch.zeros(1, 7, 1, 1)), torch.tensor([[[3.0]]]))
+
+
+def test_distribution_confidence():
+    sharp = torch.zeros(1, 5, 1, 1)
+    sharp[0, 2] = 100.0
+    flat = torch.zeros(1, 5, 1, 1)
+    confidence = distribution_confidence(torch.cat([sharp, flat], dim=3), torch.tensor([[[2.0, 2.0]]]))
+    # flat: levels 1, 2, 3 of 5 lie within +-1 of the expected level 2
+    torch.testing.assert_close(confidence, torch.tensor([[[1.0, 3 / 5]]]))
+
+
+def test_convex_upsampling_of_a_constant_is_the_constant_times_the_factor():
+    generator = torch.Generator().manual_seed(0)
+    for factor in (4, 8):
+        field = torch.full((2, 1, 3, 5), 2.5)
+        mask = 10 * torch.randn(2, 9 * factor * factor, 3, 5, generator=generator)
+        fine = convex_upsample(field, mask, factor)
+        assert fine.shape == (2, 1, 3 * factor, 5 * factor)
+        torch.testing.assert_close(fine, torch.full_like(fine, 2.5 * factor))
+
+
+def test_convex_upsampling_with_a_centre_mask_is_nearest_neighbour():
+    factor = 2
+    field = torch.arange(6.0).view(1, 1, 2, 3)
+    mask = torch.zeros(1, 9, factor, factor, 2, 3)
+    mask[:, 4] = 100.0  # all weight on the centre of the 3x3 neighbourhood
+    fine = convex_upsample(field, mask.view(1, -1, 2, 3), factor)
+    expected = factor * field.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    torch.testing.assert_close(fine, expected)
+
+
+def test_conv_layout_swaps_disparity_and_width_and_back():
+    volume = torch.rand(2, 3, 4, 5, 6)  # (B, C, D, h, w)
+    swapped = conv_layout(volume)
+    assert swapped.shape == (2, 3, 6, 5, 4)
+    assert swapped[1, 2, 5, 3, 1] == volume[1, 2, 1, 3, 5]
+    assert torch.equal(conv_layout(swapped), volume)
+
+
+def test_pad_to_multiple():
+    image = torch.rand(1, 3, 37, 61)
+    padded_image = pad_to_multiple(image, 16)
+    assert padded_image.shape == (1, 3, 48, 64)
+    assert torch.equal(padded_image[..., :37, :61], image)
+    assert torch.equal(padded_image[..., 40, 63], image[..., 36, 60])  # replicated corner
+    assert pad_to_multiple(padded_image, 16) is padded_image
+
+
+# ---------------------------------------------------------------- profile
+
+
+class _PointwiseStereo(nn.Module):
+    """One 1x1 conv on the left image: 3 -> 4 channels, no bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1, bias=False)
+
+    def forward(self, left, right):
+        return self.conv(left)
+
+
+def test_count_flops_counts_a_multiply_add_as_two():
+    network = _PointwiseStereo().train()
+    assert count_flops(network, height=8, width=10) == 2 * 3 * 4 * 8 * 10
+    assert network.training  # mode restored
+    assert count_parameters(network) == 12
+
+
+def test_count_flops_of_the_networks_orders_them():
+    flops = {arch: count_flops(build_model(default_config(arch, MAX_DISPARITY)), 64, 96) for arch in OWN_ARCHITECTURES}
+    assert flops["acv-teacher"] > flops["dsnet"] > flops["dsnet-fast"] > 0
