@@ -6,12 +6,11 @@
 from pathlib import Path
 
 from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
-
-from launch import LaunchDescription
 
 
 def _share_directory() -> Path:
@@ -37,13 +36,16 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("model", default_value="sgbm",
                               description="Estimator: sgbm, a shipped model name or a checkpoint path."),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N."),
+        DeclareLaunchArgument("input_scale", default_value="1.0",
+                              description="Resize factor (0.1..1) applied to both images before the estimator."),
         DeclareLaunchArgument("use_rviz", default_value="false",
                               description="Start RViz with the point cloud and disparity displays."),
         Node(
             package="stereo_kd_ros", executable="stereo_kd_node", name="stereo_kd_node",
             namespace=LaunchConfiguration("namespace"), output="screen",
             parameters=[LaunchConfiguration("params_file"),
-                        {"model": LaunchConfiguration("model"), "device": LaunchConfiguration("device")}],
+                        {"model": LaunchConfiguration("model"), "device": LaunchConfiguration("device"),
+                         "input_scale": LaunchConfiguration("input_scale")}],
             remappings=[
                 ("left/image_rect", PathJoinSubstitution([left, "image_rect"])),
                 ("left/camera_info", PathJoinSubstitution([left, "camera_info"])),

@@ -111,17 +111,28 @@ class StereoGeometry:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.float32(self.fx * self.baseline_m) / depth + np.float32(self.disparity_offset)
 
-    def points_from_disparity(self, disparity: np.ndarray) -> np.ndarray:
-        """float32 HxWx3 (x right, y down, z forward; metres; left optical frame), NaN invalid."""
-        depth = self.depth_from_disparity(disparity)
-        height, width = depth.shape
+    def points_from_disparity(self, disparity: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float32 HxWx3 (x right, y down, z forward; metres; left optical frame), NaN invalid.
+
+        `out`: a float32 (H, W, 3) array to write into, which may be a strided view (e.g. the
+        x, y, z fields of a point cloud buffer); returned.
+        """
+        d = np.asarray(disparity, dtype=np.float32)
+        height, width = d.shape
+        if out is None:
+            out = np.empty((height, width, 3), dtype=np.float32)
+        elif out.shape != (height, width, 3) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 {(height, width, 3)}, got {out.dtype} {out.shape}")
+        depth = out[..., 2]
+        shifted = d - np.float32(self.disparity_offset)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            np.divide(np.float32(self.fx * self.baseline_m), shifted, out=depth)
+        depth[~(shifted > 0)] = np.nan  # also catches NaN disparities
         u = (np.arange(width, dtype=np.float32) - np.float32(self.cx_left)) / np.float32(self.fx)
         v = (np.arange(height, dtype=np.float32) - np.float32(self.cy)) / np.float32(self.fy)
-        points = np.empty((height, width, 3), dtype=np.float32)
-        np.multiply(depth, u[None, :], out=points[..., 0])
-        np.multiply(depth, v[:, None], out=points[..., 1])
-        points[..., 2] = depth
-        return points
+        np.multiply(depth, u[None, :], out=out[..., 0])
+        np.multiply(depth, v[:, None], out=out[..., 1])
+        return out
 
     def scaled(self, scale_x: float, scale_y: float | None = None) -> StereoGeometry:
         """Geometry of the images resized by (scale_x, scale_y); pixel centres are kept aligned."""

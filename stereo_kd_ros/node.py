@@ -7,6 +7,7 @@ Published: disparity, points2, [depth], [confidence], /diagnostics.
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -40,6 +42,8 @@ from std_msgs.msg import Header
 from stereo_msgs.msg import DisparityImage
 
 from stereo_kd_core import StereoEstimator, StereoPrediction
+from stereo_kd_core.checkpoint import CheckpointError
+from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_ros import conversions
 from stereo_kd_ros.sync import subscribe_synchronized
@@ -50,6 +54,7 @@ STATS_WINDOW = 200        # frames kept for latency percentiles
 # Sub-pixel step reported in DisparityImage.delta_d, as stereo_image_proc does (SGBM's 4
 # fractional bits); network outputs are continuous and at least this fine.
 DISPARITY_STEP = 1.0 / 16.0
+MIN_IMAGE_SIZE = 2  # rows and columns every estimator needs
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
 
@@ -88,6 +93,10 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   read_only=False, value_range=(0.0, 10000.0, 0)),
     ParameterSpec("max_depth_m", 0.0, "Points farther than this are invalid in points2 and depth; 0 = no limit.",
                   read_only=False, value_range=(0.0, 10000.0, 0)),
+    ParameterSpec("input_scale", 1.0,
+                  "Both images are resized by this factor (area interpolation) before the estimator; "
+                  "disparity, points2, depth and confidence are published at the reduced size, with the "
+                  "camera geometry scaled to match.", read_only=False, value_range=(0.1, 1.0, 0)),
     ParameterSpec("diagnostics_period_s", 1.0, "Period of /diagnostics and of the one-line status log.",
                   value_range=(0.1, 60.0, 0)),
 )
@@ -139,6 +148,7 @@ class OutputSettings:
     max_depth_m: float
     use_color: bool
     dense_points: bool
+    input_scale: float
 
 
 class RejectedPairError(Exception):
@@ -152,10 +162,22 @@ class StereoPair:
     """A synchronized, validated pair ready for the estimator."""
 
     header: Header              # left stamp, left camera frame
-    left: np.ndarray            # (H, W) or (H, W, 3) RGB uint8/uint16, views of the messages
+    left: np.ndarray            # (H, W) or (H, W, 3) RGB uint8/uint16 (views of the messages where possible)
     right: np.ndarray
     geometry: StereoGeometry
     prepare_s: float = 0.0      # node time spent validating and decoding
+
+
+def scale_pair(left: np.ndarray, right: np.ndarray, geometry: StereoGeometry,
+               scale: float) -> tuple[np.ndarray, np.ndarray, StereoGeometry]:
+    """Both images resized by `scale` (area interpolation, at least 1 px) and the geometry of the
+    resized pair; the per-axis factors are those of the rounded sizes, so pixels stay consistent."""
+    height, width = left.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # (W', H')
+    if size == (width, height):
+        return left, right, geometry
+    resized = [cv2.resize(image, size, interpolation=cv2.INTER_AREA) for image in (left, right)]
+    return resized[0], resized[1], geometry.scaled(size[0] / width, size[1] / height)
 
 
 @dataclass
@@ -164,6 +186,7 @@ class PipelineStats:
 
     pairs: int = 0
     processed: int = 0
+    discarded: int = 0  # accepted pairs not finished because the node was stopping
     dropped: int = 0
     rejected: Counter = field(default_factory=Counter)
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
@@ -177,9 +200,14 @@ def _percentile(values: deque, q: float) -> float:
 
 
 class StereoNode(Node):
-    """The ROS glue around StereoEstimator; see the module docstring for topics."""
+    """The ROS glue around StereoEstimator; see the module docstring for topics.
 
-    def __init__(self, **node_options: Any):
+    estimator: a ready estimator to run instead of loading the `model` parameter's (embedding
+    the node in a larger program, benchmarks); `model`, `device`, `precision` and
+    `max_disparity` are then not used.
+    """
+
+    def __init__(self, estimator: StereoEstimator | None = None, **node_options: Any):
         super().__init__(NODE_NAME, **node_options)
         values = self._declare_parameters()
         validate_parameters(values)
@@ -187,9 +215,16 @@ class StereoNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
 
-        self.estimator = StereoEstimator.load(values["model"], device=values["device"],
-                                              precision=values["precision"],
-                                              max_disparity=values["max_disparity"])
+        self.estimator = estimator if estimator is not None else StereoEstimator.load(
+            values["model"], device=values["device"], precision=values["precision"],
+            max_disparity=values["max_disparity"])
+        # Reprojection runs where the estimator runs when that is a GPU (one copy back for all).
+        self._points_on_estimator = self.estimator.device.startswith("cuda")
+        # Output messages rewritten in place frame after frame (worker thread only).
+        self._disparity_msg = DisparityImage()
+        self._cloud_msg = PointCloud2()
+        self._depth_msg = Image()
+        self._confidence_msg = Image()
         self.stats = PipelineStats()
         self._last_warning: dict[str, float] = {}
         self._suppressed: Counter = Counter()
@@ -255,7 +290,7 @@ class StereoNode(Node):
         return OutputSettings(
             confidence_threshold=values["confidence_threshold"], min_depth_m=values["min_depth_m"],
             max_depth_m=values["max_depth_m"], use_color=values["use_color"],
-            dense_points=values["dense_points"],
+            dense_points=values["dense_points"], input_scale=values["input_scale"],
         )
 
     def _merged_values(self, changes: list[Parameter]) -> dict[str, Any]:
@@ -364,49 +399,93 @@ class StereoNode(Node):
                 pair, self._waiting = self._waiting, None
             try:
                 self.process(pair)
+            except RejectedPairError as rejection:
+                self._reject(rejection.reason, str(rejection))
             except Exception as error:  # a failing frame must not end the worker
+                if self._stopping or not self.context.ok():
+                    with self.stats.lock:
+                        self.stats.discarded += 1
+                    return  # shutting down: the frame in flight is dropped
                 self._reject("estimator_error", f"{type(error).__name__}: {error}")
 
     def process(self, pair: StereoPair) -> None:
+        """Estimator and outputs for one pair (worker thread)."""
         start = time.perf_counter()
-        prediction = self.estimator.predict(pair.left, pair.right)
+        settings = self.settings
+        left, right, geometry = scale_pair(pair.left, pair.right, pair.geometry, settings.input_scale)
+        height, width = left.shape[:2]
+        # OpenCV's SGBM fails, or crashes the process, on images no wider than its search range.
+        min_width = self.estimator.max_disparity + 1 if isinstance(self.estimator, SGBMEstimator) else 2
+        if height < MIN_IMAGE_SIZE or width < max(min_width, MIN_IMAGE_SIZE):
+            raise RejectedPairError(
+                "image_too_small",
+                f"{width}x{height} estimator input (input_scale {settings.input_scale:g}) is too small: "
+                f"'{self.estimator.name}' needs at least {max(min_width, MIN_IMAGE_SIZE)}x{MIN_IMAGE_SIZE}")
+        wants_points = (self.points_pub.get_subscription_count() > 0
+                        or (self.depth_pub is not None and self.depth_pub.get_subscription_count() > 0))
+        scaled = time.perf_counter()
+        prediction = self.estimator.predict(
+            left, right, geometry=geometry if wants_points and self._points_on_estimator else None)
         inferred = time.perf_counter()
-        self.publish_outputs(pair, prediction)
+        if self._stopping:
+            with self.stats.lock:
+                self.stats.discarded += 1
+            return
+        self.publish_outputs(pair.header, left, geometry, prediction, settings)
         done = time.perf_counter()
         latency_ns = self.get_clock().now().nanoseconds - conversions.stamp_to_ns(pair.header.stamp)
         with self.stats.lock:
             self.stats.processed += 1
             self.stats.latency_ms.append(latency_ns * 1e-6)
-            self.stats.inference_ms.append((inferred - start) * 1e3)
-            self.stats.overhead_ms.append((done - inferred + pair.prepare_s) * 1e3)
+            self.stats.inference_ms.append((inferred - scaled) * 1e3)
+            self.stats.overhead_ms.append((done - inferred + scaled - start + pair.prepare_s) * 1e3)
 
-    def publish_outputs(self, pair: StereoPair, prediction: StereoPrediction) -> None:
-        """Build and publish every output of one pair from the estimator's prediction."""
-        settings = self.settings
+    def publish_outputs(self, header: Header, left: np.ndarray, geometry: StereoGeometry,
+                        prediction: StereoPrediction, settings: OutputSettings) -> None:
+        """Build and publish every output somebody subscribes to, from the estimator's prediction
+        for the (possibly resized) pair whose left image is `left` and geometry `geometry`."""
         disparity = prediction.disparity  # (H, W) float32, NaN invalid
+        low_confidence = None
         if settings.confidence_threshold > 0:
-            disparity = np.where(prediction.confidence >= settings.confidence_threshold,
-                                 disparity, np.float32(np.nan))
+            low_confidence = ~(prediction.confidence >= settings.confidence_threshold)
+            disparity = np.where(low_confidence, np.float32(np.nan), disparity)
         estimator = self.estimator
-        self.disparity_pub.publish(conversions.disparity_image(
-            disparity, pair.header, pair.geometry, min_disparity=estimator.min_disparity,
-            max_disparity=estimator.min_disparity + estimator.max_disparity - 1,
-            delta_d=DISPARITY_STEP))
-        points = pair.geometry.points_from_disparity(disparity)  # (H, W, 3) metres
-        depth = points[..., 2]
-        if settings.min_depth_m > 0 or settings.max_depth_m > 0:
-            with np.errstate(invalid="ignore"):
-                out_of_range = depth < settings.min_depth_m
-                if settings.max_depth_m > 0:
-                    out_of_range |= depth > settings.max_depth_m
-            points[out_of_range] = np.nan
-        color = conversions.color_for_points(pair.left) if settings.use_color else None
-        self.points_pub.publish(conversions.point_cloud(points, pair.header, color,
-                                                        dense=settings.dense_points))
-        if self.depth_pub is not None:
-            self.depth_pub.publish(conversions.float_image(np.ascontiguousarray(depth), pair.header))
-        if self.confidence_pub is not None:
-            self.confidence_pub.publish(conversions.float_image(prediction.confidence, pair.header))
+        if self.disparity_pub.get_subscription_count():
+            self.disparity_pub.publish(conversions.disparity_image(
+                disparity, header, geometry, min_disparity=estimator.min_disparity,
+                max_disparity=estimator.min_disparity + estimator.max_disparity - 1,
+                delta_d=DISPARITY_STEP, msg=self._disparity_msg))
+
+        wants_cloud = self.points_pub.get_subscription_count() > 0
+        wants_depth = self.depth_pub is not None and self.depth_pub.get_subscription_count() > 0
+        if wants_cloud or wants_depth:
+            height, width = disparity.shape
+            with_color = settings.use_color and wants_cloud
+            cloud = conversions.organized_cloud(self._cloud_msg, header, height, width, with_color)
+            points = cloud[..., :3]  # (H, W, 3) metres, a view of the message data
+            if prediction.points is not None:
+                conversions.write_points(cloud, prediction.points)
+                if low_confidence is not None:
+                    points[low_confidence] = np.nan
+            else:
+                geometry.points_from_disparity(disparity, out=points)
+            depth = cloud[..., 2]
+            if settings.min_depth_m > 0 or settings.max_depth_m > 0:
+                with np.errstate(invalid="ignore"):
+                    out_of_range = depth < settings.min_depth_m
+                    if settings.max_depth_m > 0:
+                        out_of_range |= depth > settings.max_depth_m
+                points[out_of_range] = np.nan
+            if wants_cloud:
+                if with_color:
+                    conversions.write_packed_rgb(cloud, left)
+                self.points_pub.publish(conversions.dense_cloud(cloud, header) if settings.dense_points
+                                        else self._cloud_msg)
+            if wants_depth:
+                self.depth_pub.publish(conversions.float_image(depth, header, msg=self._depth_msg))
+        if self.confidence_pub is not None and self.confidence_pub.get_subscription_count():
+            self.confidence_pub.publish(conversions.float_image(prediction.confidence, header,
+                                                                msg=self._confidence_msg))
 
     # -- diagnostics -------------------------------------------------------------------------
 
@@ -426,12 +505,15 @@ class StereoNode(Node):
                 "processed": str(stats.processed),
                 "dropped": str(stats.dropped),
                 "rejected": str(sum(stats.rejected.values())),
+                "discarded_at_shutdown": str(stats.discarded),
             }
             values.update({f"rejected_{reason}": str(count) for reason, count in sorted(stats.rejected.items())})
+        values["received_left_images"], values["received_right_images"] = map(str, self.image_sync.received)
         evicted = self.image_sync.evicted
         if evicted is not None:
             values["unmatched_images"] = str(evicted)
-        values.update(model=self.estimator.name, device=self.estimator.device)
+        values.update(model=self.estimator.name, device=self.estimator.device,
+                      input_scale=f"{self.settings.input_scale:g}")
         return values
 
     def _report(self) -> None:
@@ -470,16 +552,27 @@ class StereoNode(Node):
         self._worker.join(timeout_s)
 
 
+CONFIGURATION_ERRORS = (ParameterError, InvalidParameterValueException, InvalidParameterTypeException,
+                        FileNotFoundError, CheckpointError, ValueError)
+
+
 def run(node_factory: Callable[[], Node], argv: list[str] | None = None) -> int:
-    """Spin one node until SIGINT/SIGTERM; 0 on a clean stop, 2 on a configuration error."""
+    """Spin one node until SIGINT/SIGTERM; 0 on a clean stop, 2 on a configuration error.
+
+    rclpy's signal handlers shut the context down, which ends the spin; a frame in flight is
+    dropped. Further signals are ignored while the node is torn down (bounded by close()'s
+    timeout) so that a second Ctrl-C cannot leave a traceback half way through.
+    """
     rclpy.init(args=argv)
     try:
         node = node_factory()
-    except (ParameterError, InvalidParameterValueException, InvalidParameterTypeException,
-            FileNotFoundError, ValueError) as error:
+    except CONFIGURATION_ERRORS as error:
         print(f"{NODE_NAME}: configuration error: {error}", file=sys.stderr)
         rclpy.try_shutdown()
         return 2
+    except KeyboardInterrupt:  # stopped while starting (e.g. loading a model)
+        rclpy.try_shutdown()
+        return 0
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     try:
@@ -487,6 +580,8 @@ def run(node_factory: Callable[[], Node], argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop_signal, signal.SIG_IGN)
         if hasattr(node, "close"):
             node.close()
         executor.shutdown()

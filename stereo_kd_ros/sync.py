@@ -98,10 +98,12 @@ class ApproximateTimeSynchronizer(ExactTimeSynchronizer):
 class SynchronizedSubscription:
     """Subscriptions to `topics` feeding one synchronizer (keeps both alive)."""
 
-    def __init__(self, subscriptions: list[Any], synchronizer: Any, uses_message_filters: bool):
+    def __init__(self, subscriptions: list[Any], synchronizer: Any, uses_message_filters: bool,
+                 received: list[int]):
         self.subscriptions = subscriptions
         self.synchronizer = synchronizer
         self.uses_message_filters = uses_message_filters
+        self.received = received  # messages taken per topic, matched or not
 
     @property
     def evicted(self) -> int | None:
@@ -118,29 +120,39 @@ def subscribe_synchronized(node: Node, msg_type: type, topics: Sequence[str], qo
 
     Exact stamps when `approximate_tolerance_s` is None, approximate otherwise.
     """
+    received = [0] * len(topics)
+
+    def count(index: int) -> None:
+        received[index] += 1  # one writer per topic: the executor thread
+
     if message_filters is not None and prefer_message_filters:
         subscribers = [
             message_filters.Subscriber(node, msg_type, topic, qos_profile=qos,
                                        qos_overriding_options=qos_overriding_options)
             for topic in topics
         ]
+        for index, subscriber in enumerate(subscribers):
+            subscriber.registerCallback(lambda msg, index=index: count(index))
         if approximate_tolerance_s is None:
             synchronizer = message_filters.TimeSynchronizer(subscribers, queue_size)
         else:
             synchronizer = message_filters.ApproximateTimeSynchronizer(
                 subscribers, queue_size, approximate_tolerance_s)
         synchronizer.registerCallback(callback)
-        return SynchronizedSubscription(subscribers, synchronizer, uses_message_filters=True)
+        return SynchronizedSubscription(subscribers, synchronizer, uses_message_filters=True, received=received)
 
     if approximate_tolerance_s is None:
         synchronizer = ExactTimeSynchronizer(len(topics), queue_size, callback)
     else:
         synchronizer = ApproximateTimeSynchronizer(len(topics), queue_size,
                                                    approximate_tolerance_s, callback)
+    def take(index: int, msg: Any) -> None:
+        count(index)
+        synchronizer.add(index, msg)
+
     subscriptions = [
-        node.create_subscription(msg_type, topic,
-                                 lambda msg, index=index: synchronizer.add(index, msg), qos,
+        node.create_subscription(msg_type, topic, lambda msg, index=index: take(index, msg), qos,
                                  qos_overriding_options=qos_overriding_options)
         for index, topic in enumerate(topics)
     ]
-    return SynchronizedSubscription(subscriptions, synchronizer, uses_message_filters=False)
+    return SynchronizedSubscription(subscriptions, synchronizer, uses_message_filters=False, received=received)

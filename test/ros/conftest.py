@@ -55,9 +55,9 @@ def wait_until(predicate, timeout_s: float = 10.0, period_s: float = 0.02) -> bo
 class StereoHarness:
     """The node under test plus a test node publishing its inputs and recording its outputs."""
 
-    def __init__(self, context, **parameters):
+    def __init__(self, context, estimator=None, **parameters):
         overrides = [Parameter(name, value=value) for name, value in parameters.items()]
-        self.node = StereoNode(context=context, parameter_overrides=overrides)
+        self.node = StereoNode(estimator, context=context, parameter_overrides=overrides)
         self.io = Node("stereo_kd_test_io", context=context)
         self.pubs = {topic: self.io.create_publisher(msg_type, topic, RELIABLE) for topic, msg_type in (
             ("left/image_rect", Image), ("right/image_rect", Image),

@@ -55,7 +55,7 @@ def test_launch_file_describes_node():
     description = module.generate_launch_description()
     arguments = {a.name for a in description.get_launch_arguments()}
     assert {"namespace", "left_namespace", "right_namespace", "params_file", "model", "device",
-            "use_rviz"} <= arguments
+            "input_scale", "use_rviz"} <= arguments
 
 
 def node_command(*ros_args: str) -> list[str]:

@@ -2,16 +2,26 @@
 
 import numpy as np
 import pytest
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, PointCloud2
 from std_msgs.msg import Header
 
+from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_ros.conversions import (
     ImageFormatError,
+    dense_cloud,
+    disparity_from_msg,
+    disparity_image,
+    float_image,
     image_to_numpy,
     image_to_rgb,
     numpy_to_image,
+    organized_cloud,
     pack_rgb,
+    point_cloud,
+    point_cloud_to_numpy,
     unpack_rgb,
+    write_packed_rgb,
+    write_points,
 )
 
 RNG = np.random.default_rng(3)
@@ -40,8 +50,9 @@ def test_colour_encodings_decode_to_rgb(encoding, pixels, padding):
     msg = padded(np.ascontiguousarray(pixels), encoding, padding)
     rgb = image_to_rgb(msg)
     np.testing.assert_array_equal(rgb, RGB)
-    # A view of the message buffer, not a copy.
-    assert np.shares_memory(rgb, np.frombuffer(msg.data, dtype=np.uint8))
+    # rgb8 is a view of the message buffer; reordered encodings one contiguous OpenCV copy.
+    assert np.shares_memory(rgb, np.frombuffer(msg.data, dtype=np.uint8)) == (encoding == "rgb8")
+    assert encoding == "rgb8" or rgb.flags.c_contiguous
 
 
 @pytest.mark.parametrize("encoding, dtype", [("mono8", np.uint8), ("8UC1", np.uint8), ("mono16", np.uint16)])
@@ -87,3 +98,61 @@ def test_packed_rgb_bits():
     packed = pack_rgb(np.array([[0x12, 0x34, 0x56]], dtype=np.uint8))
     assert packed.view(np.uint32)[0] == 0x00123456
     np.testing.assert_array_equal(unpack_rgb(pack_rgb(RGB)), RGB)
+
+
+def test_packed_rgb_from_grey_and_16_bit_images():
+    cloud = np.zeros((2, 3, 4), dtype=np.float32)
+    grey = np.array([[0, 1, 2], [250, 254, 255]], dtype=np.uint8)
+    write_packed_rgb(cloud, grey)
+    np.testing.assert_array_equal(cloud.view(np.uint32)[..., 3], grey.astype(np.uint32) * 0x010101)
+    write_packed_rgb(cloud, RGB[:2, :3].astype(np.uint16) << 8 | 0x7F)  # the high byte is the colour
+    np.testing.assert_array_equal(unpack_rgb(cloud[..., 3]), RGB[:2, :3])
+    assert not cloud[..., :3].any()  # x y z untouched
+
+
+def test_messages_passed_back_are_rewritten_in_place():
+    geometry = StereoGeometry.from_intrinsics(100.0, 3.0, 2.0, 0.1, cx_right=1.0)  # offset 2 px
+    first = np.array([[4.0, np.nan], [12.0, 7.0]], dtype=np.float32)
+    msg = disparity_image(first, Header(frame_id="a"), geometry, 0.0, 31.0, 1 / 16)
+    buffer = msg.image.data
+    second = np.array([[np.nan, 3.0], [5.0, np.nan]], dtype=np.float32)
+    again = disparity_image(second, Header(frame_id="b"), geometry, 0.0, 31.0, 1 / 16, msg=msg)
+    assert again is msg and msg.image.data is buffer and msg.header.frame_id == "b"
+    np.testing.assert_array_equal(disparity_from_msg(msg), second - 2.0)  # shifted by cx_l - cx_r
+    window = msg.valid_window
+    assert (window.x_offset, window.y_offset, window.width, window.height) == (0, 0, 2, 2)
+    # A different size gets a new buffer of the right length.
+    disparity_image(np.full((1, 3), 9.0, np.float32), Header(), geometry, 0.0, 31.0, 1 / 16, msg=msg)
+    assert (msg.image.height, msg.image.width, len(msg.image.data)) == (1, 3, 12)
+    np.testing.assert_array_equal(disparity_from_msg(msg), [[7.0, 7.0, 7.0]])
+
+    depth = float_image(first, Header())
+    depth_buffer = depth.data
+    float_image(second, Header(), msg=depth)
+    assert depth.data is depth_buffer
+    np.testing.assert_array_equal(np.frombuffer(depth.data, np.float32).reshape(2, 2), second)
+
+
+def test_organized_and_dense_clouds():
+    points = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
+    points[0, 1] = np.nan
+    colour = RGB[:2, :3]
+    msg = point_cloud(points, Header(frame_id="f"), colour)
+    cloud = point_cloud_to_numpy(msg)
+    assert (msg.height, msg.width, msg.point_step, msg.row_step, msg.is_dense) == (2, 3, 16, 48, False)
+    assert [(f.name, f.offset) for f in msg.fields] == [("x", 0), ("y", 4), ("z", 8), ("rgb", 12)]
+    np.testing.assert_array_equal(cloud[..., :3], points)
+    np.testing.assert_array_equal(unpack_rgb(cloud[..., 3]), colour)
+
+    reused = PointCloud2()
+    view = organized_cloud(reused, Header(), 2, 3, with_color=False)
+    buffer = reused.data
+    write_points(view, points)
+    assert organized_cloud(reused, Header(), 2, 3, with_color=False) is not None and reused.data is buffer
+    np.testing.assert_array_equal(point_cloud_to_numpy(reused), points)
+    assert [f.name for f in reused.fields] == ["x", "y", "z"] and reused.point_step == 12
+
+    dense = dense_cloud(cloud, Header())
+    kept = point_cloud_to_numpy(dense)[0]
+    assert (dense.height, dense.width, dense.is_dense) == (1, 5, True)
+    np.testing.assert_array_equal(kept[:, :3], np.delete(points.reshape(-1, 3), 1, axis=0))

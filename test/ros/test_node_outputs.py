@@ -4,10 +4,11 @@ against truth, point cloud against the pinhole model, optional depth/confidence 
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import wait_until
+from conftest import StereoHarness, wait_until
 from rclpy.parameter import Parameter
 from stereo_scene import make_scene
 
+from stereo_kd_core import StereoEstimator
 from stereo_kd_ros.conversions import disparity_from_msg, point_cloud_to_numpy, unpack_rgb
 
 ROS_DOMAIN_ID = 141
@@ -121,3 +122,91 @@ def test_runtime_thresholds_and_dense_mode(make_harness, scene):
     read_only = harness.node.set_parameters([Parameter("model", value="dsnet")])
     assert not read_only[0].successful
     assert harness.node.settings.min_depth_m == 0.0 and harness.node.settings.confidence_threshold == 0.0
+
+
+def test_input_scale_halves_outputs_and_keeps_metric_geometry(make_harness):
+    # Plane at f B / 12 = 0.833 m and box at f B / 24 = 0.417 m at full size.
+    scene = make_scene(width=192, height=128, plane_disparity=12, box_disparity=24, max_disparity=48)
+    medians = {}
+    for scale in (1.0, 0.5):
+        harness = make_harness(input_scale=scale, max_disparity=48)
+        disparity_msg, cloud_msg = run_one_pair(harness, scene)
+        height, width = round(128 * scale), round(192 * scale)
+        assert (disparity_msg.image.height, disparity_msg.image.width) == (height, width)
+        assert (cloud_msg.height, cloud_msg.width) == (height, width)
+        # Focal length scales with the image, the baseline does not: Z = f T / d stays metric.
+        assert disparity_msg.f == pytest.approx(scene.focal_px * scale)
+        assert disparity_msg.t == pytest.approx(scene.baseline_m)
+        cloud = point_cloud_to_numpy(cloud_msg)
+        disparity = disparity_from_msg(disparity_msg)
+        valid = disparity > 0  # 0 = a point at infinity: NaN in the cloud
+        np.testing.assert_allclose(cloud[..., 2][valid], disparity_msg.f * disparity_msg.t / disparity[valid],
+                                   rtol=1e-5)
+        # The truth mask at the published resolution (nearest pixel of the full-size scene).
+        rows = np.minimum((np.arange(height) + 0.5) / scale, 127).astype(int)
+        cols = np.minimum((np.arange(width) + 0.5) / scale, 191).astype(int)
+        truth = scene.disparity[np.ix_(rows, cols)]
+        comparable = scene.comparable[np.ix_(rows, cols)]
+        medians[scale] = {surface: float(np.nanmedian(cloud[..., 2][comparable & (truth == d)]))
+                          for surface, d in (("plane", 12), ("box", 24))}
+        # x follows the pinhole model of the scaled camera: u' = (u + 0.5) s - 0.5.
+        cx = (scene.cx_left + 0.5) * scale - 0.5
+        u = np.arange(width)[None, :].repeat(height, axis=0)
+        np.testing.assert_allclose(cloud[..., 0][valid], ((u - cx) * cloud[..., 2] / disparity_msg.f)[valid],
+                                   rtol=1e-4, atol=1e-6)
+        harness.close()
+    for surface, depth_m in (("plane", 10.0 / 12), ("box", 10.0 / 24)):
+        assert medians[1.0][surface] == pytest.approx(depth_m, rel=0.01)
+        assert medians[0.5][surface] == pytest.approx(depth_m, rel=0.03), surface
+
+
+def test_input_scale_is_validated_and_changeable_at_run_time(make_harness, scene):
+    harness = make_harness()
+    refused = harness.node.set_parameters([Parameter("input_scale", value=1.5)])
+    assert not refused[0].successful and "Min: 0.1" in refused[0].reason and "Max: 1.0" in refused[0].reason
+    assert harness.node.set_parameters([Parameter("input_scale", value=0.5)])[0].successful
+    disparity_msg, _ = run_one_pair(harness, scene)
+    assert (disparity_msg.image.height, disparity_msg.image.width) == (48, 64)
+    assert harness.diagnostics()["input_scale"] == "0.5"
+
+
+class DevicePointsEstimator(StereoEstimator):
+    """SGBM that, like the CUDA network path, also returns the points when given the geometry
+    (here marked: x = 7 m), so that the test sees which points the node publishes."""
+
+    def __init__(self):
+        self.sgbm = StereoEstimator.load("sgbm", max_disparity=32)
+        self.name, self.device, self.precision = "sgbm-points", "cuda", "fp32"
+        self.max_disparity, self.min_disparity = 32, 0.0
+        self.geometries = []
+
+    def predict(self, left, right, geometry=None):
+        prediction = self.sgbm.predict(left, right)
+        self.geometries.append(geometry)
+        if geometry is not None:
+            prediction.points = geometry.points_from_disparity(prediction.disparity)
+            prediction.points[..., 0] = np.where(np.isfinite(prediction.points[..., 2]), 7.0, np.nan)
+            prediction.confidence[:, : prediction.confidence.shape[1] // 2] = 0.25  # left half less sure
+        return prediction
+
+
+def test_points_computed_by_the_estimator_are_published_with_thresholds_applied(ros_context, scene):
+    estimator = DevicePointsEstimator()
+    harness = StereoHarness(ros_context, estimator=estimator, max_disparity=32, diagnostics_period_s=0.2)
+    try:
+        assert all(r.successful for r in harness.node.set_parameters([
+            Parameter("confidence_threshold", value=0.5), Parameter("max_depth_m", value=1.0)]))
+        disparity_msg, cloud_msg = run_one_pair(harness, scene)
+        assert estimator.geometries[-1].fx == pytest.approx(scene.focal_px)  # the geometry was handed over
+        cloud = point_cloud_to_numpy(cloud_msg)
+        half = scene.left.shape[1] // 2
+        assert np.all(np.isnan(cloud[:, :half, :3]))  # confidence 0.25 < 0.5: invalid everywhere
+        assert np.all(np.isnan(disparity_from_msg(disparity_msg)[:, :half]))
+        kept = np.isfinite(cloud[..., 2])
+        assert kept.any() and np.all(cloud[..., 0][kept] == 7.0)  # the estimator's points, not recomputed
+        assert np.all(cloud[..., 2][kept] <= 1.0)  # max_depth_m applied: only the box (0.714 m) is left
+        box = scene.comparable & (scene.disparity == 16)
+        box[:, :half] = False
+        assert kept[box].mean() > 0.9
+    finally:
+        harness.close()

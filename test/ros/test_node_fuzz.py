@@ -1,0 +1,192 @@
+"""Fuzzing the node's input path over real DDS: random image layouts, camera_info contents,
+frames and stamps. The node never dies, every rejection is counted under the reason an
+independent rule predicts, and a valid pair after each case is processed correctly."""
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from conftest import StereoHarness, wait_until
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header
+from stereo_scene import make_scene
+
+from stereo_kd_ros.conversions import disparity_from_msg
+
+ROS_DOMAIN_ID = 146
+MAX_DISPARITY = 16
+BYTES_PER_PIXEL = {"mono8": 1, "8UC1": 1, "mono16": 2, "16UC1": 2, "rgb8": 3, "bgr8": 3, "8UC3": 3,
+                   "rgba8": 4, "bgra8": 4}
+MAX_DATA_BYTES = 1 << 21  # keeps each case fast
+
+encodings = st.one_of(st.sampled_from(sorted(BYTES_PER_PIXEL) + ["32FC1", "yuv422", "bayer_rggb8", "RGB8", ""]),
+                      st.text(max_size=12))
+
+
+@st.composite
+def image_cases(draw):
+    """Random image layout for both sides: (fields, expected reason or None for a valid pair)."""
+    encoding = draw(encodings)
+    width = draw(st.one_of(st.just(0), st.integers(1, 2000)))
+    height = draw(st.one_of(st.just(0), st.integers(1, 300)))
+    bpp = BYTES_PER_PIXEL.get(encoding, 1)
+    step = max(0, width * bpp + draw(st.sampled_from([0, 0, 0, 1, 3, -1, -width * bpp])))
+    if step * height > MAX_DATA_BYTES:
+        height = MAX_DATA_BYTES // max(step, 1)
+    length = max(0, step * height + draw(st.sampled_from([0, 0, 0, -1, 1, -step])))
+    fields = dict(encoding=encoding, width=width, height=height, step=step, length=length,
+                  is_bigendian=draw(st.sampled_from([0, 1, 255])))
+    if encoding not in BYTES_PER_PIXEL:
+        return fields, "unsupported_encoding"
+    if width == 0 or height == 0:
+        return fields, "empty_image"
+    if step < width * bpp:
+        return fields, "step_too_small"
+    if length != step * height:
+        return fields, "data_length"
+    if width <= MAX_DISPARITY or height < 2:
+        return fields, "image_too_small"
+    return fields, None
+
+
+bad_numbers = st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, -1.0])
+
+
+@st.composite
+def camera_info_cases(draw):
+    """(side, matrix, index, value, expected reason or None)."""
+    side = draw(st.sampled_from(["left", "right"]))
+    matrix = draw(st.sampled_from(["k", "p"]))
+    index = draw(st.integers(0, 8 if matrix == "k" else 11))
+    value = draw(bad_numbers)
+    if matrix == "k":
+        return side, matrix, index, value, None  # K is not used by a rectified pipeline
+    finite = np.isfinite(value)
+    if not finite or (index in (0, 5) and value <= 0):
+        return side, matrix, index, value, "bad_camera_info"
+    if side == "right" and index == 3 and value >= 0:  # baseline -P[3]/P[0] must be > 0
+        return side, matrix, index, value, "bad_camera_info"
+    return side, matrix, index, value, None
+
+
+cases = st.one_of(
+    st.tuples(st.just("image"), image_cases()),
+    st.tuples(st.just("camera_info"), camera_info_cases()),
+    st.tuples(st.just("frame"), st.sampled_from(["left", "right"])),
+    st.tuples(st.just("stamp"), st.tuples(st.integers(0, 9), st.integers(0, 2**32 - 1))),
+    st.tuples(st.just("size"), st.integers(1, 40)),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_rig(ros_context):
+    harness = StereoHarness(ros_context, max_disparity=MAX_DISPARITY, diagnostics_period_s=0.2)
+    rig = {"harness": harness, "scene": make_scene(width=64, height=48, plane_disparity=4, box_disparity=8,
+                                                      max_disparity=MAX_DISPARITY),
+           "next_sec": 10, "expected": {}}
+    yield rig
+    harness.close()
+
+
+def image_from(fields: dict, stamp: Time, frame: str, seed: int) -> Image:
+    msg = Image(header=Header(stamp=stamp, frame_id=frame), height=fields["height"], width=fields["width"],
+                encoding=fields["encoding"], is_bigendian=fields["is_bigendian"], step=fields["step"])
+    msg.data = np.random.default_rng(seed).integers(0, 256, fields["length"], dtype=np.uint8).tobytes()
+    return msg
+
+
+def send_case(rig, kind: str, case) -> str | None:
+    """Publish one fuzzed pair; the reason it must be rejected for (None: it must be processed)."""
+    harness, scene = rig["harness"], rig["scene"]
+    rig["next_sec"] += 1
+    stamp = Time(sec=rig["next_sec"])
+    left, right = scene.images(stamp)
+    left_info, right_info = scene.camera_infos(stamp)
+    expected = None
+    if kind == "image":
+        fields, expected = case
+        left = image_from(fields, stamp, "left_optical", 1)
+        right = image_from(fields, stamp, "right_optical", 2)
+        left_info.width = left_info.height = right_info.width = right_info.height = 0  # size unknown
+    elif kind == "camera_info":
+        side, matrix, index, value, expected = case
+        info = left_info if side == "left" else right_info
+        getattr(info, matrix)[index] = value
+    elif kind == "frame":
+        (left if case == "left" else right).header.frame_id = "elsewhere"
+        expected = "frame_mismatch"
+    elif kind == "stamp":  # older than every accepted pair
+        sec, nanosec = case
+        left.header.stamp = right.header.stamp = Time(sec=sec, nanosec=nanosec)
+        expected = "stamp_out_of_order"
+    elif kind == "size":
+        right.width -= case
+        right.step = right.width
+        right.data = bytes(right.step * right.height)
+        expected = "size_mismatch"
+    harness.send_infos(left_info, right_info)
+    harness.send_images(left, right)
+    return expected
+
+
+def image_fields(encoding="mono8", width=64, height=48, step=64, length=64 * 48, is_bigendian=0) -> dict:
+    return dict(encoding=encoding, width=width, height=height, step=step, length=length, is_bigendian=is_bigendian)
+
+
+NAN = float("nan")
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=cases)
+# Every class at least once, whatever the random draw covers.
+@example(case=("image", (image_fields(length=64 * 48 - 1), "data_length")))
+@example(case=("image", (image_fields(length=0), "data_length")))
+@example(case=("image", (image_fields(encoding="bgra8", width=16, step=64, length=64 * 48), "image_too_small")))
+@example(case=("image", (image_fields(height=1, length=64), "image_too_small")))
+@example(case=("image", (image_fields(encoding="mono16", step=131, length=131 * 48, is_bigendian=1), None)))
+@example(case=("image", (image_fields(encoding="rgb8", width=1500, height=400, step=4500, length=4500 * 400),
+                         None)))
+@example(case=("camera_info", ("left", "k", 0, NAN, None)))
+@example(case=("camera_info", ("right", "p", 3, 0.0, "bad_camera_info")))  # zero baseline
+@example(case=("camera_info", ("left", "p", 2, float("inf"), "bad_camera_info")))
+@example(case=("camera_info", ("right", "p", 5, 0.0, "bad_camera_info")))
+def test_fuzzed_inputs_are_rejected_for_the_predicted_reason_and_the_node_keeps_working(fuzz_rig, case):
+    harness, scene = fuzz_rig["harness"], fuzz_rig["scene"]
+    stats = harness.node.stats
+    with stats.lock:
+        pairs, processed, rejected = stats.pairs, stats.processed, dict(stats.rejected)
+    expected = send_case(fuzz_rig, *case)
+    assert wait_until(lambda: stats.pairs == pairs + 1, timeout_s=10), f"pair never synchronized: {case}"
+    if expected is None:
+        assert wait_until(lambda: stats.processed == processed + 1, timeout_s=10), case
+    else:
+        assert wait_until(lambda: stats.rejected[expected] == rejected.get(expected, 0) + 1, timeout_s=10), \
+            (case, dict(stats.rejected))
+        fuzz_rig["expected"][expected] = fuzz_rig["expected"].get(expected, 0) + 1
+    assert sum(stats.rejected.values()) == sum(rejected.values()) + (expected is not None)
+
+    # A valid pair right after is processed, and correctly.
+    fuzz_rig["next_sec"] += 1
+    stamp = Time(sec=fuzz_rig["next_sec"])
+    harness.send_infos(*scene.camera_infos(stamp))
+    harness.send_images(*scene.images(stamp))
+    assert wait_until(lambda: harness.count("disparity") and harness.last("disparity").header.stamp == stamp,
+                      timeout_s=10), f"no output after {case}"
+    disparity = disparity_from_msg(harness.last("disparity"))
+    comparable = scene.comparable & np.isfinite(disparity)
+    assert comparable.sum() > 0.5 * scene.comparable.sum()
+    assert np.median(np.abs(disparity - scene.disparity)[comparable]) <= 0.25
+
+
+def test_diagnostics_count_every_fuzzed_rejection_by_reason(fuzz_rig):
+    """Runs after the fuzz test in this module: /diagnostics agrees with the predicted tally."""
+    expected = fuzz_rig["expected"]
+    if not expected:
+        pytest.skip("the fuzz test did not run")
+    values = fuzz_rig["harness"].diagnostics()
+    for reason, count in expected.items():
+        assert values[f"rejected_{reason}"] == str(count), reason
+    assert values["rejected"] == str(sum(expected.values()))
+    assert fuzz_rig["harness"].node.stats.rejected.get("estimator_error", 0) == 0

@@ -1,0 +1,109 @@
+"""Real processes: SIGINT/SIGTERM while a frame is in flight end the node cleanly (exit 0, no
+traceback, the frame dropped); configuration errors at start-up exit with code 2 and a message
+naming the problem. (The player's clean stop is tested in test_player_sources.py.)"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from conftest import RELIABLE, REPO_ROOT, wait_until
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import Header
+from stereo_msgs.msg import DisparityImage
+
+from stereo_kd_ros.conversions import numpy_to_image
+
+ROS_DOMAIN_ID = 147
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "ROS_DOMAIN_ID": str(ROS_DOMAIN_ID), "PYTHONPATH": str(REPO_ROOT),
+            "OMP_NUM_THREADS": "1"}
+
+
+def node_command(*parameters: str) -> list[str]:
+    command = [sys.executable, "-m", "stereo_kd_ros", "--ros-args"]
+    for parameter in parameters:
+        command += ["-p", parameter]
+    return command
+
+
+class Watcher:
+    """Test-side node: publishes inputs, records the node's disparity and diagnostics."""
+
+    def __init__(self, context):
+        self.node = Node("lifecycle_test_io", context=context)
+        self.outputs, self.diagnostics = [], {}
+        self.node.create_subscription(DisparityImage, "disparity", self.outputs.append, RELIABLE)
+        self.node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, 10)
+        self.pubs = {topic: self.node.create_publisher(msg_type, topic, RELIABLE) for topic, msg_type in (
+            ("left/image_rect", Image), ("right/image_rect", Image),
+            ("left/camera_info", CameraInfo), ("right/camera_info", CameraInfo))}
+        self.executor = SingleThreadedExecutor(context=context)
+        self.executor.add_node(self.node)
+        threading.Thread(target=self.executor.spin, daemon=True).start()
+
+    def _on_diagnostics(self, msg) -> None:
+        self.diagnostics = {kv.key: kv.value for kv in msg.status[0].values}
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_a_frame_is_in_flight_exits_cleanly(ros_context, stop_signal):
+    # 1280x960 with a 256 px search range keeps SGBM busy for about 1 s: long enough to signal mid-frame.
+    process = subprocess.Popen(node_command("max_disparity:=256", "use_system_default_qos:=true",
+                                            "diagnostics_period_s:=0.1"),
+                               env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = Watcher(ros_context)
+    try:
+        assert wait_until(lambda: all(p.get_subscription_count() for p in watcher.pubs.values())
+                          and watcher.diagnostics, timeout_s=30), "node did not start"
+        width, height, focal_px = 1280, 960, 1000.0
+        texture = np.random.default_rng(0).integers(0, 256, size=(height, width), dtype=np.uint8)
+        for attempt in range(1, 11):  # camera_info and images travel separately: retry until paired
+            stamp = Time(sec=attempt)
+            for side, tx in (("left", 0.0), ("right", -focal_px * 0.1)):
+                info = CameraInfo(header=Header(stamp=stamp, frame_id=side), width=width, height=height)
+                info.p = [focal_px, 0.0, width / 2, tx, 0.0, focal_px, height / 2, 0.0, 0.0, 0.0, 1.0, 0.0]
+                watcher.pubs[f"{side}/camera_info"].publish(info)
+            wait_until(lambda: False, timeout_s=0.3)
+            for side in ("left", "right"):
+                watcher.pubs[f"{side}/image_rect"].publish(
+                    numpy_to_image(texture, "mono8", Header(stamp=stamp, frame_id=side)))
+            assert wait_until(lambda n=attempt: watcher.diagnostics.get("pairs") == str(n), timeout_s=10)
+            if watcher.diagnostics["rejected"] == str(attempt - 1):
+                break  # accepted: the worker is on it
+        assert watcher.diagnostics["processed"] == "0"
+        process.send_signal(stop_signal)  # the estimator is mid-frame
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        watcher.close()
+    assert process.returncode == 0, output
+    assert "Traceback" not in output and "Exception" not in output, output
+    assert not watcher.outputs  # the frame in flight was dropped, not published half way
+
+
+@pytest.mark.parametrize("parameter, expected", [
+    ("model:=no_such_model", ["unknown model 'no_such_model'", "Known models:", "sgbm"]),
+    ("model:=/nonexistent/student.pt", ["/nonexistent/student.pt"]),
+    ("input_scale:=0.05", ["input_scale", "Min: 0.1", "Max: 1.0"]),
+])
+def test_configuration_errors_exit_2_with_a_clear_message(parameter, expected):
+    result = subprocess.run(node_command(parameter), env=env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in result.stderr, (text, result.stderr)
