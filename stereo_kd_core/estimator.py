@@ -66,6 +66,7 @@ class StereoEstimator:
     precision: str
     max_disparity: int
     min_disparity: float = 0.0
+    min_input_width: int = 2  # narrower pairs are refused with a ValueError
 
     @classmethod
     def load(cls, model: str = "sgbm", device: str = "auto", precision: str = "fp32",
@@ -119,6 +120,8 @@ class SGBMEstimator(StereoEstimator):
         self.max_disparity = int(max_disparity)
         self.min_disparity = 0.0
         num_disparities = ((self.max_disparity + 15) // 16) * 16
+        # OpenCV's SGBM needs columns beyond the search range (narrower images crash or throw).
+        self.min_input_width = num_disparities + 1
         channels = 3
         self._matcher = cv2.StereoSGBM_create(
             minDisparity=0, numDisparities=num_disparities, blockSize=block_size,
@@ -129,6 +132,9 @@ class SGBMEstimator(StereoEstimator):
 
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
         left, right = _check_pair(left, right)
+        if left.shape[1] < self.min_input_width:
+            raise ValueError(f"image is {left.shape[1]} px wide: sgbm with max_disparity {self.max_disparity} "
+                             f"needs at least {self.min_input_width} columns")
         if left.dtype == np.uint16:
             left, right = (left >> 8).astype(np.uint8), (right >> 8).astype(np.uint8)
         fixed_point = self._matcher.compute(np.ascontiguousarray(left), np.ascontiguousarray(right))

@@ -80,7 +80,7 @@ class _OutputBuilder:
 
     def points(self, disparity: np.ndarray, left_rgb: np.ndarray, header: Any, geometry: StereoGeometry) -> bytes:
         points = geometry.points_from_disparity(disparity)  # (H, W, 3) metres
-        color = payloads.color_for_points(left_rgb) if self.use_color else None
+        color = left_rgb if self.use_color else None
         payload = payloads.point_cloud_payload(points, color)
         fields = [self.field_type(name=name, offset=4 * i, datatype=payloads.FLOAT32, count=1)
                   for i, name in enumerate(payload.field_names)]

@@ -43,7 +43,6 @@ from stereo_msgs.msg import DisparityImage
 
 from stereo_kd_core import StereoEstimator, StereoPrediction
 from stereo_kd_core.checkpoint import CheckpointError
-from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_ros import conversions
 from stereo_kd_ros.sync import subscribe_synchronized
@@ -415,7 +414,7 @@ class StereoNode(Node):
         left, right, geometry = scale_pair(pair.left, pair.right, pair.geometry, settings.input_scale)
         height, width = left.shape[:2]
         # OpenCV's SGBM fails, or crashes the process, on images no wider than its search range.
-        min_width = self.estimator.max_disparity + 1 if isinstance(self.estimator, SGBMEstimator) else 2
+        min_width = getattr(self.estimator, "min_input_width", 2)
         if height < MIN_IMAGE_SIZE or width < max(min_width, MIN_IMAGE_SIZE):
             raise RejectedPairError(
                 "image_too_small",

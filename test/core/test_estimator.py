@@ -54,3 +54,13 @@ def test_unknown_model_lists_known_names_and_missing_path_is_named(tmp_path):
         StereoEstimator.load(str(missing))
     with pytest.raises(ValueError, match="precision"):
         StereoEstimator.load("sgbm", precision="int3")
+
+
+def test_sgbm_refuses_images_narrower_than_its_search_range():
+    est = StereoEstimator.load("sgbm", max_disparity=16)
+    assert est.min_input_width == 17
+    narrow = np.zeros((20, 15, 3), np.uint8)  # OpenCV itself would crash on this
+    with pytest.raises(ValueError, match="needs at least 17 columns"):
+        est.predict(narrow, narrow)
+    ok = np.random.default_rng(0).integers(0, 256, (20, 17, 3), dtype=np.uint8)
+    assert est.predict(ok, ok).disparity.shape == (20, 17)
