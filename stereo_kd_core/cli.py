@@ -97,7 +97,7 @@ def cmd_bag(args: argparse.Namespace) -> int:
                       right_image_topic=args.right_image_topic, left_info_topic=args.left_info_topic,
                       right_info_topic=args.right_info_topic, disparity_topic=args.disparity_topic,
                       points_topic=args.points_topic, use_color=not args.no_color, max_pairs=args.max_pairs,
-                      storage=args.storage)
+                      storage=args.storage, animation=args.animation)
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items()) or "none"
     print(f"wrote {summary['output']} ({summary['storage']}): {summary['pairs_processed']} pairs with "
           f"{summary['model']} on {summary['device']}, {summary['messages_copied']} input messages copied; "
@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points-topic", default="/points2", help="topic of the added PointCloud2 messages")
     p.add_argument("--no-color", action="store_true", help="points2 without the packed rgb field")
     p.add_argument("--max-pairs", type=int, default=None, help="estimate at most this many pairs")
+    p.add_argument("--animation", default=None, metavar="FILE.gif",
+                   help="also write the result panels of the first 60 pairs as an animated GIF")
     p.add_argument("--json", default=None, help="write the summary to this JSON file")
     p.set_defaults(func=cmd_bag)
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from stereo_kd_core import StereoEstimator
 from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.viz import stereo_panel, write_animation
 from stereo_kd_ros import payloads
 
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
@@ -107,11 +108,16 @@ def run_bag(
     storage: str | None = None,
     precision: str = "fp32",
     max_disparity: int = 192,
+    animation: str | Path | None = None,
+    animation_fps: float = 5.0,
+    animation_frames: int = 60,
 ) -> dict:
     """Run the estimator over a bag's stereo pairs; write `output_path` (a new bag) and return a summary.
 
     storage: 'sqlite3' or 'mcap' for the output; None = the input's format.
     max_pairs: estimate at most this many pairs (every input message is still copied).
+    animation: also write the first `animation_frames` result panels (left, disparity, confidence,
+    point cloud) as an animated GIF (or MP4 where Pillow is missing) at this path.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if storage is not None and storage not in STORAGES:
@@ -131,6 +137,7 @@ def run_bag(
     last_stamp_ns: int | None = None
     geometry_cache: tuple[tuple, StereoGeometry] | None = None
     processed, copied, inference_s = 0, 0, 0.0
+    panels: list[np.ndarray] = []
     start = time.perf_counter()
 
     with Reader(input_path) as reader:
@@ -178,6 +185,9 @@ def run_bag(
             except (ValueError, RuntimeError) as error:
                 raise _SkippedPairError("estimator_error") from error
             disparity = prediction.disparity  # (H, W) float32, NaN invalid
+            if animation is not None and len(panels) < animation_frames:
+                panels.append(stereo_panel(left_rgb, disparity, prediction.confidence,
+                                           geometry.points_from_disparity(disparity), estimator.max_disparity))
             return (builder.disparity(disparity, header, geometry),
                     builder.points(disparity, left_rgb, header, geometry))
 
@@ -230,7 +240,9 @@ def run_bag(
                     processed += 1
                     progress.update(1)
     skipped["unmatched_image"] += len(pending["left"]) + len(pending["right"])
+    animation_path = write_animation(animation, panels, animation_fps) if animation is not None and panels else None
     return {
+        "animation": None if animation_path is None else str(animation_path),
         "input": str(input_path),
         "output": str(output_path),
         "storage": out_storage,

@@ -173,10 +173,15 @@ def test_cli_bag_converts_storage_and_limits_pairs(tmp_path, capsys):
     written = write_input_bag(tmp_path / "in", StoragePlugin.SQLITE3)
     code = cli_main(["bag", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", "sgbm",
                      "--device", "cpu", "--max-disparity", str(MAX_DISPARITY), "--storage", "mcap",
-                     "--no-color", "--json", str(tmp_path / "summary.json")])
+                     "--no-color", "--json", str(tmp_path / "summary.json"),
+                     "--animation", str(tmp_path / "panels.gif")])
     assert code == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["storage"] == "mcap" and summary["pairs_processed"] == 3
+    from PIL import Image
+
+    with Image.open(summary["animation"]) as gif:  # one result panel per processed pair
+        assert gif.format == "GIF" and gif.n_frames == 3
     assert any(p.suffix == ".mcap" for p in (tmp_path / "out").iterdir())
     estimator = StereoEstimator.load("sgbm", device="cpu", max_disparity=MAX_DISPARITY)
     check_output(read_bag(tmp_path / "out"), written, estimator, use_color=False)
