@@ -48,8 +48,7 @@ def evaluate(estimator: StereoEstimator, samples: Iterable[dict], max_disparity:
         elapsed_ms = (time.perf_counter() - start) * 1e3
         mask = sample.get("nocc") if use_nocc else None
         metrics = stereo_metrics(prediction.disparity, sample["disparity"], max_disparity=max_disparity, mask=mask)
-        valid_prediction = np.isfinite(prediction.disparity)
-        metrics.update(name=sample["name"], ms=elapsed_ms, density=float(valid_prediction.mean()))
+        metrics.update(name=sample["name"], ms=elapsed_ms)
         cases.append(metrics)
         if progress is not None:
             progress(metrics)
