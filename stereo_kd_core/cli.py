@@ -18,7 +18,7 @@ def _load_estimator(args: argparse.Namespace):
     from stereo_kd_core import StereoEstimator
 
     return StereoEstimator.load(args.model, device=args.device, precision=args.precision,
-                                max_disparity=args.max_disparity)
+                                max_disparity=args.max_disparity, compile=getattr(args, "compile", False))
 
 
 def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +115,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     estimator = _load_estimator(args)
     result = benchmark(estimator, args.height, args.width, runs=args.runs, warmup=args.warmup)
-    line = (f"{result['model']} {args.height}x{args.width} {result['precision']} on {result['machine']}: "
+    result["compiled"] = bool(getattr(estimator, "compiled", False))
+    line = (f"{result['model']} {args.height}x{args.width} {result['precision']}"
+            f"{' compiled' if result['compiled'] else ''} on {result['machine']}: "
             f"median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms")
     if "peak_gpu_mb" in result:
         line += f", peak GPU {result['peak_gpu_mb']:.0f} MiB"
@@ -245,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=50, help="timed runs (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (CUDA graphs on CUDA); falls back to eager where unavailable")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench)
 

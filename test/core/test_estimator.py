@@ -64,3 +64,34 @@ def test_sgbm_refuses_images_narrower_than_its_search_range():
         est.predict(narrow, narrow)
     ok = np.random.default_rng(0).integers(0, 256, (20, 17, 3), dtype=np.uint8)
     assert est.predict(ok, ok).disparity.shape == (20, 17)
+
+
+def test_network_estimator_points_uint16_and_compile_fallback(tmp_path, monkeypatch):
+    import torch
+
+    from stereo_kd_core.checkpoint import save_checkpoint
+    from stereo_kd_core.geometry import StereoGeometry
+    from stereo_kd_core.models import build_model, default_config
+
+    config = default_config("dsnet-fast", max_disparity=64)
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "fast.pt", build_model(config), config)
+    left, right = textured_pair(height=40, width=72, shift=6)
+    geometry = StereoGeometry.from_intrinsics(80.0, 36.0, 20.0, 0.1, cx_right=38.0)
+
+    eager = StereoEstimator.load(str(path), device="cpu", max_disparity=64)
+    out = eager.predict(left, right, geometry=geometry)
+    assert out.disparity.shape == out.confidence.shape == (40, 72)
+    assert np.all((out.confidence >= 0) & (out.confidence <= 1))
+    # points come back with the prediction, equal to core's NumPy geometry on the same disparity
+    np.testing.assert_allclose(out.points, geometry.points_from_disparity(out.disparity), rtol=1e-5, atol=1e-6)
+    deep = eager.predict(left.astype(np.uint16) * 257, right.astype(np.uint16) * 257)
+    np.testing.assert_allclose(deep.disparity, out.disparity, atol=0.05)
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fallback = StereoEstimator.load(str(path), device="cpu", max_disparity=64, compile=True)
+    assert fallback.compiled is False
+    np.testing.assert_array_equal(fallback.predict(left, right).disparity, out.disparity)
