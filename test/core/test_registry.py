@@ -1,0 +1,45 @@
+"""Registry names resolve to shipped weights, verified against their SHA-256 at load."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stereo_kd_core import StereoEstimator, registry
+from stereo_kd_core.checkpoint import CheckpointError, save_checkpoint, sha256_of_file
+from stereo_kd_core.models import build_model, default_config
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """A weights folder laid out like the package's: manifest.json + checkpoint files."""
+    config = default_config("dsnet-fast", max_disparity=64)
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "tiny-fast.pt", build_model(config), config)
+    manifest = {"models": {"tiny-fast": {"file": path.name, "sha256": sha256_of_file(path)}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(registry, "MANIFEST_PATH", tmp_path / "manifest.json")
+    return path
+
+
+def test_registry_name_loads_the_shipped_file(shipped):
+    assert "tiny-fast" in registry.known_model_names() and "sgbm" in registry.known_model_names()
+    estimator = StereoEstimator.load("tiny-fast", device="cpu", max_disparity=64)
+    assert estimator.name == "tiny-fast"
+    left = np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    assert estimator.predict(left, left).disparity.shape == (40, 70)
+
+
+def test_a_shipped_file_that_changed_is_refused(shipped):
+    data = bytearray(shipped.read_bytes())
+    data[-10] ^= 0xFF
+    shipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        StereoEstimator.load("tiny-fast", device="cpu")
+
+
+def test_an_architecture_without_weights_says_so(shipped):
+    with pytest.raises(ValueError, match="no weights shipped"):
+        StereoEstimator.load("acv-teacher")
