@@ -22,7 +22,9 @@ def machine_description(device: str) -> str:
 def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 50, warmup: int = 5,
               seed: int = 0) -> dict:
     """Median / p90 wall time per predict() of random real-size uint8 pairs (end to end: H2D and D2H
-    included), plus peak memory. On CUDA the network time alone is also timed with CUDA events."""
+    included), plus peak memory (peak_rss_mb is the process's lifetime peak resident set). On CUDA
+    the same span is also timed with CUDA events (median_cuda_event_ms) and the peak GPU
+    memory allocated by torch is reported."""
     rng = np.random.default_rng(seed)
     left = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     right = np.roll(left, -8, axis=1)

@@ -84,9 +84,17 @@ def load_checkpoint(path: str | os.PathLike, expected_sha256: str | None = None)
     if payload.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint version {payload['version']}; this stereo-kd reads "
                               f"up to {FORMAT_VERSION}: upgrade stereo-kd")
+    try:
+        config = json.loads(payload["config_json"])
+        state_dict = payload["state_dict"]
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is damaged: no readable config or weights ({type(exc).__name__}: {exc})") from None
+    if not isinstance(config, dict) or not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} is damaged: config or weights have the wrong type")
     return {
-        "config": json.loads(payload["config_json"]),
-        "state_dict": payload["state_dict"],
+        "config": config,
+        "state_dict": state_dict,
         "optimizer": payload.get("optimizer"),
         "step": payload.get("step"),
         "extra": payload.get("extra", {}),
@@ -120,6 +128,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     from stereo_kd_core.models import build_model
 
     ckpt = load_checkpoint(path, expected_sha256=expected_sha256)
-    model = build_model(ckpt["config"])
+    try:
+        model = build_model(ckpt["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} has a config that builds no model: {exc}") from None
     load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {path}")
     return model.to(device).eval()

@@ -51,6 +51,14 @@ def _as_rgb(image: np.ndarray, side: str) -> np.ndarray:
     return image
 
 
+def pair_peak(left: np.ndarray, right: np.ndarray) -> float:
+    """Full-scale value of a pair: 255 for 8-bit; for 16-bit the pair's largest value, so 10-,
+    12- and 16-bit sensors (mono16 from a 12-bit camera peaks at 4095) all use the full range."""
+    if left.dtype == np.uint8:
+        return 255.0
+    return float(max(int(left.max()), int(right.max()), 1))
+
+
 def _check_pair(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     left, right = _as_rgb(left, "left"), _as_rgb(right, "right")
     if left.shape != right.shape or left.dtype != right.dtype:
@@ -136,7 +144,9 @@ class SGBMEstimator(StereoEstimator):
             raise ValueError(f"image is {left.shape[1]} px wide: sgbm with max_disparity {self.max_disparity} "
                              f"needs at least {self.min_input_width} columns")
         if left.dtype == np.uint16:
-            left, right = (left >> 8).astype(np.uint8), (right >> 8).astype(np.uint8)
+            to_8bit = 255.0 / pair_peak(left, right)
+            left = cv2.convertScaleAbs(left, alpha=to_8bit)
+            right = cv2.convertScaleAbs(right, alpha=to_8bit)
         fixed_point = self._matcher.compute(np.ascontiguousarray(left), np.ascontiguousarray(right))
         disparity = fixed_point.astype(np.float32) * np.float32(1.0 / 16.0)  # StereoSGBM: 4 fractional bits
         invalid = fixed_point < 0
@@ -224,7 +234,7 @@ class NetworkEstimator(StereoEstimator):
 
         left, right = _check_pair(left, right)
         height, width = left.shape[:2]
-        scale = 1.0 / (65535.0 if left.dtype == np.uint16 else 255.0)
+        scale = 1.0 / pair_peak(left, right)
         pair = self._stage(left, right)                                   # (2, H, W, 3) on device
         images = pair.permute(0, 3, 1, 2).float().mul_(scale)              # (2, 3, H, W) in [0, 1]
         if self._cuda:

@@ -25,6 +25,7 @@ class StereoGeometry:
     cx_right: float
     cy: float
     baseline_m: float
+    fx_right: float | None = None  # the right projection's fx (= fx for a rectified pair); None: fx
 
     def __post_init__(self) -> None:
         values = {
@@ -57,10 +58,11 @@ class StereoGeometry:
                     f"stereo geometry: {side} projection has non-positive focal length "
                     f"(fx={p[0, 0]}, fy={p[1, 1]})"
                 )
-        baseline_m = -p_right[0, 3] / p_right[0, 0]
+        baseline_m = -p_right[0, 3] / p_right[0, 0]  # P_right[0, 3] = -fx_right * baseline
         return cls(
             fx=float(p_left[0, 0]), fy=float(p_left[1, 1]), cx_left=float(p_left[0, 2]),
             cx_right=float(p_right[0, 2]), cy=float(p_left[1, 2]), baseline_m=float(baseline_m),
+            fx_right=float(p_right[0, 0]),
         )
 
     @classmethod
@@ -73,8 +75,10 @@ class StereoGeometry:
         """The (P_left, P_right) 3x4 matrices this geometry corresponds to."""
         p_left = np.array([[self.fx, 0, self.cx_left, 0], [0, self.fy, self.cy, 0], [0, 0, 1, 0]])
         p_right = p_left.copy()
+        fx_right = self.fx if self.fx_right is None else self.fx_right
+        p_right[0, 0] = fx_right
         p_right[0, 2] = self.cx_right
-        p_right[0, 3] = -self.fx * self.baseline_m
+        p_right[0, 3] = -fx_right * self.baseline_m
         return p_left, p_right
 
     @property
@@ -143,6 +147,7 @@ class StereoGeometry:
             fx=self.fx * sx, fy=self.fy * sy,
             cx_left=(self.cx_left + 0.5) * sx - 0.5, cx_right=(self.cx_right + 0.5) * sx - 0.5,
             cy=(self.cy + 0.5) * sy - 0.5, baseline_m=self.baseline_m,
+            fx_right=None if self.fx_right is None else self.fx_right * sx,
         )
 
 

@@ -58,8 +58,8 @@ VIEW_PITCH_DEG = -20.0
 def _to_rgb8(image: np.ndarray) -> np.ndarray:
     """HxW or HxWx3, uint8 or uint16 -> uint8 HxWx3."""
     image = np.asarray(image)
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+    if image.dtype == np.uint16:  # scaled by its peak (10/12/16-bit sensors alike)
+        image = cv2.convertScaleAbs(image, alpha=255.0 / max(int(image.max()), 1))
     if image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
     return np.ascontiguousarray(image, dtype=np.uint8)

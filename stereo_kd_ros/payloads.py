@@ -188,7 +188,8 @@ def disparity_payload(disparity: np.ndarray, geometry: StereoGeometry, min_dispa
     np.subtract(disparity, offset, out=values)
     valid = np.isfinite(values)
     values[~valid] = np.float32(shifted_min - 1.0)
-    return DisparityPayload(values, float(geometry.fx), float(geometry.baseline_m), shifted_min,
+    focal_px = geometry.fx if geometry.fx_right is None else geometry.fx_right  # f of the right P, as stereo_image_proc
+    return DisparityPayload(values, float(focal_px), float(geometry.baseline_m), shifted_min,
                             float(max_disparity - offset), float(delta_d), valid_window(valid))
 
 
@@ -253,8 +254,8 @@ def write_points(cloud: np.ndarray, points: np.ndarray) -> None:
 def write_packed_rgb(cloud: np.ndarray, image: np.ndarray) -> None:
     """Colour field of an (H, W, 4) float32 x y z rgb cloud from the (H, W) grey or (H, W, 3) RGB
     uint8/uint16 image: 0x00RRGGBB bits, as pack_rgb."""
-    if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+    if image.dtype == np.uint16:  # scaled by its peak, as the estimator does (12-bit sensors)
+        image = cv2.convertScaleAbs(image, alpha=255.0 / max(int(image.max()), 1))
     # OpenCV writes B, G, R, 255 per pixel in one vectorised pass: little-endian 0xFFRRGGBB.
     bgra = cv2.cvtColor(image, cv2.COLOR_GRAY2BGRA if image.ndim == 2 else cv2.COLOR_RGB2BGRA)
     np.bitwise_and(bgra.view("<u4")[..., 0], np.uint32(0x00FFFFFF), out=cloud.view("<u4")[..., 3])

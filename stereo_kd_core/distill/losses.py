@@ -61,22 +61,47 @@ def hint_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse",
     return _masked_mean(values, mask)
 
 
+def rebin_disparity_distribution(probability: torch.Tensor, levels_out: int) -> torch.Tensor:
+    """Move a distribution over D_in disparity levels onto D_out levels of the same range.
+
+    Level i of the input sits at i * D_out / D_in output levels (origin aligned); its mass is
+    split linearly between the two nearest output levels (the adjoint of linear interpolation),
+    so total mass and the expected disparity are kept and no level is dropped. Mass beyond
+    the last output level goes to it. (B, D_in, H, W) -> (B, D_out, H, W).
+    """
+    levels_in = probability.shape[1]
+    if levels_in == levels_out:
+        return probability
+    position = torch.arange(levels_in, device=probability.device, dtype=probability.dtype) * (levels_out / levels_in)
+    target = torch.arange(levels_out, device=probability.device, dtype=probability.dtype)
+    weights = (1.0 - (position[:, None] - target[None, :]).abs()).clamp(min=0.0)  # (D_in, D_out)
+    beyond = position > levels_out - 1
+    weights[beyond] = 0.0
+    weights[beyond, -1] = 1.0
+    return torch.einsum("bdhw,de->behw", probability, weights)
+
+
 def disparity_kl_loss(student_cost: torch.Tensor, teacher_cost: torch.Tensor,
                       temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(teacher || student) between softmax distributions over disparity levels, times T^2.
 
-    student_cost: (B, D_s, H_s, W_s) logits; teacher_cost: (B, D_t, H_t, W_t) logits, resampled
-    trilinearly to the student's shape when they differ. mask: (B, H_s, W_s), True where the
-    term counts; pixels where the teacher's logits are not all finite never count.
+    student_cost: (B, D_s, H_s, W_s) logits; teacher_cost: (B, D_t, H_t, W_t) logits. The teacher
+    is resampled spatially to the student's grid, turned into probabilities, and its distribution
+    re-binned onto the student's D_s levels (rebin_disparity_distribution: probabilities, not
+    logits, so a sharp peak between two student levels is split, never dropped). mask:
+    (B, H_s, W_s), True where the term counts; pixels where the teacher's logits are not all
+    finite never count.
     """
-    teacher_cost = resample_volume(teacher_cost, tuple(student_cost.shape[1:])).float()
+    levels_student = student_cost.shape[1]
+    teacher_cost = resample_volume(teacher_cost, (teacher_cost.shape[1], *student_cost.shape[2:])).float()
     student_cost = student_cost.float()
     finite = torch.isfinite(teacher_cost).all(dim=1)  # (B, H_s, W_s)
     mask = finite if mask is None else mask & finite
     teacher_cost = torch.where(torch.isfinite(teacher_cost), teacher_cost, torch.zeros_like(teacher_cost))
-    teacher_log_prob = F.log_softmax(teacher_cost / temperature, dim=1)
+    teacher_prob = rebin_disparity_distribution(F.softmax(teacher_cost / temperature, dim=1), levels_student)
+    teacher_log_prob = torch.log(teacher_prob.clamp(min=1e-12))
     student_log_prob = F.log_softmax(student_cost / temperature, dim=1)
-    kl = (teacher_log_prob.exp() * (teacher_log_prob - student_log_prob)).sum(dim=1)  # (B, H, W)
+    kl = (teacher_prob * (teacher_log_prob - student_log_prob)).sum(dim=1)  # (B, H, W)
     return _masked_mean(kl, mask) * temperature**2
 
 

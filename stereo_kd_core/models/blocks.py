@@ -322,10 +322,22 @@ def distribution_confidence(logits: Tensor, expected_level: Tensor) -> Tensor:
 
 
 def full_resolution_regression(logits: Tensor, max_disparity: int, size: tuple[int, int]) -> Tensor:
-    """ACVNet/GwcNet regression: trilinear upsampling of the cost to (max_disparity, H, W),
-    softmax over disparity, soft argmin. (B, D, h, w) -> (B, H, W) in pixels."""
-    cost = F.interpolate(logits.float().unsqueeze(1), size=(max_disparity, *size), mode="trilinear")
-    return soft_argmin(cost.squeeze(1))
+    """ACVNet/GwcNet regression: upsample the cost to (max_disparity, H, W), softmax over
+    disparity, soft argmin. (B, D, h, w) -> (B, H, W) in pixels.
+
+    Spatial axes are bilinear (align_corners=False). The disparity axis is linear with its origin
+    aligned: full-resolution level j reads cost level j * D / max_disparity, so cost level i means
+    i * max_disparity / D pixels, the same convention as the students' regression at cost
+    resolution (a plain trilinear upsampling would put level i at 4 i + 1.5 px and make the
+    teacher's and students' cost volumes disagree by 3/8 of a level under distillation)."""
+    levels = logits.shape[1]
+    cost = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)  # (B, D, H, W)
+    position = torch.arange(max_disparity, device=logits.device, dtype=torch.float32) * (levels / max_disparity)
+    lower = position.floor().long().clamp(max=levels - 1)
+    upper = (lower + 1).clamp(max=levels - 1)
+    weight = (position - lower.float()).view(1, -1, 1, 1)
+    fine = cost[:, lower] * (1.0 - weight) + cost[:, upper] * weight  # (B, max_disparity, H, W)
+    return soft_argmin(fine)
 
 
 def convex_upsample(field: Tensor, mask_logits: Tensor, factor: int) -> Tensor:

@@ -353,6 +353,10 @@ class Trainer:
                 progress.set_postfix(loss=f"{record['loss']:.4g}")
                 if is_main and done % train["checkpoint_every"] == 0 and done < end_step:
                     self.save(done, last)
+        except KeyboardInterrupt:  # Ctrl-C: keep what was done; --resume continues exactly from here
+            if is_main:
+                self.save(done, last)
+            raise
         finally:
             progress.close()
             if log_file is not None:

@@ -75,3 +75,16 @@ def test_truncated_file_and_wrong_hash_give_clear_errors(tmp_path, tiny_config):
     torch.save({"state_dict": {}}, other)
     with pytest.raises(CheckpointError, match="not a stereo-kd checkpoint"):
         load_checkpoint(other)
+
+
+def test_damaged_header_or_config_is_a_checkpoint_error(tmp_path, tiny_config):
+    path = save_checkpoint(tmp_path / "m.pt", build_model(tiny_config), tiny_config)
+    payload = torch.load(path, weights_only=True)
+    broken = dict(payload, config_json="{not json")
+    torch.save(broken, tmp_path / "bad_json.pt")
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(tmp_path / "bad_json.pt")
+    unknown = dict(payload, config_json='{"arch": "no-such-net"}')
+    torch.save(unknown, tmp_path / "bad_arch.pt")
+    with pytest.raises(CheckpointError, match="builds no model.*no-such-net"):
+        load_model(tmp_path / "bad_arch.pt")

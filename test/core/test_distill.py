@@ -288,3 +288,31 @@ def test_cosine_loss_of_zero_vectors():
     zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
     assert cosine_feature_loss(zero, zero).item() == 0.0
     assert cosine_feature_loss(zero, one).item() == 1.0
+
+
+def test_teacher_and_student_regressions_read_cost_levels_as_the_same_disparity():
+    from stereo_kd_core.models.blocks import full_resolution_regression, soft_argmin
+
+    cost = torch.zeros(1, 12, 3, 5)
+    cost[:, 3] = 100.0  # a sharp peak at cost level 3 (stride 4: 12 px)
+    teacher_px = full_resolution_regression(cost, max_disparity=48, size=(12, 20))
+    student_px = soft_argmin(cost) * 4
+    assert torch.allclose(teacher_px, torch.full_like(teacher_px, 12.0), atol=1e-3)
+    assert torch.allclose(student_px, torch.full_like(student_px, 12.0), atol=1e-3)
+
+
+def test_rebinning_keeps_mass_and_expected_disparity_and_drops_no_peak():
+    from stereo_kd_core.distill.losses import rebin_disparity_distribution
+
+    probability = torch.zeros(1, 48, 1, 1)
+    probability[0, 3] = 1.0  # odd teacher level (12 px) between two student levels (8 px, 16 px)
+    coarse = rebin_disparity_distribution(probability, 24)
+    assert coarse[0, :, 0, 0].sum().item() == pytest.approx(1.0)
+    assert coarse[0, 1, 0, 0].item() == pytest.approx(0.5) and coarse[0, 2, 0, 0].item() == pytest.approx(0.5)
+    random = torch.rand(2, 48, 3, 4).softmax(dim=1)
+    rebinned = rebin_disparity_distribution(random, 24)
+    levels_in, levels_out = torch.arange(48.0) * 4, torch.arange(24.0) * 8  # pixels
+    expected_in = (random * levels_in.view(1, -1, 1, 1)).sum(1)
+    expected_out = (rebinned * levels_out.view(1, -1, 1, 1)).sum(1)
+    # equal except for the mass beyond the last coarse level (level 47 = 188 px > 184 px)
+    assert torch.allclose(expected_out, expected_in - 4 * random[:, 47], atol=1e-4)

@@ -95,3 +95,11 @@ def test_network_estimator_points_uint16_and_compile_fallback(tmp_path, monkeypa
     fallback = StereoEstimator.load(str(path), device="cpu", max_disparity=64, compile=True)
     assert fallback.compiled is False
     np.testing.assert_array_equal(fallback.predict(left, right).disparity, out.disparity)
+
+
+def test_twelve_bit_mono16_matches_eight_bit():
+    left, right = textured_pair()
+    est = StereoEstimator.load("sgbm", max_disparity=32)
+    eight = est.predict(left[..., 0], right[..., 0]).disparity
+    twelve = est.predict(left[..., 0].astype(np.uint16) * 16, right[..., 0].astype(np.uint16) * 16).disparity
+    np.testing.assert_allclose(np.nan_to_num(twelve, nan=-1), np.nan_to_num(eight, nan=-1))

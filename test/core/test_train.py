@@ -227,3 +227,38 @@ def test_ddp_world_size_two_on_cpu(tmp_path, monkeypatch):
         assert torch.equal(rank1_parameters[key], value) and torch.equal(final["state_dict"][key], value), key
     initial = build_model(final["config"]).state_dict()
     assert any(not torch.equal(initial[k], v) for k, v in final["state_dict"].items())
+
+
+def test_a_killed_run_resumes_with_the_exact_next_losses(tmp_path):
+    """SIGKILL a real training process mid-run, resume from its last checkpoint: every logged
+    loss after the checkpoint equals the uninterrupted run's, bit for bit."""
+    import signal
+    import time
+
+    overrides = {"train.steps": 24, "train.checkpoint_every": 4, "train.log_every": 1}
+    reference = tmp_path / "reference"
+    run_training("tiny-dsnet", reference, overrides=overrides)
+    expected = {row["step"]: row["loss"] for row in read_log(reference)}
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "stereo_kd_core", "train", "tiny-dsnet", "--out", str(killed)]
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={value}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / "last.pt").is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    checkpoint_step = load_checkpoint(killed / "last.pt")["step"]
+    assert 0 < checkpoint_step < 24
+
+    run_training("tiny-dsnet", killed, resume=True, overrides=overrides)
+    resumed = {row["step"]: row["loss"] for row in read_log(killed)}
+    assert set(resumed) == set(expected)
+    for step in range(checkpoint_step + 1, 25):
+        assert resumed[str(step)] == expected[str(step)], f"step {step} differs after resume"

@@ -105,8 +105,11 @@ def test_packed_rgb_from_grey_and_16_bit_images():
     grey = np.array([[0, 1, 2], [250, 254, 255]], dtype=np.uint8)
     write_packed_rgb(cloud, grey)
     np.testing.assert_array_equal(cloud.view(np.uint32)[..., 3], grey.astype(np.uint32) * 0x010101)
-    write_packed_rgb(cloud, RGB[:2, :3].astype(np.uint16) << 8 | 0x7F)  # the high byte is the colour
-    np.testing.assert_array_equal(unpack_rgb(cloud[..., 3]), RGB[:2, :3])
+    # 16-bit colour is scaled by the image's peak: 12-bit data (x 16) packs like the 8-bit original
+    rgb = RGB[:2, :3].copy()
+    rgb[0, 0] = 255  # the 8-bit original reaches full scale
+    write_packed_rgb(cloud, rgb.astype(np.uint16) * 16)
+    np.testing.assert_array_equal(unpack_rgb(cloud[..., 3]), rgb)
     assert not cloud[..., :3].any()  # x y z untouched
 
 
