@@ -17,7 +17,7 @@ def _share_directory() -> Path:
     """Installed share/stereo_kd_ros, or the source tree when run from a checkout."""
     try:
         return Path(get_package_share_directory("stereo_kd_ros"))
-    except PackageNotFoundError:
+    except (PackageNotFoundError, OSError):  # OSError: no AMENT_PREFIX_PATH (not sourced)
         return Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +40,8 @@ def generate_launch_description() -> LaunchDescription:
                               description="Resize factor (0.1..1) applied to both images before the estimator."),
         DeclareLaunchArgument("use_rviz", default_value="false",
                               description="Start RViz with the point cloud and disparity displays."),
+        DeclareLaunchArgument("fixed_frame", default_value="left_optical",
+                              description="RViz fixed frame (the left camera's optical frame)."),
         Node(
             package="stereo_kd_ros", executable="stereo_kd_node", name="stereo_kd_node",
             namespace=LaunchConfiguration("namespace"), output="screen",
@@ -53,9 +55,11 @@ def generate_launch_description() -> LaunchDescription:
                 ("right/camera_info", PathJoinSubstitution([right, "camera_info"])),
             ],
         ),
+        # In the node's namespace, so that the relative topics of the RViz config resolve to its outputs.
         Node(
             package="rviz2", executable="rviz2", name="rviz2", output="screen",
-            arguments=["-d", str(share / "config" / "stereo_kd.rviz")],
+            namespace=LaunchConfiguration("namespace"),
+            arguments=["-d", str(share / "config" / "stereo_kd.rviz"), "-f", LaunchConfiguration("fixed_frame")],
             condition=IfCondition(LaunchConfiguration("use_rviz")),
         ),
     ])

@@ -20,17 +20,51 @@ from pathlib import Path
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LOOPBACK_PROFILE = REPO_ROOT / "config" / "fastdds_localhost.xml"
+PACKAGE = "stereo_kd_ros"
+NODE_STOP_WAIT_S = 30.0
+
+
+def config_file(name: str) -> Path | None:
+    """config/NAME from the installed package's share directory, else from the source tree, else None."""
+    candidates = []
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+        try:
+            candidates.append(Path(get_package_share_directory(PACKAGE)) / "config" / name)
+        except (PackageNotFoundError, OSError):  # OSError: no AMENT_PREFIX_PATH (not sourced)
+            pass
+    except ImportError:
+        pass
+    candidates.append(REPO_ROOT / "config" / name)
+    return next((path for path in candidates if path.is_file()), None)
+
+
+LOOPBACK_PROFILE = config_file("fastdds_localhost.xml")
 
 
 def ros_environment(domain_id: int) -> dict[str, str]:
     """Loopback-only DDS on its own domain (for this process and the children)."""
     env = dict(os.environ)
-    if LOOPBACK_PROFILE.is_file():
+    if LOOPBACK_PROFILE is not None:
         env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(LOOPBACK_PROFILE)
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     env["ROS_DOMAIN_ID"] = str(domain_id)
     return env
+
+
+def stop_node(process: subprocess.Popen, graceful: bool) -> int:
+    """SIGINT (graceful) or kill the node process; its exit code. A node that ignores SIGINT for
+    NODE_STOP_WAIT_S is killed."""
+    if process.poll() is None:
+        if graceful:
+            process.send_signal(signal.SIGINT)
+            try:
+                return process.wait(timeout=NODE_STOP_WAIT_S)
+            except subprocess.TimeoutExpired:
+                print("stereo_kd_demo: the node did not stop on SIGINT: killed", file=sys.stderr)
+        process.kill()
+    return process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,9 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     env = ros_environment(args.domain_id)
+    params_file = config_file("stereo.yaml")
+    if params_file is None:
+        print("stereo_kd_demo: config/stereo.yaml not found (installed share or source tree): "
+              "running the node with its default parameters", file=sys.stderr)
     node_process = subprocess.Popen(
-        [sys.executable, "-m", "stereo_kd_ros", "--ros-args", "--params-file",
-         str(REPO_ROOT / "config" / "stereo.yaml"), "-p", f"model:={args.model}", "-p", f"device:={args.device}",
+        [sys.executable, "-m", "stereo_kd_ros", "--ros-args",
+         *(["--params-file", str(params_file)] if params_file is not None else []),
+         "-p", f"model:={args.model}", "-p", f"device:={args.device}",
          # Reliable input: megabyte images as best-effort UDP fragments get lost on a busy CPU.
          "-p", "use_system_default_qos:=true", "-p", "publish_confidence:=true"],
         env=env)
@@ -93,25 +132,36 @@ def main(argv: list[str] | None = None) -> int:
 
     deadline = time.monotonic() + args.timeout
     player_process = None
+    failure = None
     try:
         while collector.count_publishers("disparity") == 0:  # the node is up (model loaded)
-            if node_process.poll() is not None or time.monotonic() > deadline:
-                print("stereo_kd_demo: the node did not start", file=sys.stderr)
-                return 1
+            if node_process.poll() is not None:
+                failure = f"the node exited with code {node_process.returncode} before it started"
+                break
+            if time.monotonic() > deadline:
+                failure = f"the node did not start within --timeout {args.timeout:g} s"
+                break
             time.sleep(0.1)
-        player_process = subprocess.Popen(
-            [sys.executable, "-m", "stereo_kd_ros.player", "--frames", str(args.frames), "--rate", str(args.rate)],
-            env=env)
-        player_process.wait(timeout=max(deadline - time.monotonic(), 1))
-        time.sleep(1.0)  # the last pair may still be in the estimator
+        if failure is None:
+            player_process = subprocess.Popen(
+                [sys.executable, "-m", "stereo_kd_ros.player", "--frames", str(args.frames),
+                 "--rate", str(args.rate)], env=env)
+            try:
+                player_process.wait(timeout=max(deadline - time.monotonic(), 1))
+                time.sleep(1.0)  # the last pair may still be in the estimator
+            except subprocess.TimeoutExpired:
+                failure = f"the player did not finish {args.frames} frames within --timeout {args.timeout:g} s"
     finally:
         if player_process is not None and player_process.poll() is None:
             player_process.kill()
-        node_process.send_signal(signal.SIGINT)
-        node_exit = node_process.wait(timeout=30)
+            player_process.wait()
+        node_exit = stop_node(node_process, graceful=failure is None)
         executor.shutdown()
         collector.destroy_node()
         rclpy.try_shutdown()
+    if failure is not None:
+        print(f"stereo_kd_demo: {failure}; node stopped", file=sys.stderr)
+        return 1
 
     with lock:
         disparities, clouds, latencies = received["disparity"], received["points2"], received["latency_ms"]
@@ -122,19 +172,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     disparity = disparity_from_msg(disparities[-1])
     valid_disparity = disparity[np.isfinite(disparity)]
+    if valid_disparity.size:
+        colour_max = float(valid_disparity.max())
+    else:
+        print("stereo_kd_demo: the last disparity has no valid pixel", file=sys.stderr)
+        colour_max = max(float(disparities[-1].max_disparity), 1.0)
     from PIL import Image as PILImage  # scikit-image's dependency
 
-    PILImage.fromarray(colorize_disparity(disparity, max_disparity=float(valid_disparity.max()))).save(
-        args.out / "disparity.png")
+    PILImage.fromarray(colorize_disparity(disparity, max_disparity=colour_max)).save(args.out / "disparity.png")
     cloud = point_cloud_to_numpy(clouds[-1])
     rgb = unpack_rgb(cloud[..., 3]) if cloud.shape[-1] == 4 else None
     points_written = write_ply(args.out / "points.ply", cloud[..., :3], rgb)
     confidence_msg = confidences.get(stamp_to_ns(disparities[-1].header.stamp))
     confidence = image_to_numpy(confidence_msg, ("32FC1",)) if confidence_msg is not None else None
     panel = stereo_panel(motorcycle_pair().left, disparity, confidence, cloud[..., :3],
-                         max_disparity=float(valid_disparity.max()))
+                         max_disparity=colour_max)
     PILImage.fromarray(panel).save(args.out / "panel.png")
     stamps = sorted(stamp_to_ns(m.header.stamp) for m in disparities)
+    depth = cloud[..., 2]
     node_values = ({kv.key: kv.value for kv in diagnostics[-1].status[0].values} if diagnostics else {})
     summary = {
         "input": "middlebury-motorcycle 741x500 (skimage.data.stereo_motorcycle)",
@@ -144,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_ms_p50": float(np.percentile(latencies, 50)),
         "latency_ms_p95": float(np.percentile(latencies, 95)),
         "valid_fraction": float(np.isfinite(disparity).mean()),
-        "depth_m_median": float(np.nanmedian(cloud[..., 2])),
+        "depth_m_median": (float(np.median(depth[np.isfinite(depth)])) if np.isfinite(depth).any() else None),
         "points_written": points_written,
         "node": node_values,
         "node_exit_code": node_exit,

@@ -7,6 +7,7 @@ Published: disparity, points2, [depth], [confidence], /diagnostics.
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
@@ -54,6 +55,11 @@ STATS_WINDOW = 200        # frames kept for latency percentiles
 # fractional bits); network outputs are continuous and at least this fine.
 DISPARITY_STEP = 1.0 / 16.0
 MIN_IMAGE_SIZE = 2  # rows and columns every estimator needs
+# A stamp this far behind the previous pair's is a time reset (sim time restart, bag loop), not a
+# reordered pair: the node starts over instead of rejecting every later pair.
+TIME_RESET_THRESHOLD_S = 1.0
+MIN_SHUTDOWN_WAIT_S = 5.0  # close() waits at least this long (and 2x the slowest inference) for the worker
+SGBM_RANGE_STEP = 16       # OpenCV SGBM's numDisparities is a multiple of 16
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("fp32", "fp16", "bf16")
 
@@ -100,6 +106,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   value_range=(0.1, 60.0, 0)),
 )
 PARAMETER_NAMES = tuple(spec.name for spec in PARAMETERS)
+
+
+def scaled_search_range(max_disparity: int, input_scale: float) -> int:
+    """SGBM search range for images resized by `input_scale`: the full range in resized pixels,
+    rounded up to SGBM's step (at least one step)."""
+    steps = math.ceil(round(max_disparity * input_scale / SGBM_RANGE_STEP, 9))
+    return max(SGBM_RANGE_STEP, steps * SGBM_RANGE_STEP)
 
 
 class ParameterError(ValueError):
@@ -187,6 +200,8 @@ class PipelineStats:
     processed: int = 0
     discarded: int = 0  # accepted pairs not finished because the node was stopping
     dropped: int = 0
+    time_resets: int = 0
+    longest_inference_s: float = 0.0
     rejected: Counter = field(default_factory=Counter)
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
     inference_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
@@ -204,6 +219,9 @@ class StereoNode(Node):
     estimator: a ready estimator to run instead of loading the `model` parameter's (embedding
     the node in a larger program, benchmarks); `model`, `device`, `precision` and
     `max_disparity` are then not used.
+
+    With `model` 'sgbm' the matcher searches max_disparity full-size pixels: at input_scale s it
+    is built with scaled_search_range(max_disparity, s) and rebuilt when input_scale changes.
     """
 
     def __init__(self, estimator: StereoEstimator | None = None, **node_options: Any):
@@ -214,9 +232,17 @@ class StereoNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.add_post_set_parameters_callback(self._after_set_parameters)
 
-        self.estimator = estimator if estimator is not None else StereoEstimator.load(
-            values["model"], device=values["device"], precision=values["precision"],
-            max_disparity=values["max_disparity"])
+        # SGBM is rebuilt for each input_scale (cheap); networks keep the range they were built for.
+        self._sgbm_max_disparity = (values["max_disparity"] if estimator is None and values["model"] == "sgbm"
+                                    else None)
+        if estimator is not None:
+            self.estimator = estimator
+        elif self._sgbm_max_disparity is not None:
+            self.estimator = self._sgbm_for(values["input_scale"])
+        else:
+            self.estimator = StereoEstimator.load(values["model"], device=values["device"],
+                                                  precision=values["precision"],
+                                                  max_disparity=values["max_disparity"])
         # Reprojection runs where the estimator runs when that is a GPU (one copy back for all).
         self._points_on_estimator = self.estimator.device.startswith("cuda")
         # Output messages rewritten in place frame after frame (worker thread only).
@@ -263,6 +289,9 @@ class StereoNode(Node):
 
         self._waiting: StereoPair | None = None  # at most one pair waits for the worker
         self._wake = threading.Condition()
+        # Held while the worker touches publishers; close() sets _stopping under it, so a result
+        # that arrives after close() is dropped without touching a destroyed node.
+        self._output_lock = threading.Lock()
         self._stopping = False
         self._worker = threading.Thread(target=self._work, name="stereo_kd_inference", daemon=True)
         self._worker.start()
@@ -305,7 +334,14 @@ class StereoNode(Node):
         return SetParametersResult(successful=True)
 
     def _after_set_parameters(self, changes: list[Parameter]) -> None:
-        self.settings = self._settings_from(self._merged_values(changes))
+        settings = self._settings_from(self._merged_values(changes))
+        if self._sgbm_max_disparity is not None and settings.input_scale != self.settings.input_scale:
+            self.estimator = self._sgbm_for(settings.input_scale)  # the worker reads it once per frame
+        self.settings = settings
+
+    def _sgbm_for(self, input_scale: float) -> StereoEstimator:
+        return StereoEstimator.load("sgbm", max_disparity=scaled_search_range(self._sgbm_max_disparity,
+                                                                              input_scale))
 
     # -- input (executor thread) -------------------------------------------------------------
 
@@ -335,9 +371,15 @@ class StereoNode(Node):
             raise RejectedPairError("missing_camera_info", f"no camera_info received yet on {missing}/camera_info")
         stamp = conversions.stamp_to_ns(left.header.stamp)
         if self._last_stamp_ns is not None and stamp <= self._last_stamp_ns:
-            raise RejectedPairError("stamp_out_of_order",
-                           f"left stamp {stamp * 1e-9:.6f} s is not after the previous pair's "
-                           f"{self._last_stamp_ns * 1e-9:.6f} s")
+            jump_ns = self._last_stamp_ns - stamp
+            if jump_ns <= TIME_RESET_THRESHOLD_S * 1e9:
+                raise RejectedPairError("stamp_out_of_order",
+                               f"left stamp {stamp * 1e-9:.6f} s is not after the previous pair's "
+                               f"{self._last_stamp_ns * 1e-9:.6f} s")
+            self.get_logger().warning(f"time jumped back by {jump_ns * 1e-9:.3f} s: resetting")
+            self._last_stamp_ns = None
+            with self.stats.lock:
+                self.stats.time_resets += 1
         for side, image, info in (("left", left, left_info), ("right", right, right_info)):
             if image.header.frame_id != info.header.frame_id:
                 raise RejectedPairError("frame_mismatch",
@@ -410,45 +452,56 @@ class StereoNode(Node):
     def process(self, pair: StereoPair) -> None:
         """Estimator and outputs for one pair (worker thread)."""
         start = time.perf_counter()
-        settings = self.settings
+        settings, estimator = self.settings, self.estimator  # one of each for the whole frame
         left, right, geometry = scale_pair(pair.left, pair.right, pair.geometry, settings.input_scale)
         height, width = left.shape[:2]
         # OpenCV's SGBM fails, or crashes the process, on images no wider than its search range.
-        min_width = getattr(self.estimator, "min_input_width", 2)
+        min_width = getattr(estimator, "min_input_width", 2)
         if height < MIN_IMAGE_SIZE or width < max(min_width, MIN_IMAGE_SIZE):
             raise RejectedPairError(
                 "image_too_small",
                 f"{width}x{height} estimator input (input_scale {settings.input_scale:g}) is too small: "
-                f"'{self.estimator.name}' needs at least {max(min_width, MIN_IMAGE_SIZE)}x{MIN_IMAGE_SIZE}")
-        wants_points = (self.points_pub.get_subscription_count() > 0
-                        or (self.depth_pub is not None and self.depth_pub.get_subscription_count() > 0))
+                f"'{estimator.name}' needs at least {max(min_width, MIN_IMAGE_SIZE)}x{MIN_IMAGE_SIZE}")
+        with self._output_lock:
+            if self._discard_if_stopping():
+                return
+            wants_points = (self.points_pub.get_subscription_count() > 0
+                            or (self.depth_pub is not None and self.depth_pub.get_subscription_count() > 0))
         scaled = time.perf_counter()
-        prediction = self.estimator.predict(
+        prediction = estimator.predict(
             left, right, geometry=geometry if wants_points and self._points_on_estimator else None)
         inferred = time.perf_counter()
-        if self._stopping:
-            with self.stats.lock:
-                self.stats.discarded += 1
-            return
-        self.publish_outputs(pair.header, left, geometry, prediction, settings)
+        with self.stats.lock:
+            self.stats.longest_inference_s = max(self.stats.longest_inference_s, inferred - scaled)
+        with self._output_lock:
+            if self._discard_if_stopping():
+                return
+            self.publish_outputs(pair.header, left, geometry, prediction, settings, estimator)
+            now_ns = self.get_clock().now().nanoseconds
         done = time.perf_counter()
-        latency_ns = self.get_clock().now().nanoseconds - conversions.stamp_to_ns(pair.header.stamp)
+        latency_ns = now_ns - conversions.stamp_to_ns(pair.header.stamp)
         with self.stats.lock:
             self.stats.processed += 1
             self.stats.latency_ms.append(latency_ns * 1e-6)
             self.stats.inference_ms.append((inferred - scaled) * 1e3)
             self.stats.overhead_ms.append((done - inferred + scaled - start + pair.prepare_s) * 1e3)
 
+    def _discard_if_stopping(self) -> bool:
+        if self._stopping:
+            with self.stats.lock:
+                self.stats.discarded += 1
+        return self._stopping
+
     def publish_outputs(self, header: Header, left: np.ndarray, geometry: StereoGeometry,
-                        prediction: StereoPrediction, settings: OutputSettings) -> None:
-        """Build and publish every output somebody subscribes to, from the estimator's prediction
+                        prediction: StereoPrediction, settings: OutputSettings,
+                        estimator: StereoEstimator) -> None:
+        """Build and publish every output somebody subscribes to, from `estimator`'s prediction
         for the (possibly resized) pair whose left image is `left` and geometry `geometry`."""
         disparity = prediction.disparity  # (H, W) float32, NaN invalid
         low_confidence = None
         if settings.confidence_threshold > 0:
             low_confidence = ~(prediction.confidence >= settings.confidence_threshold)
             disparity = np.where(low_confidence, np.float32(np.nan), disparity)
-        estimator = self.estimator
         if self.disparity_pub.get_subscription_count():
             self.disparity_pub.publish(conversions.disparity_image(
                 disparity, header, geometry, min_disparity=estimator.min_disparity,
@@ -505,6 +558,7 @@ class StereoNode(Node):
                 "dropped": str(stats.dropped),
                 "rejected": str(sum(stats.rejected.values())),
                 "discarded_at_shutdown": str(stats.discarded),
+                "time_resets": str(stats.time_resets),
             }
             values.update({f"rejected_{reason}": str(count) for reason, count in sorted(stats.rejected.items())})
         values["received_left_images"], values["received_right_images"] = map(str, self.image_sync.received)
@@ -512,7 +566,8 @@ class StereoNode(Node):
         if evicted is not None:
             values["unmatched_images"] = str(evicted)
         values.update(model=self.estimator.name, device=self.estimator.device,
-                      input_scale=f"{self.settings.input_scale:g}")
+                      input_scale=f"{self.settings.input_scale:g}",
+                      max_disparity=str(self.estimator.max_disparity))
         return values
 
     def _report(self) -> None:
@@ -543,12 +598,21 @@ class StereoNode(Node):
 
     # -- shutdown ----------------------------------------------------------------------------
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop the worker (the frame in flight finishes)."""
-        with self._wake:
+    def shutdown_wait_s(self) -> float:
+        """How long close() waits for the worker: covers the slowest inference seen so far."""
+        with self.stats.lock:
+            return max(MIN_SHUTDOWN_WAIT_S, 2.0 * self.stats.longest_inference_s)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the worker: a frame in flight is not published. Waits up to `timeout_s` (default
+        shutdown_wait_s()) for it; a result arriving later is dropped without touching the node."""
+        with self._output_lock, self._wake:
             self._stopping = True
             self._wake.notify()
-        self._worker.join(timeout_s)
+        wait_s = self.shutdown_wait_s() if timeout_s is None else timeout_s
+        self._worker.join(wait_s)
+        if self._worker.is_alive():
+            self.get_logger().warning(f"inference still running after {wait_s:.1f} s: its result will be dropped")
 
 
 CONFIGURATION_ERRORS = (ParameterError, InvalidParameterValueException, InvalidParameterTypeException,
@@ -560,7 +624,7 @@ def run(node_factory: Callable[[], Node], argv: list[str] | None = None) -> int:
 
     rclpy's signal handlers shut the context down, which ends the spin; a frame in flight is
     dropped. Further signals are ignored while the node is torn down (bounded by close()'s
-    timeout) so that a second Ctrl-C cannot leave a traceback half way through.
+    wait) so that a second Ctrl-C cannot leave a traceback half way through.
     """
     rclpy.init(args=argv)
     try:

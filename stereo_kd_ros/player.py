@@ -9,7 +9,7 @@ Sources (`--source`):
                   calib/NNNNNN.txt (P2, P3)), in name order, freshly stamped.
   BAG             a rosbag2 folder (sqlite3 or MCAP) or a .db3/.mcap file: the pairs of its stereo
                   topics (equal image stamps), each with the latest camera_info of its side, as
-                  recorded (byte for byte, recorded stamps unless --restamp).
+                  recorded (byte for byte, recorded stamps unless --restamp or --loop).
 
 `--calibration FILE.yaml` gives the geometry of a folder without calibration files (and
 overrides them). Its keys are those of StereoGeometry: fx, cy, cx_left, baseline_m (metres),
@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import rclpy
 import yaml
+from rclpy.logging import get_logger
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
@@ -48,6 +49,7 @@ RECORDED_TIMING_POLL_S = 0.005
 KITTI_IMAGE_DIRS = (("image_2", "image_3"), ("colored_0", "colored_1"))
 KITTI_CALIBS = (("calib_cam_to_cam", "P_rect_02", "P_rect_03"), ("calib", "P2", "P3"))  # 2015, 2012
 BAG_SUFFIXES = (".db3", ".mcap")
+BAG_PAIRING_QUEUE = 64  # unmatched images kept per side while pairing a bag; the oldest is evicted
 
 
 @dataclass
@@ -212,26 +214,43 @@ def is_bag(path: Path) -> bool:
     return (path / "metadata.yaml").is_file() or (path.is_file() and path.suffix in BAG_SUFFIXES)
 
 
-def bag_frames(path: Path, topics: dict[str, str]) -> Callable[[], Iterator[PlayerFrame]]:
-    """A pass over a bag's stereo pairs (exact stamp match), each with its sides' latest camera_info.
+class BagFrames:
+    """Passes over a bag's stereo pairs (exact stamp match), each with its sides' latest camera_info.
 
-    topics: TOPIC_KEYS -> topic name in the bag.
+    topics: TOPIC_KEYS -> topic name in the bag. Images waiting for their partner are bounded by
+    BAG_PAIRING_QUEUE per side (the oldest evicted, counted in `evicted`, warned about once).
     """
-    from rosbags.rosbag2 import Reader
 
-    with Reader(path) as reader:
-        missing = [name for name in topics.values() if name not in reader.topics]
-    if missing:
-        raise ValueError(f"{path}: no topic {', '.join(missing)}")
-    key_of = {name: key for key, name in topics.items()}
+    def __init__(self, path: Path, topics: dict[str, str]):
+        from rosbags.rosbag2 import Reader
 
-    def frames() -> Iterator[PlayerFrame]:
+        with Reader(path) as reader:
+            missing = [name for name in topics.values() if name not in reader.topics]
+        if missing:
+            raise ValueError(f"{path}: no topic {', '.join(missing)}")
+        self.path = path
+        self.key_of = {name: key for key, name in topics.items()}
+        self.evicted = 0
+
+    def _wait(self, queue: dict[int, Image], stamp: int, msg: Image) -> None:
+        queue[stamp] = msg
+        if len(queue) > BAG_PAIRING_QUEUE:
+            del queue[next(iter(queue))]  # insertion order: the oldest unmatched image
+            if not self.evicted:
+                get_logger("stereo_kd_player").warning(
+                    f"{self.path}: images without a partner of equal stamp: keeping the newest "
+                    f"{BAG_PAIRING_QUEUE} per side")
+            self.evicted += 1
+
+    def __call__(self) -> Iterator[PlayerFrame]:
+        from rosbags.rosbag2 import Reader
+
         latest: dict[str, object] = {}
         waiting: dict[str, dict[int, Image]] = {"left": {}, "right": {}}
-        with Reader(path) as reader:
-            connections = [c for c in reader.connections if c.topic in key_of]
+        with Reader(self.path) as reader:
+            connections = [c for c in reader.connections if c.topic in self.key_of]
             for conn, log_ns, raw in reader.messages(connections):
-                key = key_of[conn.topic]
+                key = self.key_of[conn.topic]
                 side, kind = key.split("_")
                 msg = deserialize_message(bytes(raw), CameraInfo if kind == "info" else Image)
                 if kind == "info":
@@ -240,7 +259,7 @@ def bag_frames(path: Path, topics: dict[str, str]) -> Callable[[], Iterator[Play
                 stamp = stamp_to_ns(msg.header.stamp)
                 partner = waiting["right" if side == "left" else "left"].pop(stamp, None)
                 if partner is None:
-                    waiting[side][stamp] = msg
+                    self._wait(waiting[side], stamp, msg)
                     continue
                 if "left_info" not in latest or "right_info" not in latest:
                     continue  # as the node would: no geometry yet
@@ -250,7 +269,10 @@ def bag_frames(path: Path, topics: dict[str, str]) -> Callable[[], Iterator[Play
                 yield PlayerFrame({"left_info": latest["left_info"], "right_info": latest["right_info"],
                                    f"{side}_image": msg, f"{other_side}_image": partner}, recorded_ns=log_ns)
 
-    return frames
+
+def bag_frames(path: Path, topics: dict[str, str]) -> BagFrames:
+    """A pass factory over a bag's stereo pairs; see BagFrames."""
+    return BagFrames(path, topics)
 
 
 def open_source(source: str, calibration: str | None, bag_topics: dict[str, str]) -> tuple[str, Callable, bool]:
@@ -271,7 +293,8 @@ class StereoPlayer(Node):
     """Publishes stereo frames at `rate_hz` or at their recorded timing.
 
     `frames` > 0: stop after that many frames, counted from when every topic has a subscriber.
-    `loop`: start the source again at its end (a one-pair source always repeats).
+    `loop`: start the source again at its end (a one-pair source always repeats); recorded frames
+    are then restamped, since their stamps would jump back at each new pass.
     `restamp`: give recorded frames fresh stamps (frames from files always get fresh ones).
     """
 
@@ -284,7 +307,7 @@ class StereoPlayer(Node):
         qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
         self.publishers_by_key = {key: self.create_publisher(CameraInfo if key.endswith("info") else Image,
                                                              topics[key], qos) for key in TOPIC_KEYS}
-        self.source, self.loop, self.frames, self.restamp = source, loop, frames, restamp
+        self.source, self.loop, self.frames, self.restamp = source, loop, frames, restamp or loop
         self.recorded_timing = recorded_timing
         self.published = 0
         self._pass: Iterator[PlayerFrame] | None = None
@@ -368,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", default=None, help="YAML geometry for a folder (keys below).")
     parser.add_argument("--rate", type=float, default=10.0, help="Frames per second.")
     parser.add_argument("--recorded-timing", action="store_true", help="Bag: publish at the recorded times.")
-    parser.add_argument("--loop", action="store_true", help="Start the folder or bag again at its end.")
+    parser.add_argument("--loop", action="store_true",
+                        help="Start the folder or bag again at its end. Implies --restamp for a bag (recorded "
+                             "stamps would jump back at every pass).")
     parser.add_argument("--restamp", action="store_true", help="Bag: fresh stamps instead of the recorded ones.")
     parser.add_argument("--frames", type=int, default=0, help="Frames to publish, then exit (0 = all / forever).")
     topic_flags = {"left_image": "left/image_rect", "right_image": "right/image_rect",

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from builtin_interfaces.msg import Time
 from conftest import RELIABLE, REPO_ROOT, wait_until
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.parameter_client import AsyncParameterClient
 from sensor_msgs.msg import CameraInfo, Image
 from stereo_msgs.msg import DisparityImage
 from stereo_scene import make_scene
@@ -23,11 +25,13 @@ from stereo_kd_ros.node import NODE_NAME, PARAMETER_NAMES, StereoNode
 ROS_DOMAIN_ID = 144
 LAUNCH_FILE = REPO_ROOT / "launch" / "stereo.launch.py"
 CONFIG_FILE = REPO_ROOT / "config" / "stereo.yaml"
+CONFIG_KEY = f"/**/{NODE_NAME}"  # any namespace: the launch file's namespace:=X must not lose the file
 
 
 def test_config_keys_are_exactly_the_declared_parameters(ros_context):
     config = yaml.safe_load(CONFIG_FILE.read_text())
-    keys = set(config[NODE_NAME]["ros__parameters"])
+    assert list(config) == [CONFIG_KEY]
+    keys = set(config[CONFIG_KEY]["ros__parameters"])
     node = StereoNode(context=ros_context)
     try:
         declared = {name for name in node._parameters
@@ -35,7 +39,7 @@ def test_config_keys_are_exactly_the_declared_parameters(ros_context):
                                                                                "start_type_description_service")}
         assert keys == declared == set(PARAMETER_NAMES)
         # The shipped values are the node's defaults.
-        for name, value in config[NODE_NAME]["ros__parameters"].items():
+        for name, value in config[CONFIG_KEY]["ros__parameters"].items():
             assert node.get_parameter(name).value == value, name
     finally:
         node.close()
@@ -55,11 +59,11 @@ def test_launch_file_describes_node():
     description = module.generate_launch_description()
     arguments = {a.name for a in description.get_launch_arguments()}
     assert {"namespace", "left_namespace", "right_namespace", "params_file", "model", "device",
-            "input_scale", "use_rviz"} <= arguments
+            "input_scale", "use_rviz", "fixed_frame"} <= arguments
 
 
-def node_command(*ros_args: str) -> list[str]:
-    return [sys.executable, "-m", "stereo_kd_ros", "--ros-args", "--params-file", str(CONFIG_FILE), *ros_args]
+def node_command(*ros_args: str, params_file=CONFIG_FILE) -> list[str]:
+    return [sys.executable, "-m", "stereo_kd_ros", "--ros-args", "--params-file", str(params_file), *ros_args]
 
 
 def node_env() -> dict[str, str]:
@@ -117,3 +121,34 @@ def test_console_node_rejects_bad_parameter_clearly():
     result = subprocess.run(node_command("-p", "confidence_threshold:=2.0"), env=node_env(),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "confidence_threshold" in result.stderr
+
+
+def test_params_file_applies_to_a_node_in_a_namespace(ros_context, tmp_path):
+    config = yaml.safe_load(CONFIG_FILE.read_text())
+    changed = {"max_disparity": 48, "confidence_threshold": 0.25}
+    assert all(config[CONFIG_KEY]["ros__parameters"][name] != value for name, value in changed.items())
+    config[CONFIG_KEY]["ros__parameters"].update(changed)
+    params_file = tmp_path / "stereo.yaml"
+    params_file.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(node_command("-r", "__ns:=/rig_a/front", params_file=params_file),
+                               env=node_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    io = Node("params_test_io", context=ros_context)
+    client = AsyncParameterClient(io, f"/rig_a/front/{NODE_NAME}")
+    executor = SingleThreadedExecutor(context=ros_context)
+    executor.add_node(io)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        assert client.wait_for_services(timeout_sec=30), "node did not start in /rig_a/front"
+        future = client.get_parameters(["max_disparity", "confidence_threshold", "queue_size"])
+        deadline = time.monotonic() + 10
+        while not future.done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        values = [value.integer_value if value.type == 2 else value.double_value
+                  for value in future.result().values]
+        assert values == [48, 0.25, config[CONFIG_KEY]["ros__parameters"]["queue_size"]]
+    finally:
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=20)
+        executor.shutdown()
+        io.destroy_node()
+    assert process.returncode == 0, output

@@ -12,7 +12,8 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 from stereo_scene import make_scene
 
-from stereo_kd_ros.conversions import disparity_from_msg
+from stereo_kd_ros.conversions import disparity_from_msg, stamp_to_ns
+from stereo_kd_ros.node import TIME_RESET_THRESHOLD_S
 
 ROS_DOMAIN_ID = 146
 MAX_DISPARITY = 16
@@ -74,7 +75,7 @@ cases = st.one_of(
     st.tuples(st.just("image"), image_cases()),
     st.tuples(st.just("camera_info"), camera_info_cases()),
     st.tuples(st.just("frame"), st.sampled_from(["left", "right"])),
-    st.tuples(st.just("stamp"), st.tuples(st.integers(0, 9), st.integers(0, 2**32 - 1))),
+    st.tuples(st.just("stamp"), st.integers(0, int(3 * TIME_RESET_THRESHOLD_S * 1e9))),  # ns behind the newest
     st.tuples(st.just("size"), st.integers(1, 40)),
 )
 
@@ -84,7 +85,7 @@ def fuzz_rig(ros_context):
     harness = StereoHarness(ros_context, max_disparity=MAX_DISPARITY, diagnostics_period_s=0.2)
     rig = {"harness": harness, "scene": make_scene(width=64, height=48, plane_disparity=4, box_disparity=8,
                                                       max_disparity=MAX_DISPARITY),
-           "next_sec": 10, "expected": {}}
+           "next_sec": 10, "expected": {}, "last_accepted_ns": None, "time_resets": 0}
     yield rig
     harness.close()
 
@@ -116,10 +117,14 @@ def send_case(rig, kind: str, case) -> str | None:
     elif kind == "frame":
         (left if case == "left" else right).header.frame_id = "elsewhere"
         expected = "frame_mismatch"
-    elif kind == "stamp":  # older than every accepted pair
-        sec, nanosec = case
-        left.header.stamp = right.header.stamp = Time(sec=sec, nanosec=nanosec)
-        expected = "stamp_out_of_order"
+    elif kind == "stamp" and rig["last_accepted_ns"] is not None:
+        # `case` ns behind the newest accepted pair: a reorder up to the threshold, beyond it a time reset.
+        stamp_ns = rig["last_accepted_ns"] - case
+        left.header.stamp = right.header.stamp = Time(sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9)
+        if case <= TIME_RESET_THRESHOLD_S * 1e9:
+            expected = "stamp_out_of_order"
+        else:
+            rig["time_resets"] += 1
     elif kind == "size":
         right.width -= case
         right.step = right.width
@@ -152,6 +157,9 @@ NAN = float("nan")
 @example(case=("camera_info", ("right", "p", 3, 0.0, "bad_camera_info")))  # zero baseline
 @example(case=("camera_info", ("left", "p", 2, float("inf"), "bad_camera_info")))
 @example(case=("camera_info", ("right", "p", 5, 0.0, "bad_camera_info")))
+@example(case=("stamp", 0))  # the same stamp again
+@example(case=("stamp", int(TIME_RESET_THRESHOLD_S * 1e9)))  # the largest reorder
+@example(case=("stamp", int(TIME_RESET_THRESHOLD_S * 1e9) + 1))  # the smallest time reset
 def test_fuzzed_inputs_are_rejected_for_the_predicted_reason_and_the_node_keeps_working(fuzz_rig, case):
     harness, scene = fuzz_rig["harness"], fuzz_rig["scene"]
     stats = harness.node.stats
@@ -174,6 +182,7 @@ def test_fuzzed_inputs_are_rejected_for_the_predicted_reason_and_the_node_keeps_
     harness.send_images(*scene.images(stamp))
     assert wait_until(lambda: harness.count("disparity") and harness.last("disparity").header.stamp == stamp,
                       timeout_s=10), f"no output after {case}"
+    fuzz_rig["last_accepted_ns"] = stamp_to_ns(stamp)
     disparity = disparity_from_msg(harness.last("disparity"))
     comparable = scene.comparable & np.isfinite(disparity)
     assert comparable.sum() > 0.5 * scene.comparable.sum()
@@ -189,4 +198,5 @@ def test_diagnostics_count_every_fuzzed_rejection_by_reason(fuzz_rig):
     for reason, count in expected.items():
         assert values[f"rejected_{reason}"] == str(count), reason
     assert values["rejected"] == str(sum(expected.values()))
+    assert values["time_resets"] == str(fuzz_rig["time_resets"])
     assert fuzz_rig["harness"].node.stats.rejected.get("estimator_error", 0) == 0

@@ -1,17 +1,20 @@
 """Real processes: SIGINT/SIGTERM while a frame is in flight end the node cleanly (exit 0, no
 traceback, the frame dropped); configuration errors at start-up exit with code 2 and a message
-naming the problem. (The player's clean stop is tested in test_player_sources.py.)"""
+naming the problem. In process: close() waits for an inference as slow as the slowest seen, and
+a result that comes after close() is dropped. (The player's clean stop is tested in
+test_player_sources.py.)"""
 
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import RELIABLE, REPO_ROOT, wait_until
+from conftest import RELIABLE, REPO_ROOT, StereoHarness, wait_until
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
@@ -19,7 +22,10 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from stereo_msgs.msg import DisparityImage
 
+from stereo_kd_core import StereoEstimator
+from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.conversions import numpy_to_image
+from stereo_kd_ros.node import MIN_SHUTDOWN_WAIT_S
 
 ROS_DOMAIN_ID = 147
 
@@ -107,3 +113,85 @@ def test_configuration_errors_exit_2_with_a_clear_message(parameter, expected):
     assert "Traceback" not in result.stderr
     for text in expected:
         assert text in result.stderr, (text, result.stderr)
+
+
+class HeldEstimator(StereoEstimator):
+    """SGBM whose predict() first sleeps `hold_s`, or, with hold_s None, waits for `release`."""
+
+    def __init__(self):
+        self.sgbm = SGBMEstimator(max_disparity=32)
+        self.name, self.device, self.precision = "held-sgbm", "cpu", "fp32"
+        self.max_disparity, self.min_disparity, self.min_input_width = 32, 0.0, self.sgbm.min_input_width
+        self.hold_s: float | None = 0.0
+        self.started, self.release = threading.Semaphore(0), threading.Event()
+
+    def predict(self, left, right, geometry=None):
+        self.started.release()
+        if self.hold_s is None:
+            self.release.wait(30)
+        else:
+            time.sleep(self.hold_s)
+        return self.sgbm.predict(left, right)
+
+
+def send_pair(harness, sec: int) -> None:
+    texture = np.random.default_rng(sec).integers(0, 256, size=(24, 64), dtype=np.uint8)
+    for side, tx in (("left", 0.0), ("right", -5.0)):
+        info = CameraInfo(header=Header(stamp=Time(sec=sec), frame_id=side), width=64, height=24)
+        info.p = [50.0, 0.0, 32.0, tx, 0.0, 50.0, 12.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        harness.pubs[f"{side}/camera_info"].publish(info)
+    assert wait_until(lambda: all(harness.node.camera_infos.get(side) is not None
+                                  and harness.node.camera_infos[side].header.stamp == Time(sec=sec)
+                                  for side in ("left", "right")))
+    harness.send_images(*(numpy_to_image(texture, "mono8", Header(stamp=Time(sec=sec), frame_id=side))
+                          for side in ("left", "right")))
+
+
+def test_close_waits_for_an_inference_as_slow_as_the_slowest_seen(ros_context):
+    slowest_s = 0.6 * MIN_SHUTDOWN_WAIT_S  # so that 2x the slowest is beyond the minimum wait
+    estimator = HeldEstimator()
+    harness = StereoHarness(ros_context, estimator=estimator, diagnostics_period_s=0.2)
+    try:
+        estimator.hold_s = slowest_s
+        send_pair(harness, 1)
+        assert wait_until(lambda: harness.count("disparity") == 1, timeout_s=20)
+        assert harness.node.shutdown_wait_s() >= 2 * slowest_s
+        estimator.hold_s = None
+        send_pair(harness, 2)
+        assert estimator.started.acquire(timeout=10) and estimator.started.acquire(timeout=10)
+        # The frame in flight ends after the minimum wait but within 2x the slowest inference.
+        release_after_s = 1.1 * MIN_SHUTDOWN_WAIT_S
+        threading.Timer(release_after_s, estimator.release.set).start()
+        start = time.monotonic()
+        harness.node.close()
+        waited_s = time.monotonic() - start
+        assert release_after_s - 0.1 <= waited_s < 2 * slowest_s, waited_s
+        assert not harness.node._worker.is_alive()
+        assert (harness.node.stats.processed, harness.node.stats.discarded) == (1, 1)
+        time.sleep(0.3)
+        assert harness.count("disparity") == 1  # the frame in flight was not published
+    finally:
+        estimator.release.set()
+        harness.close()
+
+
+def test_a_result_after_close_is_dropped_without_touching_the_node(ros_context):
+    estimator = HeldEstimator()
+    estimator.hold_s = None
+    harness = StereoHarness(ros_context, estimator=estimator, diagnostics_period_s=0.2)
+    errors = []
+    previous_hook, threading.excepthook = threading.excepthook, errors.append
+    try:
+        send_pair(harness, 1)
+        assert estimator.started.acquire(timeout=10)
+        harness.node.close(timeout_s=0.1)
+        assert harness.node._worker.is_alive()  # still inside predict()
+        harness.close()  # node destroyed under the running inference
+        estimator.release.set()
+        harness.node._worker.join(10)
+        assert not harness.node._worker.is_alive()
+        assert (harness.node.stats.processed, harness.node.stats.discarded) == (0, 1)
+        assert not harness.node.stats.rejected and not errors
+    finally:
+        threading.excepthook = previous_hook
+        estimator.release.set()

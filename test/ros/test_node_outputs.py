@@ -9,7 +9,9 @@ from rclpy.parameter import Parameter
 from stereo_scene import make_scene
 
 from stereo_kd_core import StereoEstimator
+from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.conversions import disparity_from_msg, point_cloud_to_numpy, unpack_rgb
+from stereo_kd_ros.node import scaled_search_range
 
 ROS_DOMAIN_ID = 141
 CX_OFFSET = 2.0  # cx_left - cx_right: exercises the Q term stereo_image_proc also applies
@@ -168,6 +170,39 @@ def test_input_scale_is_validated_and_changeable_at_run_time(make_harness, scene
     disparity_msg, _ = run_one_pair(harness, scene)
     assert (disparity_msg.image.height, disparity_msg.image.width) == (48, 64)
     assert harness.diagnostics()["input_scale"] == "0.5"
+
+
+def test_sgbm_search_range_follows_input_scale(make_harness, ros_context):
+    assert [scaled_search_range(192, s) for s in (1.0, 0.5, 0.3, 0.1)] == [192, 96, 64, 32]
+    assert scaled_search_range(32, 0.1) == 16  # never below one SGBM step
+    scene = make_scene(width=192, height=128, plane_disparity=12, box_disparity=24, max_disparity=64)
+    # Half size: 96x64 pixels, surfaces at 6 and 12 px; the full 64 px range becomes 32 resized pixels.
+    harness = make_harness(max_disparity=64, input_scale=0.5)
+    assert harness.node.estimator.max_disparity == 32
+    scaled_msg, _ = run_one_pair(harness, scene)
+    assert (scaled_msg.min_disparity, scaled_msg.max_disparity) == (0.0, 31.0)  # cx offset 0: no shift
+    # The same input with the unscaled 64 px range searched on the half-size image (a ready estimator
+    # is used as given).
+    unscaled = StereoHarness(ros_context, estimator=SGBMEstimator(max_disparity=64), max_disparity=64,
+                             input_scale=0.5, diagnostics_period_s=0.2)
+    try:
+        unscaled_msg, _ = run_one_pair(unscaled, scene)
+    finally:
+        unscaled.close()
+    assert unscaled_msg.max_disparity == 63.0
+    scaled_window, unscaled_window = scaled_msg.valid_window, unscaled_msg.valid_window
+    # SGBM leaves the first columns of its search range invalid: a smaller range, a wider valid window.
+    assert scaled_window.x_offset <= 32 < 63 <= unscaled_window.x_offset
+    assert scaled_window.width > unscaled_window.width
+    assert scaled_window.x_offset + scaled_window.width == unscaled_window.x_offset + unscaled_window.width
+
+    # Rebuilt when input_scale changes at run time.
+    for scale, expected in ((1.0, 64), (0.25, 16)):
+        assert harness.node.set_parameters([Parameter("input_scale", value=scale)])[0].successful
+        assert harness.node.estimator.max_disparity == expected
+        disparity_msg, _ = run_one_pair(harness, scene, stamp_sec=int(10 / scale))
+        assert disparity_msg.max_disparity == expected - 1
+        assert disparity_msg.image.width == round(192 * scale)
 
 
 class DevicePointsEstimator(StereoEstimator):

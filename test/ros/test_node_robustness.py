@@ -1,12 +1,18 @@
-"""Sync modes, bad input (each class rejected, counted, node keeps going) and latest-wins."""
+"""Sync modes, bad input (each class rejected, counted, logged once per period, node keeps
+going), time resets and latest-wins."""
 
+import threading
 import time
 
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
 from conftest import wait_until
+from rcl_interfaces.msg import Log
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from stereo_scene import make_scene
+
+from stereo_kd_ros.node import NODE_NAME, TIME_RESET_THRESHOLD_S, WARNING_INTERVAL_S
 
 ROS_DOMAIN_ID = 142
 
@@ -81,8 +87,30 @@ BAD_INPUTS = [
 ]
 
 
+class RosoutRecorder:
+    """The node's /rosout messages, as any ROS tool sees them."""
+
+    def __init__(self, harness):
+        self.messages: list[str] = []
+        self._lock = threading.Lock()
+        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        harness.io.create_subscription(Log, "/rosout", self._on_log, qos)
+
+    def _on_log(self, msg: Log) -> None:
+        if msg.name == NODE_NAME:
+            with self._lock:
+                self.messages.append(msg.msg)
+
+    def matching(self, text: str) -> list[str]:
+        with self._lock:
+            return [message for message in self.messages if text in message]
+
+
 def test_each_bad_input_is_rejected_counted_and_the_next_good_pair_processed(make_harness, scene):
     harness = make_harness()
+    log = RosoutRecorder(harness)
+    rejected_at: dict[str, list[float]] = {}
     # Missing camera_info: images before any camera_info arrived.
     harness.send_images(*scene.images(Time(sec=1)))
     assert wait_until(lambda: harness.node.stats.rejected["missing_camera_info"] == 1)
@@ -95,6 +123,7 @@ def test_each_bad_input_is_rejected_counted_and_the_next_good_pair_processed(mak
         harness.send_infos(left_info, right_info)
         harness.send_images(left, right)
         assert wait_until(lambda key=reason, before=rejected_before: counts[key] > before), kind
+        rejected_at.setdefault(reason, []).append(time.monotonic())
         good_stamp = Time(sec=11 + 2 * index)
         harness.send_infos(*scene.camera_infos(good_stamp))
         harness.send_images(*scene.images(good_stamp))
@@ -102,9 +131,26 @@ def test_each_bad_input_is_rejected_counted_and_the_next_good_pair_processed(mak
         processed = harness.count("disparity")
         assert harness.last("disparity").header.stamp == good_stamp
 
-    # Stamps out of order: an older pair after a newer one.
-    harness.send_images(*scene.images(Time(sec=3)))
+    # Stamps out of order: a pair slightly older than the last one (not a time reset), then a newer one.
+    last_good = 11 + 2 * (len(BAD_INPUTS) - 1)
+    harness.send_images(*scene.images(Time(sec=last_good - 1, nanosec=500_000_000)))
     assert wait_until(lambda: harness.node.stats.rejected["stamp_out_of_order"] == 1)
+    harness.send_images(*scene.images(Time(sec=last_good + 1)))
+    assert outputs_after(harness, processed), "no output after stamp_out_of_order"
+    assert harness.last("disparity").header.stamp == Time(sec=last_good + 1)
+
+    # Each rejection is logged with its reason; within WARNING_INTERVAL_S the three bad_camera_info
+    # pairs give one warning (the rest are counted for the next one).
+    assert wait_until(lambda: log.matching("skipping stereo pair [size_mismatch]: left 96x64 mono8 and "
+                                           "right 88x64 mono8 differ"), timeout_s=5), log.messages
+    assert wait_until(lambda: log.matching("skipping stereo pair [stamp_out_of_order]: left stamp 24.500000 s "
+                                           "is not after the previous pair's 25.000000 s"), timeout_s=5)
+    bad_info_times = rejected_at["bad_camera_info"]
+    if bad_info_times[-1] - bad_info_times[0] < WARNING_INTERVAL_S:
+        assert len(log.matching("[bad_camera_info]")) == 1, log.messages
+        assert harness.node._suppressed["bad_camera_info"] == 2
+    else:  # a very slow machine: the third may open a new period, carrying the count of the second
+        assert 1 <= len(log.matching("[bad_camera_info]")) <= 2, log.messages
     values = harness.diagnostics()
     expected = {"missing_camera_info": 1, "stamp_out_of_order": 1, "size_mismatch": 1,
                 "unsupported_encoding": 1, "data_length": 1, "step_too_small": 1, "bad_camera_info": 3,
@@ -112,8 +158,35 @@ def test_each_bad_input_is_rejected_counted_and_the_next_good_pair_processed(mak
     for reason, count in expected.items():
         assert values[f"rejected_{reason}"] == str(count), reason
     assert values["rejected"] == str(sum(expected.values()))
-    assert values["processed"] == str(len(BAD_INPUTS))
+    assert values["processed"] == str(len(BAD_INPUTS) + 1)
+    assert values["time_resets"] == "0"
     assert harness.node.stats.rejected.get("estimator_error", 0) == 0
+
+
+def test_a_far_future_stamp_is_followed_by_a_time_reset_not_endless_rejections(make_harness, scene):
+    harness = make_harness()
+    log = RosoutRecorder(harness)
+    harness.send_infos(*scene.camera_infos(Time(sec=10)))
+    future = Time(sec=1_000_000)
+    harness.send_images(*scene.images(future))
+    assert outputs_after(harness, 0)
+    # Back to the real clock: a jump of almost a million seconds is a reset, so this pair is processed...
+    harness.send_images(*scene.images(Time(sec=11)))
+    assert outputs_after(harness, 1)
+    assert harness.last("disparity").header.stamp == Time(sec=11)
+    # ... and so are those after it, while a small step back is still a reorder.
+    harness.send_images(*scene.images(Time(sec=12)))
+    assert outputs_after(harness, 2)
+    step_back = int(TIME_RESET_THRESHOLD_S * 1e9) // 2
+    harness.send_images(*scene.images(Time(sec=11, nanosec=1_000_000_000 - step_back)))
+    assert wait_until(lambda: harness.node.stats.rejected["stamp_out_of_order"] == 1)
+    harness.send_images(*scene.images(Time(sec=13)))
+    assert outputs_after(harness, 3)
+    assert harness.last("disparity").header.stamp == Time(sec=13)
+    values = harness.diagnostics()
+    assert values["time_resets"] == "1" and values["processed"] == "4"
+    assert wait_until(lambda: log.matching(f"time jumped back by {1_000_000 - 11:.3f} s: resetting"), timeout_s=5)
+    assert len(log.matching("time jumped back")) == 1
 
 
 def test_latest_wins_under_load(make_harness):

@@ -31,7 +31,14 @@ from rosbags.typesys import Stores, get_typestore  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from stereo_kd_core.data.io import write_middlebury_calib  # noqa: E402
-from stereo_kd_ros.player import TOPIC_KEYS, StereoPlayer, bag_frames, folder_frames, geometry_from_yaml  # noqa: E402
+from stereo_kd_ros.player import (  # noqa: E402
+    BAG_PAIRING_QUEUE,
+    TOPIC_KEYS,
+    StereoPlayer,
+    bag_frames,
+    folder_frames,
+    geometry_from_yaml,
+)
 
 TOPICS = {"left_info": "left/camera_info", "left_image": "left/image_rect",
           "right_info": "right/camera_info", "right_image": "right/image_rect"}
@@ -154,8 +161,9 @@ def test_yaml_calibration(tmp_path):
     np.testing.assert_allclose(received["right_info"][0][1].p, [50, 0, 22, -5, 0, 50, 9.5, 0, 0, 0, 1, 0])
 
 
-def write_bag(path: Path, period_ns: int) -> dict[str, list[bytes]]:
-    """Two stereo pairs `period_ns` apart (camera_info once per side), recorded under /cam/... topics."""
+def write_bag(path: Path, period_ns: int, image_stamps: list[tuple[str, int]] | None = None) -> dict[str, list[bytes]]:
+    """Two stereo pairs `period_ns` apart (camera_info once per side), recorded under /cam/... topics;
+    or, with `image_stamps`, one image per (key, stamp ns) in that order."""
     typestore = get_typestore(Stores.ROS2_KILTED)
     types = typestore.types
     rng = np.random.default_rng(4)
@@ -181,13 +189,15 @@ def write_bag(path: Path, period_ns: int) -> dict[str, list[bytes]]:
             write(key, types["sensor_msgs/msg/CameraInfo"](
                 header=header(5), height=20, width=30, distortion_model="plumb_bob", d=np.zeros(5),
                 k=p.reshape(3, 4)[:, :3].ravel(), r=np.eye(3).ravel(), p=p, binning_x=0, binning_y=0, roi=roi), 10)
-        for index in range(2):
-            stamp = 1_000_000_000 + index * period_ns
-            for offset, key in ((0, "right_image"), (1000, "left_image")):  # right recorded first
-                pixels = random_image(rng, (20, 30))
-                write(key, types["sensor_msgs/msg/Image"](header=header(stamp), height=20, width=30, encoding="mono8",
-                                                          is_bigendian=0, step=30, data=pixels.ravel()),
-                      stamp + offset)
+        recorded_at_stamp = image_stamps is None  # else recorded 1 us apart in the given order
+        if recorded_at_stamp:  # right recorded first
+            image_stamps = [(key, 1_000_000_000 + index * period_ns) for index in range(2)
+                            for key in ("right_image", "left_image")]
+        for order, (key, stamp) in enumerate(image_stamps):
+            pixels = random_image(rng, (20, 30))
+            write(key, types["sensor_msgs/msg/Image"](header=header(stamp), height=20, width=30, encoding="mono8",
+                                                      is_bigendian=0, step=30, data=pixels.ravel()),
+                  (stamp if recorded_at_stamp else 1_000_000_000) + order * 1000)
     return written
 
 
@@ -203,12 +213,14 @@ def test_bag_source_recorded_timing_and_restamp(tmp_path):
     gap_s = received["left_image"][1][0] - received["left_image"][0][0]
     assert 0.75 < gap_s < 1.6  # the recorded 1.0 s (receipt times: allow for delivery jitter)
 
-    before_ns = time.time_ns()
-    received = play(bag_frames(tmp_path / "bag", bag_topics), frames=3, loop=True, restamp=True, rate_hz=20.0)
-    stamps = [Time.from_msg(msg.header.stamp).nanoseconds for _, msg in received["left_image"]]
-    assert all(stamp > before_ns for stamp in stamps) and stamps == sorted(set(stamps))
-    assert [Time.from_msg(msg.header.stamp).nanoseconds for _, msg in received["right_info"]] == stamps
-    assert bytes(received["left_image"][2][1].data) == bytes(received["left_image"][0][1].data)  # looped
+    for restamp in (True, False):  # looping restamps by itself: recorded stamps would go back at each pass
+        before_ns = time.time_ns()
+        received = play(bag_frames(tmp_path / "bag", bag_topics), frames=3, loop=True, restamp=restamp,
+                        rate_hz=20.0)
+        stamps = [Time.from_msg(msg.header.stamp).nanoseconds for _, msg in received["left_image"]]
+        assert all(stamp > before_ns for stamp in stamps) and stamps == sorted(set(stamps))
+        assert [Time.from_msg(msg.header.stamp).nanoseconds for _, msg in received["right_info"]] == stamps
+        assert bytes(received["left_image"][2][1].data) == bytes(received["left_image"][0][1].data)  # looped
 
     with pytest.raises(ValueError, match="no topic /left/image_rect"):
         bag_frames(tmp_path / "bag", {**bag_topics, "left_image": "/left/image_rect"})
@@ -239,3 +251,22 @@ def test_player_stops_cleanly_on_signal(tmp_path, signum):
     output = "".join(lines) + process.stderr.read()
     assert code == 0, output
     assert "Traceback" not in output
+
+
+def test_bag_pairing_keeps_a_bounded_number_of_unmatched_images(tmp_path):
+    unmatched = BAG_PAIRING_QUEUE + 36
+    second = 1_000_000_000
+    image_stamps = ([("left_image", second * (10 + i)) for i in range(unmatched)]
+                    + [("right_image", second * (10 + i) + 500) for i in range(unmatched)]
+                    # A pair whose right image comes BAG_PAIRING_QUEUE - 1 images after its left: still paired.
+                    + [("left_image", second * 5000)]
+                    + [("left_image", second * (6000 + i)) for i in range(BAG_PAIRING_QUEUE - 1)]
+                    + [("right_image", second * 5000)])
+    write_bag(tmp_path / "bag", 0, image_stamps)
+    source = bag_frames(tmp_path / "bag", {key: f"/cam/{key}" for key in TOPIC_KEYS})
+    frames = list(source())
+    assert [Time.from_msg(frame.messages["left_image"].header.stamp).nanoseconds for frame in frames] == [
+        second * 5000]
+    # Each side holds at most BAG_PAIRING_QUEUE: the extra unmatched ones are evicted (the 5000 s left is the
+    # 64th newest when its right arrives, so it is still there).
+    assert source.evicted == 2 * (unmatched - BAG_PAIRING_QUEUE) + (BAG_PAIRING_QUEUE - 1) + 1
