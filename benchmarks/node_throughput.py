@@ -19,6 +19,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -95,7 +96,10 @@ class NodeSession:
             for name, value in self.parameters.items():
                 command += ["-p", f"{name}:={str(value).lower() if isinstance(value, bool) else value}"]
             env = {**os.environ, "ROS_DOMAIN_ID": str(self.domain_id), "PYTHONPATH": str(REPO_ROOT)}
-            self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+            # A file, not a pipe: nobody reads a pipe during the run, and a full pipe (64 KiB of
+            # the node's once-a-second status lines, about 6 minutes) would block the node.
+            self._output = tempfile.TemporaryFile(mode="w+")
+            self.process = subprocess.Popen(command, env=env, stdout=self._output,
                                             stderr=subprocess.STDOUT, text=True)
         self.context = rclpy.Context()
         rclpy.init(context=self.context, domain_id=self.domain_id)
@@ -193,7 +197,10 @@ class NodeSession:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
         if self.process is not None:
-            output, _ = self.process.communicate(timeout=30)
+            self.process.wait(timeout=30)
+            self._output.seek(0)
+            output = self._output.read()
+            self._output.close()
         if hasattr(self, "_executor"):
             self._executor.shutdown()
             self.io.destroy_node()
