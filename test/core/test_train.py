@@ -244,7 +244,8 @@ def test_a_killed_run_resumes_with_the_exact_next_losses(tmp_path):
     command = [sys.executable, "-m", "stereo_kd_core", "train", "tiny-dsnet", "--out", str(killed)]
     for key, value in overrides.items():
         command += ["--set", f"{key}={value}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # the same thread count as this process: CPU kernels are bit-reproducible only at equal threads
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
