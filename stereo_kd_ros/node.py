@@ -58,6 +58,8 @@ MIN_IMAGE_SIZE = 2  # rows and columns every estimator needs
 # A stamp this far behind the previous pair's is a time reset (sim time restart, bag loop), not a
 # reordered pair: the node starts over instead of rejecting every later pair.
 TIME_RESET_THRESHOLD_S = 1.0
+# A pair that arrives before the first camera_infos waits this long for them (then is rejected).
+AWAIT_CAMERA_INFO_S = 1.0
 MIN_SHUTDOWN_WAIT_S = 5.0  # close() waits at least this long (and 2x the slowest inference) for the worker
 SGBM_RANGE_STEP = 16       # OpenCV SGBM's numDisparities is a multiple of 16
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -278,9 +280,12 @@ class StereoNode(Node):
                                if values["publish_confidence"] else None)
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
+        # The latest pair that arrived before both camera_infos (at start-up the images often win
+        # the race): processed when the infos arrive, if still fresh; (left, right, arrival s).
+        self._awaiting_info: tuple[Image, Image, float] | None = None
         for side in ("left", "right"):
             self.create_subscription(CameraInfo, f"{side}/camera_info",
-                                     lambda msg, side=side: self.camera_infos.__setitem__(side, msg),
+                                     lambda msg, side=side: self.on_camera_info(side, msg),
                                      input_qos, qos_overriding_options=overrides)
         tolerance = values["approximate_sync_tolerance_seconds"] if values["approximate_sync"] else None
         self.image_sync = subscribe_synchronized(
@@ -345,10 +350,33 @@ class StereoNode(Node):
 
     # -- input (executor thread) -------------------------------------------------------------
 
+    def on_camera_info(self, side: str, msg: CameraInfo) -> None:
+        """Keep the latest camera_info per side; release a pair that was waiting for them."""
+        self.camera_infos[side] = msg
+        awaiting = self._awaiting_info
+        if awaiting is None or len(self.camera_infos) < 2:
+            return
+        self._awaiting_info = None
+        left, right, arrived_s = awaiting
+        if time.monotonic() - arrived_s > AWAIT_CAMERA_INFO_S:
+            self._reject("missing_camera_info", "no camera_info arrived within "
+                         f"{AWAIT_CAMERA_INFO_S:g} s of the pair")
+            return
+        self._submit(left, right)
+
     def on_images(self, left: Image, right: Image) -> None:
         """Synchronized pair: validate, then hand it to the worker (latest wins)."""
         with self.stats.lock:
             self.stats.pairs += 1
+        if len(self.camera_infos) < 2:
+            # Before the first camera_infos: hold the latest pair briefly instead of rejecting it.
+            if self._awaiting_info is not None:
+                self._reject("missing_camera_info", "a newer pair arrived before any camera_info")
+            self._awaiting_info = (left, right, time.monotonic())
+            return
+        self._submit(left, right)
+
+    def _submit(self, left: Image, right: Image) -> None:
         try:
             pair = self.prepare(left, right)
         except RejectedPairError as rejection:
@@ -570,7 +598,16 @@ class StereoNode(Node):
                       max_disparity=str(self.estimator.max_disparity))
         return values
 
+    def _expire_awaiting_pair(self) -> None:
+        """A pair held for camera_infos that did not come in time is rejected (and counted)."""
+        awaiting = self._awaiting_info
+        if awaiting is not None and time.monotonic() - awaiting[2] > AWAIT_CAMERA_INFO_S:
+            self._awaiting_info = None
+            missing = " and ".join(side for side in ("left", "right") if side not in self.camera_infos)
+            self._reject("missing_camera_info", f"no camera_info received yet on {missing}/camera_info")
+
     def _report(self) -> None:
+        self._expire_awaiting_pair()
         values = self.diagnostic_values()
         with self.stats.lock:
             _, _, start_pairs, start_rejected = self._period_start

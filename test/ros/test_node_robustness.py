@@ -214,3 +214,15 @@ def test_latest_wins_under_load(make_harness):
     # The newest pair is never the one dropped.
     assert wait_until(lambda: harness.count("disparity") == stats.processed)
     assert harness.last("disparity").header.stamp == Time(sec=100 + sent - 1)
+
+
+def test_a_pair_that_beats_the_first_camera_info_is_processed_when_it_arrives(make_harness, scene):
+    """At start-up images often arrive before the camera_infos: the latest such pair waits
+    (briefly) for them instead of being rejected."""
+    harness = make_harness()
+    harness.send_images(*scene.images(Time(sec=5)))
+    assert wait_until(lambda: harness.node.stats.pairs == 1)
+    harness.send_infos(*scene.camera_infos(Time(sec=5)))
+    assert wait_until(lambda: harness.count("disparity") == 1), "the waiting pair was not processed"
+    assert harness.last("disparity").header.stamp.sec == 5
+    assert harness.node.stats.rejected["missing_camera_info"] == 0
