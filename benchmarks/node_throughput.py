@@ -39,16 +39,17 @@ WINDOW_S = 5.0  # latency and rate are reported per window of this length
 
 def motorcycle_640x480():
     """(left, right, StereoGeometry): Middlebury Motorcycle (skimage.data), centre crop to 640x480."""
+    import dataclasses
+
     from skimage.data import stereo_motorcycle
 
-    from stereo_kd_core.geometry import StereoGeometry
+    from stereo_kd_core.evaluate import motorcycle_geometry
 
     left, right, _ = stereo_motorcycle()  # (500, 741, 3) RGB
     x0, y0 = (left.shape[1] - WIDTH) // 2, (left.shape[0] - HEIGHT) // 2
     crop = (slice(y0, y0 + HEIGHT), slice(x0, x0 + WIDTH))
-    # Calibration from skimage.data.stereo_motorcycle's docstring; a crop shifts the principal points.
-    focal_px, cx, cy, doffs_px, baseline_m = 994.978, 311.193, 254.877, 31.086, 0.193001
-    geometry = StereoGeometry.from_intrinsics(focal_px, cx - x0, cy - y0, baseline_m, cx_right=cx - x0 + doffs_px)
+    full = motorcycle_geometry()  # a crop shifts the principal points
+    geometry = dataclasses.replace(full, cx_left=full.cx_left - x0, cx_right=full.cx_right - x0, cy=full.cy - y0)
     return np.ascontiguousarray(left[crop]), np.ascontiguousarray(right[crop]), geometry
 
 

@@ -8,9 +8,17 @@ from collections.abc import Iterable
 import numpy as np
 
 from stereo_kd_core.estimator import StereoEstimator
+from stereo_kd_core.geometry import StereoGeometry
 
 # The scikit-image copy of Middlebury 2014 "Motorcycle", downsampled 4x (its docstring's calibration).
 MOTORCYCLE_CALIB = {"focal_px": 994.978, "cx": 311.193, "cy": 254.877, "doffs": 31.086, "baseline_mm": 193.001}
+
+
+def motorcycle_geometry() -> StereoGeometry:
+    """Rectified geometry of the Motorcycle pair (the one place its calibration is turned into one)."""
+    calib = MOTORCYCLE_CALIB
+    return StereoGeometry.from_intrinsics(calib["focal_px"], calib["cx"], calib["cy"], calib["baseline_mm"] / 1000.0,
+                                          cx_right=calib["cx"] + calib["doffs"])
 
 
 def motorcycle_sample() -> dict:

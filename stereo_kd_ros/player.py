@@ -72,13 +72,11 @@ class PlayerFrame:
 
 def motorcycle_pair() -> StereoFrames:
     """Middlebury 2014 Motorcycle, quarter resolution (741x500), as in skimage.data."""
-    from skimage.data import stereo_motorcycle
+    from stereo_kd_core.evaluate import motorcycle_geometry, motorcycle_sample
 
-    left, right, _ = stereo_motorcycle()
-    # Calibration of the down-sampled pair, from skimage.data.stereo_motorcycle's docstring.
-    focal_px, cx, cy, doffs_px, baseline_m = 994.978, 311.193, 254.877, 31.086, 0.193001
-    geometry = StereoGeometry.from_intrinsics(focal_px, cx, cy, baseline_m, cx_right=cx + doffs_px)
-    return StereoFrames(left=left, right=right, geometry=geometry, name="middlebury-motorcycle")
+    sample = motorcycle_sample()
+    return StereoFrames(left=sample["left"], right=sample["right"], geometry=motorcycle_geometry(),
+                        name="middlebury-motorcycle")
 
 
 def camera_info(projection: np.ndarray, width: int, height: int, header: Header) -> CameraInfo:
