@@ -21,7 +21,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import rclpy  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from rclpy.serialization import serialize_message  # noqa: E402
@@ -45,12 +45,16 @@ TOPICS = {"left_info": "left/camera_info", "left_image": "left/image_rect",
 
 
 def play(frames_factory, frames: int, **player_options) -> dict[str, list[tuple[float, object]]]:
-    """Run a player in its own context until it has published `frames` frames; (receive time, msg) per topic."""
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=ROS_DOMAIN_ID)
+    """Run a player in its own context until it has published `frames` frames; (receive time, msg) per topic.
+
+    The recorder lives in a context of its own, so it keeps receiving the last frame after the
+    player has shut its context down."""
+    player_context, recorder_context = rclpy.Context(), rclpy.Context()
+    rclpy.init(context=player_context, domain_id=ROS_DOMAIN_ID)
+    rclpy.init(context=recorder_context, domain_id=ROS_DOMAIN_ID)
     received: dict[str, list] = {key: [] for key in TOPIC_KEYS}
     lock = threading.Lock()
-    recorder = Node("player_test_recorder", context=context)
+    recorder = Node("player_test_recorder", context=recorder_context)
     qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
 
     def record(key: str, msg) -> None:
@@ -60,20 +64,39 @@ def play(frames_factory, frames: int, **player_options) -> dict[str, list[tuple[
     for key, topic in TOPICS.items():
         recorder.create_subscription(CameraInfo if key.endswith("info") else Image, topic,
                                      lambda msg, key=key: record(key, msg), qos)
-    player = StereoPlayer(frames_factory, frames=frames, context=context, **player_options)
-    executor = MultiThreadedExecutor(num_threads=2, context=context)
-    executor.add_node(player)
-    executor.add_node(recorder)
+    player = StereoPlayer(frames_factory, frames=frames, context=player_context, **player_options)
+    player_executor = SingleThreadedExecutor(context=player_context)
+    player_executor.add_node(player)
+    recorder_executor = SingleThreadedExecutor(context=recorder_context)
+    recorder_executor.add_node(recorder)
+    spinning = threading.Event()
+    spinning.set()
+
+    def spin_recorder() -> None:
+        while spinning.is_set():
+            recorder_executor.spin_once(timeout_sec=0.02)
+
+    recorder_thread = threading.Thread(target=spin_recorder, daemon=True)
+    recorder_thread.start()
     deadline = time.monotonic() + 30
     try:
-        while context.ok() and time.monotonic() < deadline:  # the player shuts the context down when done
-            executor.spin_once(timeout_sec=0.05)
+        while player_context.ok() and time.monotonic() < deadline:  # the player shuts its context down when done
+            player_executor.spin_once(timeout_sec=0.05)
+        # the last frame may still be in flight: wait for every image the player published
+        settle = time.monotonic() + 5.0
+        while time.monotonic() < settle and any(len(received[key]) < player.published
+                                                for key in ("left_image", "right_image")):
+            time.sleep(0.02)
     finally:
+        spinning.clear()
+        recorder_thread.join(timeout=5)
         player.close()
-        executor.shutdown()
+        player_executor.shutdown()
+        recorder_executor.shutdown()
         player.destroy_node()
         recorder.destroy_node()
-        context.try_shutdown()
+        player_context.try_shutdown()
+        recorder_context.try_shutdown()
     assert player.published == frames, "player did not finish in time"
     return received
 
