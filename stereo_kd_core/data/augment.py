@@ -55,7 +55,7 @@ def crop_sample(sample: dict, top: int, left: int, crop_size: tuple[int, int]) -
     height, width = sample["left"].shape[:2]
     pad_h, pad_w = max(0, top + crop_h - height), max(0, left + crop_w - width)
     out = dict(sample)
-    fills = {"left": 0, "right": 0, "disparity": np.nan, "nocc": False}
+    fills = {"left": 0, "right": 0, "disparity": np.nan, "nocc": False, "teacher_disparity": np.nan}
     for key, fill in fills.items():
         if key not in sample:
             continue
@@ -64,6 +64,15 @@ def crop_sample(sample: dict, top: int, left: int, crop_size: tuple[int, int]) -
             padding = ((0, pad_h), (0, pad_w)) + ((0, 0),) * (array.ndim - 2)
             array = np.pad(array, padding, constant_values=fill)
         out[key] = np.ascontiguousarray(array[top:top + crop_h, left:left + crop_w])
+    if "teacher_prob" in sample:  # (D/s, H/s, W/s) at the teacher's cost stride s
+        stride = sample["teacher_stride"]
+        if top % stride or left % stride or crop_h % stride or crop_w % stride:
+            raise ValueError(f"a crop of cached teacher costs must sit on their {stride}-pixel grid")
+        prob = sample["teacher_prob"]
+        if pad_h or pad_w:  # zero mass: no target there
+            prob = np.pad(prob, ((0, 0), (0, -(-pad_h // stride)), (0, -(-pad_w // stride))))
+        rows, cols = slice(top // stride, (top + crop_h) // stride), slice(left // stride, (left + crop_w) // stride)
+        out["teacher_prob"] = np.ascontiguousarray(prob[:, rows, cols])
     out.pop("calib", None)  # the principal point moved
     return out
 
@@ -103,6 +112,8 @@ def occlude(image: np.ndarray, rng: np.random.Generator, size_range: tuple[int, 
 def augment_sample(sample: dict, rng: np.random.Generator, crop_size: tuple[int, int] | None,
                    config: AugmentConfig | None) -> dict:
     """Apply `config` (None = no augmentation, centred crop only) and crop to `crop_size` (None = keep size)."""
+    if config is not None and config.scale_range is not None and "teacher_prob" in sample:
+        raise ValueError("augment.scale_range cannot be used with cached teacher outputs")
     if config is not None and config.scale_range is not None:
         scale = rng.uniform(*config.scale_range)
         if crop_size is not None:  # never scale below the crop
@@ -116,6 +127,9 @@ def augment_sample(sample: dict, rng: np.random.Generator, crop_size: tuple[int,
             top, left = int(rng.integers(spare_h + 1)), int(rng.integers(spare_w + 1))
         else:
             top, left = spare_h // 2, spare_w // 2
+        if "teacher_prob" in sample:  # cached teacher costs: crops on their grid
+            stride = sample["teacher_stride"]
+            top, left = top - top % stride, left - left % stride
         sample = crop_sample(sample, top, left, crop_size)
     if config is None:
         return sample

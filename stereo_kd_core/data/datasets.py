@@ -227,6 +227,32 @@ class MiddleburyDataset(StereoFolderDataset):
         return disparity
 
 
+class TeacherCacheDataset(MiddleburyDataset):
+    """A Middlebury-layout folder whose cases also hold teacher outputs (`CASE/teacher.npz`,
+    written by `stereo-kd cache-teacher`). Adds "teacher_disparity" (float32 HxW, NaN where
+    none) and "teacher_prob" (float32 (D/s, H/s, W/s): the teacher's cost distribution at its
+    cost stride s, "teacher_stride")."""
+
+    def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike | None = None) -> None:
+        from stereo_kd_core.distill.teacher_cache import teacher_file
+
+        super().__init__(root, split_file)
+        missing = [case.name for case in self.cases if not teacher_file(case.left.parent).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} cases of {root} have no teacher outputs (e.g. "
+                                    f"{missing[:3]}): run `stereo-kd cache-teacher --data {root}` first")
+
+    def __getitem__(self, index: int) -> dict:
+        from stereo_kd_core.distill.teacher_cache import dense_probability, read_teacher_file, teacher_file
+
+        sample = super().__getitem__(index)
+        cached = read_teacher_file(teacher_file(self.cases[index].left.parent))
+        sample["teacher_disparity"] = cached["disparity"].astype(np.float32)
+        sample["teacher_prob"] = dense_probability(cached["cost_index"], cached["cost_prob"], int(cached["levels"]))
+        sample["teacher_stride"] = int(cached["stride"])
+        return sample
+
+
 class ETH3DDataset(StereoFolderDataset):
     """ETH3D two-view: root/two_view_<split>/CASE/{im0,im1}.png, calib.txt and, for training,
     root/two_view_training_gt/CASE/{disp0GT.pfm, mask0nocc.png} (+inf = no ground truth)."""
@@ -273,6 +299,7 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "kitti2012": lambda root, **kw: KittiDataset(root, year=2012, **kw),
     "kitti2015": lambda root, **kw: KittiDataset(root, year=2015, **kw),
     "middlebury": MiddleburyDataset,
+    "teacher-cache": TeacherCacheDataset,
     "eth3d": ETH3DDataset,
     "synthetic": _synthetic,
 }
@@ -327,9 +354,13 @@ class TrainingDataset(Dataset):
         def image_tensor(image: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0
 
-        return {
+        item = {
             "left": image_tensor(sample["left"]),  # (3, h, w)
             "right": image_tensor(sample["right"]),  # (3, h, w)
             "disparity": torch.from_numpy(np.where(valid, disparity, 0).astype(np.float32)),  # (h, w)
             "valid": torch.from_numpy(valid),  # (h, w)
         }
+        if "teacher_disparity" in sample:
+            item["teacher_disparity"] = torch.from_numpy(sample["teacher_disparity"])  # (h, w), NaN: none
+            item["teacher_prob"] = torch.from_numpy(sample["teacher_prob"])  # (D/s, h/s, w/s)
+        return item

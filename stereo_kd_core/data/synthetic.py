@@ -31,8 +31,7 @@ from .io import write_image_rgb, write_middlebury_calib, write_pfm
 PHOTO_NAMES = (
     "astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "grass", "gravel", "text", "moon",
     "page", "coins", "hubble_deep_field", "immunohistochemistry", "clock", "cell", "colorwheel",
-    "stereo_motorcycle",
-)
+)  # never stereo_motorcycle: it is an evaluation pair
 BACKGROUND_DISPARITY_FRACTION = 0.12  # background disparities lie in [1, this * the scene range]
 MAX_SLOPE = 0.3  # |dd/dx|, |dd/dy| of a plane; keeps 1 - a well away from 0
 TEXTURE_BLUR_SIGMA = 0.8  # band-limits textures so sub-pixel (bilinear) lookups stay accurate
@@ -51,8 +50,6 @@ def _photos() -> tuple[np.ndarray, ...]:
             image = getattr(skimage.data, name)()
         except Exception:  # a missing optional image only shrinks the texture pool
             continue
-        if isinstance(image, tuple):  # stereo_motorcycle -> (left, right, disparity)
-            image = image[0]
         image = np.asarray(image)
         if image.dtype != np.uint8:
             continue
@@ -392,8 +389,16 @@ class SyntheticStereoGenerator:
         }
 
 
+GENERATOR_KINDS = ("photo", "planes")
+
+
 class SyntheticStereoDataset(Dataset):
-    """`n` generator samples as a Dataset of sample dicts."""
+    """`n` generator samples as a Dataset of sample dicts.
+
+    kind "photo" (default; the test split): pairs synthesised from real photographs
+    (`photo_stereo.PhotoStereoGenerator`, which takes `textures` and `builtin_photos`);
+    "planes": the procedural textured planes of this module.
+    """
 
     def __init__(
         self,
@@ -403,9 +408,22 @@ class SyntheticStereoDataset(Dataset):
         width: int = 512,
         max_disparity: int = 192,
         device: str | torch.device = "cpu",
+        kind: str = "photo",
+        textures: str | os.PathLike | list | None = None,
+        builtin_photos: bool = True,
     ) -> None:
         self.n = int(n)
-        self.generator = SyntheticStereoGenerator(height, width, max_disparity, seed=seed, device=device)
+        if kind == "photo":
+            from .photo_stereo import PhotoStereoGenerator
+
+            self.generator = PhotoStereoGenerator(height, width, max_disparity, seed=seed, textures=textures,
+                                                  builtin_photos=builtin_photos)
+        elif kind == "planes":
+            if textures is not None:
+                raise ValueError("textures apply to kind 'photo' only")
+            self.generator = SyntheticStereoGenerator(height, width, max_disparity, seed=seed, device=device)
+        else:
+            raise ValueError(f"unknown synthetic kind {kind!r}; known: {GENERATOR_KINDS}")
 
     def __len__(self) -> int:
         return self.n
@@ -423,17 +441,21 @@ def write_middlebury_dataset(
     height: int = 256,
     width: int = 512,
     max_disparity: int = 192,
+    kind: str = "photo",
+    textures: str | os.PathLike | list | None = None,
+    builtin_photos: bool = True,
 ) -> list[str]:
     """Write `n` generated pairs in Middlebury layout; returns the CASE directories.
 
     Each CASE holds im0.png, im1.png, disp0GT.pfm (+inf = no ground truth), mask0nocc.png
     (255 = non-occluded, 128 = occluded) and calib.txt.
     """
-    generator = SyntheticStereoGenerator(height, width, max_disparity, seed=seed)
+    dataset = SyntheticStereoDataset(n, seed, height, width, max_disparity, kind=kind, textures=textures,
+                                     builtin_photos=builtin_photos)
     out_dir = Path(out_dir)
     cases = []
     for index in range(int(n)):
-        sample = generator.sample(index)
+        sample = dataset[index]
         case = out_dir / sample["name"]
         case.mkdir(parents=True, exist_ok=True)
         write_image_rgb(case / "im0.png", sample["left"])

@@ -2,7 +2,7 @@
 weighting, and the `Distiller` objective that ties them to a student and a frozen teacher."""
 
 from stereo_kd_core.distill.adapters import ChannelAdapter, resample_feature, resample_volume
-from stereo_kd_core.distill.distiller import Distiller, SupervisedObjective, frozen_layers
+from stereo_kd_core.distill.distiller import CachedTeacherDistiller, Distiller, SupervisedObjective, frozen_layers
 from stereo_kd_core.distill.losses import (
     cosine_feature_loss,
     disparity_kl_loss,
@@ -19,6 +19,7 @@ from stereo_kd_core.distill.weighting import (
 )
 
 __all__ = [
+    "CachedTeacherDistiller",
     "ChannelAdapter",
     "Distiller",
     "LossWeighting",

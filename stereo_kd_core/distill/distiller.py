@@ -28,6 +28,7 @@ from torch import nn
 from stereo_kd_core.distill.adapters import ChannelAdapter, resample_feature, resample_volume
 from stereo_kd_core.distill.losses import (
     OUTPUT_WEIGHTS,
+    cached_distribution_kl_loss,
     cosine_feature_loss,
     disparity_kl_loss,
     ground_truth_loss,
@@ -274,4 +275,68 @@ class Distiller(SupervisedObjective):
         if missing or unexpected:
             raise ValueError(f"distiller state does not match its config: missing {missing[:8]}, "
                              f"unexpected {unexpected[:8]}")
+        self.load_state_dict(dict(state), strict=False)
+
+
+CACHED_TERMS = ("cost", "disparity")
+
+
+class CachedTeacherDistiller(SupervisedObjective):
+    """Distillation from teacher outputs cached beside the training pairs (`teacher_cache.py`):
+    the aggregated cost distribution (KL, every student output against the teacher's final one)
+    and the final disparity, plus ground truth. Same config and weighting as `Distiller`; the
+    batch carries "teacher_prob" (B, D/s, H/s, W/s) and "teacher_disparity" (B, H, W)."""
+
+    def __init__(self, student: nn.Module, config: Mapping, loss_kind: str = "smooth_l1",
+                 output_weights: tuple[float, ...] = OUTPUT_WEIGHTS) -> None:
+        super().__init__(student, loss_kind, output_weights)
+        self.config = dict(config)
+        live_only = sorted(set(self.config) & {"features", "volume", "co_training"})
+        if live_only:
+            raise ValueError(f"distill.{live_only[0]} needs the teacher's internal tensors, which a cache "
+                             "does not hold: distill with a live teacher (teacher.checkpoint) instead")
+        if float(self.config.get("cost", {}).get("temperature", 1.0)) != 1.0:
+            raise ValueError("distill.cost.temperature must be 1 with cached teacher outputs (cached as probabilities)")
+        weighting = self.config.get("weighting", "schedule")
+        self.points = {term: self.config[term] for term in (*CACHED_TERMS, "ground_truth")
+                       if self.config.get(term) is not None}
+        if not set(self.points) & set(CACHED_TERMS):
+            raise ValueError(f"distill: configure at least one of {', '.join(CACHED_TERMS)}")
+        self.terms = tuple(self.points)
+        stages = self.config.get("stages")
+        schedules = {term: _weight_schedule(cfg, weighting, term) for term, cfg in self.points.items()}
+        self.weighting = LossWeighting(schedules, weighting, None if stages is None else ProgressiveStages(stages))
+
+    def forward(self, batch: Mapping[str, torch.Tensor], step: int
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """batch: left, right, disparity, valid as for `SupervisedObjective`, plus teacher_prob and
+        teacher_disparity."""
+        if "teacher_prob" not in batch:
+            raise ValueError("cached distillation needs a data set with teacher outputs (name: teacher-cache)")
+        enabled = self.weighting.enabled(step)
+        student_out = self.student(batch["left"], batch["right"])
+        losses: dict[str, torch.Tensor] = {}
+        if "cost" in enabled and "cost" in self.points:
+            per_output = [cached_distribution_kl_loss(student_out[f"cost.{i}"], batch["teacher_prob"])
+                          for i in range(self.student.num_outputs)]
+            losses["cost"] = torch.stack(per_output).mean()
+        if "disparity" in enabled and "disparity" in self.points:
+            losses["disparity"] = teacher_disparity_loss(student_out["disp"], batch["teacher_disparity"],
+                                                         self.student.max_disparity)
+        if "ground_truth" in enabled and "ground_truth" in self.points:
+            losses["ground_truth"] = self.label_loss(student_out, batch, self.student.num_outputs,
+                                                     self.student.max_disparity)
+        total, weights = self.weighting.combine(losses, step)
+        logs: dict[str, torch.Tensor | float] = {f"loss.{name}": loss.detach() for name, loss in losses.items()}
+        logs.update({f"weight.{name}": weight for name, weight in weights.items()})
+        return total, logs
+
+    def auxiliary_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
+
+    def load_auxiliary_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        expected = set(self.auxiliary_state_dict())
+        if set(state) != expected:
+            raise ValueError(f"cached distiller state does not match its config: expected {sorted(expected)[:8]}, "
+                             f"got {sorted(state)[:8]}")
         self.load_state_dict(dict(state), strict=False)

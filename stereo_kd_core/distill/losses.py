@@ -92,17 +92,37 @@ def disparity_kl_loss(student_cost: torch.Tensor, teacher_cost: torch.Tensor,
     (B, H_s, W_s), True where the term counts; pixels where the teacher's logits are not all
     finite never count.
     """
-    levels_student = student_cost.shape[1]
     teacher_cost = resample_volume(teacher_cost, (teacher_cost.shape[1], *student_cost.shape[2:])).float()
-    student_cost = student_cost.float()
     finite = torch.isfinite(teacher_cost).all(dim=1)  # (B, H_s, W_s)
     mask = finite if mask is None else mask & finite
     teacher_cost = torch.where(torch.isfinite(teacher_cost), teacher_cost, torch.zeros_like(teacher_cost))
-    teacher_prob = rebin_disparity_distribution(F.softmax(teacher_cost / temperature, dim=1), levels_student)
+    return _kl_on_student_grid(student_cost, F.softmax(teacher_cost / temperature, dim=1), temperature, mask)
+
+
+def _kl_on_student_grid(student_cost: torch.Tensor, teacher_prob: torch.Tensor, temperature: float,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) * T^2; teacher_prob (B, D_t, H_s, W_s) already on the student's grid."""
+    teacher_prob = rebin_disparity_distribution(teacher_prob, student_cost.shape[1])
     teacher_log_prob = torch.log(teacher_prob.clamp(min=1e-12))
-    student_log_prob = F.log_softmax(student_cost / temperature, dim=1)
+    student_log_prob = F.log_softmax(student_cost.float() / temperature, dim=1)
     kl = (teacher_prob * (teacher_log_prob - student_log_prob)).sum(dim=1)  # (B, H, W)
     return _masked_mean(kl, mask) * temperature**2
+
+
+def cached_distribution_kl_loss(student_cost: torch.Tensor, teacher_prob: torch.Tensor,
+                                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) with the teacher given as a cached probability distribution.
+
+    student_cost: (B, D_s, H_s, W_s) logits; teacher_prob: (B, D_t, H_t, W_t) probabilities (each
+    column sums to 1, or 0 where the cache has no target). The teacher is resampled spatially
+    (a convex combination of distributions is one) and re-binned onto the student's levels.
+    """
+    teacher_prob = resample_volume(teacher_prob.float(), (teacher_prob.shape[1], *student_cost.shape[2:]))
+    has_target = teacher_prob.sum(dim=1) > 0.5  # (B, H_s, W_s): padding has no mass
+    mask = has_target if mask is None else mask & has_target
+    total = teacher_prob.sum(dim=1, keepdim=True)
+    teacher_prob = torch.where(total > 0, teacher_prob / total.clamp(min=1e-12), torch.zeros_like(teacher_prob))
+    return _kl_on_student_grid(student_cost, teacher_prob, 1.0, mask)
 
 
 def teacher_valid_mask(teacher_disparity: torch.Tensor, max_disparity: float) -> torch.Tensor:

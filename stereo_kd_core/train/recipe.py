@@ -20,11 +20,11 @@ FREE = "free"  # a mapping whose keys are checked by its consumer (model args, d
 _WEIGHT = {"initial": ANY, "decay": ANY, "every": ANY}
 SCHEMA: dict[str, Any] = {
     "model": FREE,
-    "teacher": {"checkpoint": ANY},
+    "teacher": {"checkpoint": ANY, "cached": ANY},
     "data": {"train": FREE, "crop": ANY, "augment": FREE, "num_workers": ANY},
     "train": {
         "steps": ANY, "batch_size": ANY, "seed": ANY, "grad_clip": ANY, "amp": ANY,
-        "checkpoint_every": ANY, "log_every": ANY, "max_nonfinite_steps": ANY,
+        "checkpoint_every": ANY, "log_every": ANY, "max_nonfinite_steps": ANY, "init_from": ANY,
         "optimizer": {"name": ANY, "lr": ANY, "weight_decay": ANY, "betas": ANY},
         "schedule": {"name": ANY, "pct_start": ANY, "milestones": ANY, "gamma": ANY},
     },
@@ -45,7 +45,7 @@ REQUIRED = ("model.arch", "data.train.name", "data.crop", "train.steps", "train.
 DEFAULTS: dict[str, Any] = {
     "model": {"max_disparity": 192},
     "data": {"augment": {}, "num_workers": 0},
-    "train": {"seed": 0, "grad_clip": None, "amp": "none", "checkpoint_every": 1000,
+    "train": {"seed": 0, "grad_clip": None, "amp": "none", "checkpoint_every": 1000, "init_from": None,
               "log_every": 10, "max_nonfinite_steps": 10,
               "optimizer": {"weight_decay": 0.0, "betas": [0.9, 0.999]}},
     "loss": {"kind": "smooth_l1", "output_weights": [0.5, 0.7, 1.0]},
@@ -155,8 +155,12 @@ def validate_recipe(recipe: Mapping) -> None:
     if ("teacher" in recipe) != ("distill" in recipe):
         raise RecipeError("a distillation recipe needs both 'teacher' and 'distill'; "
                           "a supervised recipe neither")
-    if "teacher" in recipe and "checkpoint" not in (recipe["teacher"] or {}):
-        raise RecipeError("recipe is missing required key 'teacher.checkpoint'")
+    teacher = recipe.get("teacher") or {}
+    if "teacher" in recipe and ("checkpoint" in teacher) == bool(teacher.get("cached")):
+        raise RecipeError("teacher: give either 'checkpoint' (a live teacher) or 'cached: true' "
+                          "(teacher outputs stored beside the data, data.train.name: teacher-cache)")
+    if teacher.get("cached") and dataset["name"] != "teacher-cache":
+        raise RecipeError(f"teacher.cached needs data.train.name 'teacher-cache', got {dataset['name']!r}")
 
 
 def load_recipe(source: Mapping | str | Path, overrides: Mapping[str, Any] | None = None) -> dict:

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from stereo_kd_core.checkpoint import load_checkpoint, load_model, load_state_dict_strict, save_checkpoint
-from stereo_kd_core.distill import Distiller, SupervisedObjective
+from stereo_kd_core.distill import CachedTeacherDistiller, Distiller, SupervisedObjective
 from stereo_kd_core.models import build_model, default_config
 from stereo_kd_core.train.recipe import RecipeError, load_recipe
 
@@ -116,6 +116,9 @@ class StepBatchSampler(Sampler):
         return self.end_step - self.start_step
 
 
+TRAINING_KEYS = ("left", "right", "disparity", "valid", "teacher_disparity", "teacher_prob")
+
+
 class EpochIndexedDataset(Dataset):
     """Items addressed by (epoch, index): the epoch is set on the training set before each read,
     so its augmentation (seeded by seed, epoch, index) does not depend on loader workers or
@@ -132,7 +135,7 @@ class EpochIndexedDataset(Dataset):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
         item = self.base[index]
-        return {name: item[name] for name in ("left", "right", "disparity", "valid")}
+        return {name: item[name] for name in TRAINING_KEYS if name in item}
 
 
 def build_training_dataset(recipe: Mapping) -> Dataset:
@@ -199,7 +202,10 @@ class Trainer:
         self.config = model_config(self.recipe)
         student = build_model(self.config).to(self.device)
         loss = self.recipe["loss"]
-        if "teacher" in self.recipe:
+        if "teacher" in self.recipe and self.recipe["teacher"].get("cached"):
+            self.objective = CachedTeacherDistiller(student, self.recipe["distill"], loss["kind"],
+                                                    tuple(loss["output_weights"]))
+        elif "teacher" in self.recipe:
             teacher = load_model(self.recipe["teacher"]["checkpoint"], device=self.device)
             self.objective: SupervisedObjective = Distiller(
                 student, teacher, self.recipe["distill"], loss["kind"], tuple(loss["output_weights"]))
@@ -213,9 +219,13 @@ class Trainer:
 
         self.optimizer = self._build_optimizer()
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        if train["init_from"] is not None:
+            self._init_student(train["init_from"])
         amp = train["amp"]
-        if amp != "none" and self.device.type != "cuda":
-            warnings.warn(f"train.amp {amp!r} needs CUDA; training in fp32 on the CPU", stacklevel=2)
+        # bf16 autocast runs on the CPU too (AMX / AVX-512 BF16 units: 2.6x per step on our
+        # Xeon); fp16 autocast needs CUDA
+        if amp == "fp16" and self.device.type != "cuda":
+            warnings.warn("train.amp 'fp16' needs CUDA; training in fp32 on the CPU (use bf16)", stacklevel=2)
             amp = "none"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
@@ -226,6 +236,19 @@ class Trainer:
         self.wrapped: nn.Module = self.objective
         self._wrapped_for_co_training: bool | None = None
         self.nonfinite_streak = 0  # consecutive skipped steps
+
+    def _init_student(self, source: str) -> None:
+        """Warm start: the student's weights from a checkpoint path or a registry name. The
+        architecture must match the recipe's (strict keys); optimizer state starts fresh."""
+        from stereo_kd_core.registry import resolve_shipped
+
+        path, sha256 = (Path(source), None) if Path(source).is_file() else resolve_shipped(source)
+        checkpoint = load_checkpoint(path, expected_sha256=sha256)
+        stored_arch = checkpoint["config"].get("arch")
+        if stored_arch != self.config.get("arch"):
+            raise RecipeError(f"train.init_from {source}: a {stored_arch} checkpoint cannot start a "
+                              f"{self.config.get('arch')} student")
+        load_state_dict_strict(self.student, checkpoint["state_dict"], source=f"train.init_from {source}")
 
     def _networks(self) -> list[tuple[str, nn.Module]]:
         networks = [("student", self.student)]

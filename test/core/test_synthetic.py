@@ -103,10 +103,11 @@ def test_dataset_wraps_generator():
         dataset[3]
 
 
-def test_write_middlebury_dataset_round_trip(tmp_path):
-    cases = write_middlebury_dataset(tmp_path, 2, seed=7, height=32, width=48, max_disparity=32)
+@pytest.mark.parametrize("kind", ["photo", "planes"])
+def test_write_middlebury_dataset_round_trip(tmp_path, kind):
+    cases = write_middlebury_dataset(tmp_path, 2, seed=7, height=32, width=48, max_disparity=32, kind=kind)
     assert len(cases) == 2
-    generator = SyntheticStereoGenerator(32, 48, 32, seed=7)
+    generator = SyntheticStereoDataset(2, seed=7, height=32, width=48, max_disparity=32, kind=kind).generator
     read = MiddleburyDataset(tmp_path)
     assert len(read) == 2
     for index in range(2):
