@@ -1,7 +1,9 @@
 """stereo_kd_node: rectified stereo pair in, DisparityImage / PointCloud2 (and optional depth,
 confidence, colour cameras) out, with the estimator from stereo_kd_core running on a worker thread.
 
-Subscribed: left/image_rect, right/image_rect, left/camera_info, right/camera_info.
+Subscribed: left/image_rect, right/image_rect, left/camera_info, right/camera_info; with `rectify`,
+left/image_raw and right/image_raw instead of the image_rect topics (rectified in the node, and the
+rectified left image published on left/image_rect_color).
 Published: disparity, points2, /diagnostics, and as cameras (image + camera_info of the published
 resolution, one header): [depth/image_rect, depth/camera_info], [confidence/image_rect,
 confidence/camera_info], [rgb/image_rect, rgb/camera_info]; deprecated: [depth], [confidence].
@@ -47,6 +49,7 @@ from stereo_msgs.msg import DisparityImage
 from stereo_kd_core import StereoEstimator, StereoPrediction
 from stereo_kd_core.checkpoint import CheckpointError
 from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.rectification import CalibrationError, CameraCalibration, RectificationMaps, StereoRectifier
 from stereo_kd_ros import conversions
 from stereo_kd_ros.sync import subscribe_synchronized
 
@@ -90,6 +93,10 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   value_range=(1, 1000, 1)),
     ParameterSpec("use_system_default_qos", False,
                   "Subscribe with reliable QoS instead of sensor-data (best effort) QoS."),
+    ParameterSpec("rectify", False,
+                  "Subscribe left/image_raw and right/image_raw and rectify them with the camera_infos' K, D, "
+                  "R, P (plumb_bob, rational_polynomial or equidistant; maps rebuilt only when a camera_info "
+                  "changes) instead of taking left/image_rect and right/image_rect."),
     ParameterSpec("use_color", True, "Add packed rgb from the left image to points2.", read_only=False),
     ParameterSpec("publish_depth", False,
                   "Publish 'depth/image_rect' and 'depth/camera_info' (and the deprecated 'depth', 32FC1)."),
@@ -194,6 +201,14 @@ class StereoPair:
     right: np.ndarray
     geometry: StereoGeometry
     prepare_s: float = 0.0      # node time spent validating and decoding
+    rectification: tuple[RectificationMaps, RectificationMaps] | None = None  # raw input: left, right maps
+
+    def rectified(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rectified images: remapped raw ones, or the input as it came."""
+        if self.rectification is None:
+            return self.left, self.right
+        left_maps, right_maps = self.rectification
+        return left_maps.remap(self.left), right_maps.remap(self.right)
 
 
 def scale_pair(left: np.ndarray, right: np.ndarray, geometry: StereoGeometry,
@@ -281,6 +296,8 @@ class StereoNode(Node):
         self._suppressed: Counter = Counter()
         self._last_stamp_ns: int | None = None
         self._geometry_cache: tuple[tuple, StereoGeometry] | None = None
+        self._rectifier = StereoRectifier() if values["rectify"] else None
+        self._rect_color_msg = Image()
         self.camera_infos: dict[str, CameraInfo] = {}
 
         overrides = QoSOverridingOptions.with_default_policies()
@@ -314,6 +331,7 @@ class StereoNode(Node):
         # The names before the camera layout (32FC1, no camera_info): kept, with a warning, until removed.
         self.depth_alias_pub = optional_publisher(Image, "depth", values["publish_depth"])
         self.confidence_alias_pub = optional_publisher(Image, "confidence", values["publish_confidence"])
+        self.rect_color_pub = optional_publisher(Image, "left/image_rect_color", values["rectify"])
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
         # The latest pair that arrived before both camera_infos (at start-up the images often win
@@ -324,8 +342,9 @@ class StereoNode(Node):
                                      lambda msg, side=side: self.on_camera_info(side, msg),
                                      input_qos, qos_overriding_options=overrides)
         tolerance = values["approximate_sync_tolerance_seconds"] if values["approximate_sync"] else None
+        image_topic = "image_raw" if values["rectify"] else "image_rect"
         self.image_sync = subscribe_synchronized(
-            self, Image, ["left/image_rect", "right/image_rect"], input_qos, values["queue_size"],
+            self, Image, [f"left/{image_topic}", f"right/{image_topic}"], input_qos, values["queue_size"],
             tolerance, self.on_images, qos_overriding_options=overrides)
 
         self._waiting: StereoPair | None = None  # at most one pair waits for the worker
@@ -463,10 +482,21 @@ class StereoNode(Node):
                 raise RejectedPairError("size_mismatch",
                                f"{side} image is {image.width}x{image.height} but its camera_info "
                                f"says {info.width}x{info.height}")
+        rectification = None
+        if self._rectifier is not None:  # first: an uncalibrated camera is named as such
+            rectification = (self._rectification_maps("left", left_info),
+                             self._rectification_maps("right", right_info))
         geometry = self._geometry(left_info, right_info)
         self._last_stamp_ns = stamp
         header = Header(stamp=left.header.stamp, frame_id=left.header.frame_id)
-        return StereoPair(header, left_rgb, right_rgb, geometry, time.perf_counter() - start)
+        return StereoPair(header, left_rgb, right_rgb, geometry, time.perf_counter() - start, rectification)
+
+    def _rectification_maps(self, side: str, info: CameraInfo) -> RectificationMaps:
+        """The cached maps of a raw camera (built for a new calibration); rejects an uncalibrated one."""
+        try:
+            return self._rectifier.maps(side, CameraCalibration.from_camera_info(info))
+        except CalibrationError as error:
+            raise RejectedPairError(error.reason, f"{side}/camera_info cannot rectify: {error}") from error
 
     def _geometry(self, left_info: CameraInfo, right_info: CameraInfo) -> StereoGeometry:
         key = (tuple(left_info.p), tuple(right_info.p))
@@ -517,7 +547,8 @@ class StereoNode(Node):
         """Estimator and outputs for one pair (worker thread)."""
         start = time.perf_counter()
         settings, estimator = self.settings, self.estimator  # one of each for the whole frame
-        left, right, geometry = scale_pair(pair.left, pair.right, pair.geometry, settings.input_scale)
+        rectified_left, rectified_right = pair.rectified()
+        left, right, geometry = scale_pair(rectified_left, rectified_right, pair.geometry, settings.input_scale)
         height, width = left.shape[:2]
         # OpenCV's SGBM fails, or crashes the process, on images no wider than its search range.
         min_width = getattr(estimator, "min_input_width", 2)
@@ -540,6 +571,10 @@ class StereoNode(Node):
         with self._output_lock:
             if self._discard_if_stopping():
                 return
+            if _subscribed(self.rect_color_pub):
+                self.rect_color_pub.publish(conversions.numpy_to_image(
+                    rectified_left, conversions.estimator_image_encoding(rectified_left), pair.header,
+                    msg=self._rect_color_msg))
             self.publish_outputs(pair.header, left, geometry, prediction, settings, estimator)
             now_ns = self.get_clock().now().nanoseconds
         done = time.perf_counter()
@@ -660,6 +695,8 @@ class StereoNode(Node):
         evicted = self.image_sync.evicted
         if evicted is not None:
             values["unmatched_images"] = str(evicted)
+        if self._rectifier is not None:
+            values["rectification_map_builds"] = str(self._rectifier.builds)
         values.update(model=self.estimator.name, device=self.estimator.device,
                       input_scale=f"{self.settings.input_scale:g}",
                       max_disparity=str(self.estimator.max_disparity))

@@ -35,7 +35,7 @@ RELIABLE = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
 OUTPUT_TYPES = {"disparity": DisparityImage, "points2": PointCloud2,
                 "depth/image_rect": Image, "depth/camera_info": CameraInfo,
                 "confidence/image_rect": Image, "confidence/camera_info": CameraInfo,
-                "rgb/image_rect": Image, "rgb/camera_info": CameraInfo,
+                "rgb/image_rect": Image, "rgb/camera_info": CameraInfo, "left/image_rect_color": Image,
                 "depth": Image, "confidence": Image,  # deprecated names
                 "/diagnostics": DiagnosticArray}
 # Recorded unless a test says otherwise: every current output (subscribing is what makes the node
@@ -90,9 +90,11 @@ class StereoHarness:
         overrides = [Parameter(name, value=value) for name, value in parameters.items()]
         self.node = StereoNode(estimator, context=context, parameter_overrides=overrides)
         self.io = Node("stereo_kd_test_io", context=context)
-        self.pubs = {topic: self.io.create_publisher(msg_type, topic, RELIABLE) for topic, msg_type in (
-            ("left/image_rect", Image), ("right/image_rect", Image),
-            ("left/camera_info", CameraInfo), ("right/camera_info", CameraInfo))}
+        images = "image_raw" if parameters.get("rectify") else "image_rect"
+        self.pubs = {key: self.io.create_publisher(msg_type, topic, RELIABLE) for key, topic, msg_type in (
+            ("left/image", f"left/{images}", Image), ("right/image", f"right/{images}", Image),
+            ("left/camera_info", "left/camera_info", CameraInfo),
+            ("right/camera_info", "right/camera_info", CameraInfo))}
         self.received: dict[str, list] = {topic: [] for topic in record}
         self._lock = threading.Lock()
         for topic in record:
@@ -132,8 +134,8 @@ class StereoHarness:
             for side, info in (("left", left_info), ("right", right_info)))), "camera_info not received"
 
     def send_images(self, left: Image, right: Image) -> None:
-        self.pubs["left/image_rect"].publish(left)
-        self.pubs["right/image_rect"].publish(right)
+        self.pubs["left/image"].publish(left)
+        self.pubs["right/image"].publish(right)
 
     def diagnostics(self) -> dict[str, str]:
         """Latest /diagnostics values of the node (waits for the next report)."""
