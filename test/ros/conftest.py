@@ -82,6 +82,11 @@ class RosoutRecorder:
         with self._lock:
             return [message for message in self.messages if text in message]
 
+    def wait_connected(self) -> None:
+        """Wait until the node's start-up log line arrived (transient local, kept 10 s): later
+        warnings cannot then be published before this subscription is matched."""
+        assert wait_until(lambda: self.matching("model '")), "no /rosout from the node"
+
 
 class StereoHarness:
     """The node under test plus a test node publishing its inputs and recording its outputs."""

@@ -14,7 +14,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from stereo_scene import make_scene
 
 from stereo_kd_ros.conversions import image_to_numpy, point_cloud_to_numpy, stamp_to_ns
-from stereo_kd_ros.node import ParameterError, StereoNode
+from stereo_kd_ros.node import PARAMETERS, ParameterError, validate_parameters
 from stereo_kd_ros.sync import ExactTimeSynchronizer
 
 ROS_DOMAIN_ID = 149
@@ -201,6 +201,7 @@ def test_deprecated_depth_and_confidence_topics_still_work_and_warn_once(make_ha
     harness = make_harness(record=("depth", "confidence", "depth/image_rect", "confidence/image_rect"),
                            depth_encoding="16UC1", **RGBD)
     log = RosoutRecorder(harness)
+    log.wait_connected()
     for second in (1, 2):
         send_pair(harness, scene, Time(sec=second))
         assert wait_until(lambda n=second: all(harness.count(t) == n for t in harness.received))
@@ -216,9 +217,13 @@ def test_deprecated_depth_and_confidence_topics_still_work_and_warn_once(make_ha
     assert bytes(harness.last("confidence").data) == bytes(harness.last("confidence/image_rect").data)
 
 
-def test_depth_encoding_is_validated_and_read_only(make_harness, ros_context):
+def test_depth_encoding_is_validated_and_read_only(make_harness):
+    # The check the node runs on its parameters at start (a failing constructor is left to the
+    # subprocess tests: a half-built node would keep this module's /rosout logger).
+    defaults = {spec.name: spec.default for spec in PARAMETERS}
+    validate_parameters(defaults)
     with pytest.raises(ParameterError, match="depth_encoding: expected one of 32FC1, 16UC1, got 'mono16'"):
-        StereoNode(context=ros_context, parameter_overrides=[Parameter("depth_encoding", value="mono16")])
+        validate_parameters({**defaults, "depth_encoding": "mono16"})
     harness = make_harness(record=("disparity",), publish_depth=True)
     refused = harness.node.set_parameters([Parameter("depth_encoding", value="16UC1")])
     assert not refused[0].successful

@@ -143,6 +143,7 @@ def uncalibrated(kind: str, infos) -> str:
 def test_uncalibrated_camera_infos_are_rejected_with_their_reason(make_harness, scene, kind, reason):
     harness = make_harness(rectify=True, max_disparity=48)
     log = RosoutRecorder(harness)
+    log.wait_connected()
     good = raw_infos(scene, Time(sec=1))
     images = raw_images(scene, Time(sec=1), good)
     bad = raw_infos(scene, Time(sec=1))
