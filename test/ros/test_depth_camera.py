@@ -229,3 +229,17 @@ def test_depth_encoding_is_validated_and_read_only(make_harness):
     assert not refused[0].successful
     descriptor = harness.node.describe_parameter("depth_encoding")
     assert descriptor.read_only and "16UC1" in descriptor.description
+
+
+def test_camera_info_follows_input_scale_changed_at_run_time(make_harness, scene):
+    harness = make_harness(**RGBD)
+    for second, scale in enumerate((1.0, 0.5, 0.25, 1.0), start=1):
+        assert harness.node.set_parameters([Parameter("input_scale", value=scale)])[0].successful
+        send_pair(harness, scene, Time(sec=second))
+        assert wait_until(lambda n=second: all(harness.count(topic) == n for topic in
+                                               ("depth/image_rect", "depth/camera_info", "rgb/image_rect")))
+        stamp_ns = second * 1_000_000_000
+        depth, info = by_stamp(harness, "depth/image_rect")[stamp_ns], by_stamp(harness, "depth/camera_info")[stamp_ns]
+        rgb = by_stamp(harness, "rgb/image_rect")[stamp_ns]
+        assert (depth.width, depth.height) == (rgb.width, rgb.height) == (info.width, info.height)
+        assert_camera_info_of_published_resolution(info, scene, scale)
