@@ -108,6 +108,7 @@ class StereoHarness:
         self.executor = MultiThreadedExecutor(num_threads=2, context=context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.io)
+        self._closed = False
         self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
         self._spinner.start()
         # The node's publishers of the recorded topics (those it has: optional outputs may be off).
@@ -149,7 +150,14 @@ class StereoHarness:
         return {kv.key: kv.value for kv in self.last("/diagnostics").status[0].values}
 
     def close(self) -> None:
+        """Stop and destroy both nodes (again: a no-op). The spinner thread is joined first: a
+        node still held by a running executor is only finalised later, and until then its name
+        keeps the /rosout publisher of the process, so a next stereo_kd_node would log nowhere."""
+        if self._closed:
+            return
+        self._closed = True
         self.executor.shutdown()
+        self._spinner.join(timeout=10)
         self.node.close()
         self.node.destroy_node()
         self.io.destroy_node()
