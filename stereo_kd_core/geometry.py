@@ -6,6 +6,9 @@ Q, so that clouds match stereo_image_proc for the same disparity map:
     Z = fx * B / (d - (cx_left - cx_right)),  X = (u - cx_left) * Z / fx,  Y = (v - cy) * Z / fy
 
 with B the baseline in metres, taken from the right projection matrix: P_right[0, 3] = -fx * B.
+
+The depth image and colour image published for RGB-D consumers are those of the left camera:
+`StereoGeometry.left_camera` gives its ideal pinhole model (what a CameraInfo describes).
 """
 
 from __future__ import annotations
@@ -13,6 +16,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class PinholeCamera:
+    """An ideal pinhole camera (rectified: no distortion, identity rectification) of a
+    `width` x `height` image: what a CameraInfo with D = 0, R = I and P = [K | 0] describes.
+
+    Consumers back-project depth with it as depth_image_proc does:
+    X = (u - cx) * Z / fx, Y = (v - cy) * Z / fy.
+    """
+
+    width: int
+    height: int
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+
+    @property
+    def K(self) -> np.ndarray:  # noqa: N802 (CameraInfo's name)
+        """3x3 intrinsic matrix."""
+        return np.array([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]])
+
+    @property
+    def P(self) -> np.ndarray:  # noqa: N802 (CameraInfo's name)
+        """3x4 projection matrix [K | 0]: the camera is its own reference (Tx = Ty = 0)."""
+        return np.hstack([self.K, np.zeros((3, 1))])
 
 
 @dataclass(frozen=True)
@@ -80,6 +110,12 @@ class StereoGeometry:
         p_right[0, 2] = self.cx_right
         p_right[0, 3] = -fx_right * self.baseline_m
         return p_left, p_right
+
+    def left_camera(self, width: int, height: int) -> PinholeCamera:
+        """The left camera as a pinhole camera of a `width` x `height` image: the frame of the
+        disparity, depth, confidence and colour outputs (whose X, Y, Z points2 holds)."""
+        return PinholeCamera(width=int(width), height=int(height), fx=self.fx, fy=self.fy,
+                             cx=self.cx_left, cy=self.cy)
 
     @property
     def disparity_offset(self) -> float:

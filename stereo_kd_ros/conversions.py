@@ -19,14 +19,18 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 from stereo_msgs.msg import DisparityImage
 
-from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.geometry import PinholeCamera, StereoGeometry
 from stereo_kd_ros.payloads import (  # noqa: F401 (re-exported: the node's conversions in one place)
+    DEPTH_ENCODINGS,
     INPUT_ENCODINGS,
     PIXEL_FORMATS,
     ImageFormatError,
     PixelFormat,
     ValidWindow,
+    camera_info_payload,
+    depth_millimetres,
     disparity_payload,
+    estimator_image_encoding,
     image_to_numpy,
     image_to_rgb,
     pack_rgb,
@@ -51,13 +55,16 @@ def writable_data(owner: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.nda
     return np.frombuffer(owner.data, dtype=dtype).reshape(shape)
 
 
-def numpy_to_image(values: np.ndarray, encoding: str, header: Header) -> Image:
-    """HxW or HxWxC array -> little-endian Image with unpadded rows."""
+def numpy_to_image(values: np.ndarray, encoding: str, header: Header, msg: Image | None = None) -> Image:
+    """HxW or HxWxC array -> little-endian Image with unpadded rows.
+
+    `msg`: a message returned by an earlier call, rewritten in place (its buffer reused).
+    """
     fmt = PIXEL_FORMATS[encoding]
     channels = 1 if values.ndim == 2 else values.shape[2]
     if channels != fmt.channels:
         raise ValueError(f"encoding {encoding} needs {fmt.channels} channels, got {channels}")
-    msg = Image()
+    msg = Image() if msg is None else msg
     msg.header = header
     msg.height, msg.width = int(values.shape[0]), int(values.shape[1])
     msg.encoding = encoding
@@ -77,6 +84,39 @@ def float_image(values: np.ndarray, header: Header, msg: Image | None = None) ->
     msg.header = header
     msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step = height, width, "32FC1", 0, width * 4
     writable_data(msg, (height, width), np.dtype("<f4"))[...] = values
+    return msg
+
+
+def depth_image(depth_m: np.ndarray, header: Header, encoding: str = "32FC1",
+                msg: Image | None = None) -> Image:
+    """float32 HxW depth in metres (NaN invalid) -> depth Image: 32FC1 metres, NaN invalid (REP 118),
+    or 16UC1 millimetres, 0 invalid (see payloads.depth_millimetres).
+
+    `msg`: a message returned by an earlier call, rewritten in place (its buffer reused).
+    """
+    if encoding == "32FC1":
+        return float_image(depth_m, header, msg=msg)
+    if encoding != "16UC1":
+        raise ValueError(f"depth encoding must be one of {', '.join(DEPTH_ENCODINGS)}, got '{encoding}'")
+    msg = Image() if msg is None else msg
+    height, width = depth_m.shape
+    msg.header = header
+    msg.height, msg.width, msg.encoding, msg.is_bigendian, msg.step = height, width, "16UC1", 0, width * 2
+    depth_millimetres(depth_m, out=writable_data(msg, (height, width), np.dtype("<u2")))
+    return msg
+
+
+def camera_info(camera: PinholeCamera, header: Header, msg: CameraInfo | None = None) -> CameraInfo:
+    """CameraInfo of an image seen through the rectified `camera` (D 0, R identity, P = [K | 0]).
+
+    `msg`: a message returned by an earlier call, rewritten in place.
+    """
+    msg = CameraInfo() if msg is None else msg
+    payload = camera_info_payload(camera)
+    msg.header = header
+    msg.width, msg.height = payload.width, payload.height
+    msg.distortion_model = payload.distortion_model
+    msg.d, msg.k, msg.r, msg.p = payload.d, payload.k, payload.r, payload.p
     return msg
 
 

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
     collector.create_subscription(DisparityImage, "disparity", lambda m: on_output("disparity", m), qos)
     collector.create_subscription(PointCloud2, "points2", lambda m: on_output("points2", m), qos)
-    collector.create_subscription(Image, "confidence", lambda m: on_output("confidence", m), qos)
+    collector.create_subscription(Image, "confidence/image_rect", lambda m: on_output("confidence", m), qos)
     collector.create_subscription(DiagnosticArray, "/diagnostics", lambda m: on_output("diagnostics", m), 10)
     executor = SingleThreadedExecutor()
     executor.add_node(collector)

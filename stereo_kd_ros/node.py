@@ -1,8 +1,12 @@
 """stereo_kd_node: rectified stereo pair in, DisparityImage / PointCloud2 (and optional depth,
-confidence) out, with the estimator from stereo_kd_core running on a worker thread.
+confidence, colour cameras) out, with the estimator from stereo_kd_core running on a worker thread.
 
-Subscribed: left/image_rect, right/image_rect, left/camera_info, right/camera_info.
-Published: disparity, points2, [depth], [confidence], /diagnostics.
+Subscribed: left/image_rect, right/image_rect, left/camera_info, right/camera_info; with `rectify`,
+left/image_raw and right/image_raw instead of the image_rect topics (rectified in the node, and the
+rectified left image published on left/image_rect_color).
+Published: disparity, points2, /diagnostics, and as cameras (image + camera_info of the published
+resolution, one header): [depth/image_rect, depth/camera_info], [confidence/image_rect,
+confidence/camera_info], [rgb/image_rect, rgb/camera_info]; deprecated: [depth], [confidence].
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from stereo_msgs.msg import DisparityImage
 from stereo_kd_core import StereoEstimator, StereoPrediction
 from stereo_kd_core.checkpoint import CheckpointError
 from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.rectification import CalibrationError, CameraCalibration, RectificationMaps, StereoRectifier
 from stereo_kd_ros import conversions
 from stereo_kd_ros.sync import subscribe_synchronized
 
@@ -88,9 +93,22 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   value_range=(1, 1000, 1)),
     ParameterSpec("use_system_default_qos", False,
                   "Subscribe with reliable QoS instead of sensor-data (best effort) QoS."),
+    ParameterSpec("rectify", False,
+                  "Subscribe left/image_raw and right/image_raw and rectify them with the camera_infos' K, D, "
+                  "R, P (plumb_bob, rational_polynomial or equidistant; maps rebuilt only when a camera_info "
+                  "changes) instead of taking left/image_rect and right/image_rect."),
     ParameterSpec("use_color", True, "Add packed rgb from the left image to points2.", read_only=False),
-    ParameterSpec("publish_depth", False, "Publish 'depth' (32FC1, metres, NaN invalid)."),
-    ParameterSpec("publish_confidence", False, "Publish 'confidence' (32FC1 in [0, 1])."),
+    ParameterSpec("publish_depth", False,
+                  "Publish 'depth/image_rect' and 'depth/camera_info' (and the deprecated 'depth', 32FC1)."),
+    ParameterSpec("depth_encoding", "32FC1",
+                  "depth/image_rect encoding: 32FC1 (metres, NaN invalid; REP 118) or 16UC1 "
+                  "(millimetres, 0 invalid; OpenNI/RealSense)."),
+    ParameterSpec("publish_confidence", False,
+                  "Publish 'confidence/image_rect' (32FC1 in [0, 1]) and 'confidence/camera_info' "
+                  "(and the deprecated 'confidence')."),
+    ParameterSpec("publish_rgb", False,
+                  "Publish 'rgb/image_rect' (the left image as the estimator saw it: mono8, mono16 or "
+                  "rgb8, at the published resolution) and 'rgb/camera_info', for RGB-D consumers."),
     ParameterSpec("dense_points", False,
                   "points2 holds only valid points in one row (is_dense) instead of an organized cloud.",
                   read_only=False),
@@ -142,6 +160,9 @@ def validate_parameters(values: dict[str, Any]) -> None:
         raise ParameterError(f"device: expected one of {', '.join(DEVICE_CHOICES)} or cuda:N, got '{device}'")
     if values["precision"] not in PRECISION_CHOICES:
         raise ParameterError(f"precision: expected one of {', '.join(PRECISION_CHOICES)}, got '{values['precision']}'")
+    if values["depth_encoding"] not in conversions.DEPTH_ENCODINGS:
+        raise ParameterError(f"depth_encoding: expected one of {', '.join(conversions.DEPTH_ENCODINGS)}, "
+                             f"got '{values['depth_encoding']}'")
     if not values["model"].strip():
         raise ParameterError("model: must not be empty (use 'sgbm' for the classical matcher)")
     if values["approximate_sync_tolerance_seconds"] <= 0:
@@ -180,6 +201,14 @@ class StereoPair:
     right: np.ndarray
     geometry: StereoGeometry
     prepare_s: float = 0.0      # node time spent validating and decoding
+    rectification: tuple[RectificationMaps, RectificationMaps] | None = None  # raw input: left, right maps
+
+    def rectified(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rectified images: remapped raw ones, or the input as it came."""
+        if self.rectification is None:
+            return self.left, self.right
+        left_maps, right_maps = self.rectification
+        return left_maps.remap(self.left), right_maps.remap(self.right)
 
 
 def scale_pair(left: np.ndarray, right: np.ndarray, geometry: StereoGeometry,
@@ -209,6 +238,11 @@ class PipelineStats:
     inference_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
     overhead_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _subscribed(publisher: Any) -> bool:
+    """An enabled output somebody listens to (the outputs are built only then)."""
+    return publisher is not None and publisher.get_subscription_count() > 0
 
 
 def _percentile(values: deque, q: float) -> float:
@@ -251,12 +285,19 @@ class StereoNode(Node):
         self._disparity_msg = DisparityImage()
         self._cloud_msg = PointCloud2()
         self._depth_msg = Image()
+        self._depth_alias_msg = Image()  # 32FC1 for the deprecated 'depth' while depth/image_rect is 16UC1
         self._confidence_msg = Image()
+        self._rgb_msg = Image()
+        self._camera_info_msg = CameraInfo()  # of the published resolution: depth, confidence and rgb share it
+        self._depth_encoding = values["depth_encoding"]
+        self._deprecation_warned: set[str] = set()
         self.stats = PipelineStats()
         self._last_warning: dict[str, float] = {}
         self._suppressed: Counter = Counter()
         self._last_stamp_ns: int | None = None
         self._geometry_cache: tuple[tuple, StereoGeometry] | None = None
+        self._rectifier = StereoRectifier() if values["rectify"] else None
+        self._rect_color_msg = Image()
         self.camera_infos: dict[str, CameraInfo] = {}
 
         overrides = QoSOverridingOptions.with_default_policies()
@@ -273,11 +314,24 @@ class StereoNode(Node):
                                                    qos_overriding_options=overrides)
         self.points_pub = self.create_publisher(PointCloud2, "points2", output_qos,
                                                 qos_overriding_options=overrides)
-        self.depth_pub = (self.create_publisher(Image, "depth", output_qos, qos_overriding_options=overrides)
-                          if values["publish_depth"] else None)
-        self.confidence_pub = (self.create_publisher(Image, "confidence", output_qos,
-                                                     qos_overriding_options=overrides)
-                               if values["publish_confidence"] else None)
+
+        def optional_publisher(msg_type: type, topic: str, enabled: bool) -> Any:
+            return (self.create_publisher(msg_type, topic, output_qos, qos_overriding_options=overrides)
+                    if enabled else None)
+
+        # Image outputs are cameras, as RGB-D drivers publish them (<name>/image_rect and
+        # <name>/camera_info with one header): what nvblox, RTAB-Map and depth_image_proc consume.
+        self.depth_pub = optional_publisher(Image, "depth/image_rect", values["publish_depth"])
+        self.depth_info_pub = optional_publisher(CameraInfo, "depth/camera_info", values["publish_depth"])
+        self.confidence_pub = optional_publisher(Image, "confidence/image_rect", values["publish_confidence"])
+        self.confidence_info_pub = optional_publisher(CameraInfo, "confidence/camera_info",
+                                                      values["publish_confidence"])
+        self.rgb_pub = optional_publisher(Image, "rgb/image_rect", values["publish_rgb"])
+        self.rgb_info_pub = optional_publisher(CameraInfo, "rgb/camera_info", values["publish_rgb"])
+        # The names before the camera layout (32FC1, no camera_info): kept, with a warning, until removed.
+        self.depth_alias_pub = optional_publisher(Image, "depth", values["publish_depth"])
+        self.confidence_alias_pub = optional_publisher(Image, "confidence", values["publish_confidence"])
+        self.rect_color_pub = optional_publisher(Image, "left/image_rect_color", values["rectify"])
         self.diagnostics_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
         # The latest pair that arrived before both camera_infos (at start-up the images often win
@@ -288,8 +342,9 @@ class StereoNode(Node):
                                      lambda msg, side=side: self.on_camera_info(side, msg),
                                      input_qos, qos_overriding_options=overrides)
         tolerance = values["approximate_sync_tolerance_seconds"] if values["approximate_sync"] else None
+        image_topic = "image_raw" if values["rectify"] else "image_rect"
         self.image_sync = subscribe_synchronized(
-            self, Image, ["left/image_rect", "right/image_rect"], input_qos, values["queue_size"],
+            self, Image, [f"left/{image_topic}", f"right/{image_topic}"], input_qos, values["queue_size"],
             tolerance, self.on_images, qos_overriding_options=overrides)
 
         self._waiting: StereoPair | None = None  # at most one pair waits for the worker
@@ -427,10 +482,21 @@ class StereoNode(Node):
                 raise RejectedPairError("size_mismatch",
                                f"{side} image is {image.width}x{image.height} but its camera_info "
                                f"says {info.width}x{info.height}")
+        rectification = None
+        if self._rectifier is not None:  # first: an uncalibrated camera is named as such
+            rectification = (self._rectification_maps("left", left_info),
+                             self._rectification_maps("right", right_info))
         geometry = self._geometry(left_info, right_info)
         self._last_stamp_ns = stamp
         header = Header(stamp=left.header.stamp, frame_id=left.header.frame_id)
-        return StereoPair(header, left_rgb, right_rgb, geometry, time.perf_counter() - start)
+        return StereoPair(header, left_rgb, right_rgb, geometry, time.perf_counter() - start, rectification)
+
+    def _rectification_maps(self, side: str, info: CameraInfo) -> RectificationMaps:
+        """The cached maps of a raw camera (built for a new calibration); rejects an uncalibrated one."""
+        try:
+            return self._rectifier.maps(side, CameraCalibration.from_camera_info(info))
+        except CalibrationError as error:
+            raise RejectedPairError(error.reason, f"{side}/camera_info cannot rectify: {error}") from error
 
     def _geometry(self, left_info: CameraInfo, right_info: CameraInfo) -> StereoGeometry:
         key = (tuple(left_info.p), tuple(right_info.p))
@@ -481,7 +547,8 @@ class StereoNode(Node):
         """Estimator and outputs for one pair (worker thread)."""
         start = time.perf_counter()
         settings, estimator = self.settings, self.estimator  # one of each for the whole frame
-        left, right, geometry = scale_pair(pair.left, pair.right, pair.geometry, settings.input_scale)
+        rectified_left, rectified_right = pair.rectified()
+        left, right, geometry = scale_pair(rectified_left, rectified_right, pair.geometry, settings.input_scale)
         height, width = left.shape[:2]
         # OpenCV's SGBM fails, or crashes the process, on images no wider than its search range.
         min_width = getattr(estimator, "min_input_width", 2)
@@ -494,7 +561,7 @@ class StereoNode(Node):
             if self._discard_if_stopping():
                 return
             wants_points = (self.points_pub.get_subscription_count() > 0
-                            or (self.depth_pub is not None and self.depth_pub.get_subscription_count() > 0))
+                            or _subscribed(self.depth_pub) or _subscribed(self.depth_alias_pub))
         scaled = time.perf_counter()
         prediction = estimator.predict(
             left, right, geometry=geometry if wants_points and self._points_on_estimator else None)
@@ -504,6 +571,10 @@ class StereoNode(Node):
         with self._output_lock:
             if self._discard_if_stopping():
                 return
+            if _subscribed(self.rect_color_pub):
+                self.rect_color_pub.publish(conversions.numpy_to_image(
+                    rectified_left, conversions.estimator_image_encoding(rectified_left), pair.header,
+                    msg=self._rect_color_msg))
             self.publish_outputs(pair.header, left, geometry, prediction, settings, estimator)
             now_ns = self.get_clock().now().nanoseconds
         done = time.perf_counter()
@@ -537,8 +608,9 @@ class StereoNode(Node):
                 delta_d=DISPARITY_STEP, msg=self._disparity_msg))
 
         wants_cloud = self.points_pub.get_subscription_count() > 0
-        wants_depth = self.depth_pub is not None and self.depth_pub.get_subscription_count() > 0
-        if wants_cloud or wants_depth:
+        wants_depth = _subscribed(self.depth_pub)
+        wants_depth_alias = _subscribed(self.depth_alias_pub)
+        if wants_cloud or wants_depth or wants_depth_alias:
             height, width = disparity.shape
             with_color = settings.use_color and wants_cloud
             cloud = conversions.organized_cloud(self._cloud_msg, header, height, width, with_color)
@@ -562,10 +634,40 @@ class StereoNode(Node):
                 self.points_pub.publish(conversions.dense_cloud(cloud, header) if settings.dense_points
                                         else self._cloud_msg)
             if wants_depth:
-                self.depth_pub.publish(conversions.float_image(depth, header, msg=self._depth_msg))
-        if self.confidence_pub is not None and self.confidence_pub.get_subscription_count():
-            self.confidence_pub.publish(conversions.float_image(prediction.confidence, header,
-                                                                msg=self._confidence_msg))
+                self.depth_pub.publish(conversions.depth_image(depth, header, self._depth_encoding,
+                                                               msg=self._depth_msg))
+            if wants_depth_alias:
+                self._warn_deprecated("depth", "depth/image_rect")
+                self.depth_alias_pub.publish(
+                    self._depth_msg if wants_depth and self._depth_encoding == "32FC1"
+                    else conversions.float_image(depth, header, msg=self._depth_alias_msg))
+        wants_confidence = _subscribed(self.confidence_pub)
+        wants_confidence_alias = _subscribed(self.confidence_alias_pub)
+        if wants_confidence or wants_confidence_alias:
+            confidence_msg = conversions.float_image(prediction.confidence, header, msg=self._confidence_msg)
+            if wants_confidence:
+                self.confidence_pub.publish(confidence_msg)
+            if wants_confidence_alias:
+                self._warn_deprecated("confidence", "confidence/image_rect")
+                self.confidence_alias_pub.publish(confidence_msg)
+        if _subscribed(self.rgb_pub):
+            self.rgb_pub.publish(conversions.numpy_to_image(
+                left, conversions.estimator_image_encoding(left), header, msg=self._rgb_msg))
+        info_pubs = [pub for pub in (self.depth_info_pub, self.confidence_info_pub, self.rgb_info_pub)
+                     if _subscribed(pub)]
+        if info_pubs:
+            height, width = disparity.shape
+            info = conversions.camera_info(geometry.left_camera(width, height), header,
+                                           msg=self._camera_info_msg)
+            for pub in info_pubs:
+                pub.publish(info)
+
+    def _warn_deprecated(self, topic: str, replacement: str) -> None:
+        if topic not in self._deprecation_warned:
+            self._deprecation_warned.add(topic)
+            self.get_logger().warning(
+                f"topic '{topic}' is deprecated and will be removed: subscribe to '{replacement}' and its "
+                f"camera_info instead")
 
     # -- diagnostics -------------------------------------------------------------------------
 
@@ -593,6 +695,8 @@ class StereoNode(Node):
         evicted = self.image_sync.evicted
         if evicted is not None:
             values["unmatched_images"] = str(evicted)
+        if self._rectifier is not None:
+            values["rectification_map_builds"] = str(self._rectifier.builds)
         values.update(model=self.estimator.name, device=self.estimator.device,
                       input_scale=f"{self.settings.input_scale:g}",
                       max_disparity=str(self.estimator.max_disparity))

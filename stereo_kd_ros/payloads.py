@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.geometry import PinholeCamera, StereoGeometry
 
 # Sub-pixel step reported in DisparityImage.delta_d, as stereo_image_proc does (SGBM's 4
 # fractional bits); network outputs are continuous and at least this fine.
@@ -41,6 +41,9 @@ PIXEL_FORMATS: dict[str, PixelFormat] = {
     "32FC1": PixelFormat(np.dtype("<f4"), 1, None),
 }
 INPUT_ENCODINGS = ("mono8", "8UC1", "mono16", "16UC1", "rgb8", "bgr8", "8UC3", "rgba8", "bgra8")
+# Depth image encodings: REP 118 metres (NaN invalid), or OpenNI/RealSense millimetres (0 invalid).
+DEPTH_ENCODINGS = ("32FC1", "16UC1")
+MAX_DEPTH_MM = 65535  # the largest 16UC1 depth; farther points are published as 0 (invalid)
 
 
 def stamp_to_ns(stamp: Any) -> int:
@@ -139,6 +142,51 @@ def image_payload(values: np.ndarray, encoding: str) -> ImagePayload:
     height, width = int(values.shape[0]), int(values.shape[1])
     return ImagePayload(height, width, encoding, width * fmt.channels * fmt.dtype.itemsize,
                         values.reshape(-1).view(np.uint8))
+
+
+def estimator_image_encoding(image: np.ndarray) -> str:
+    """Encoding of an image as the estimator takes it (image_to_rgb's output): mono8, mono16 or rgb8."""
+    encodings = {(2, np.dtype(np.uint8)): "mono8", (2, np.dtype(np.uint16)): "mono16",
+                 (3, np.dtype(np.uint8)): "rgb8"}
+    encoding = encodings.get((image.ndim, image.dtype))
+    if encoding is None:
+        raise ValueError(f"no image encoding for a {image.dtype} array of shape {image.shape}")
+    return encoding
+
+
+def depth_millimetres(depth_m: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float32 HxW depth in metres (NaN invalid) -> uint16 millimetres, 0 invalid: round(1000 x depth)
+    (to nearest, ties to even). Depths beyond MAX_DEPTH_MM are 0 as well: a saturated value would
+    be a false surface at 65.5 m. `out`: a (H, W) uint16 array to write into (a message buffer view)."""
+    millimetres = np.multiply(depth_m, 1000.0, dtype=np.float64)  # (H, W), exact for any float32
+    np.rint(millimetres, out=millimetres)
+    with np.errstate(invalid="ignore"):
+        millimetres[~(millimetres <= MAX_DEPTH_MM)] = 0  # NaN and too far
+    out = np.empty(depth_m.shape, dtype="<u2") if out is None else out
+    out[...] = millimetres
+    return out
+
+
+@dataclass(frozen=True)
+class CameraInfoPayload:
+    """sensor_msgs/CameraInfo fields of a rectified camera (no distortion, R identity, P = [K | 0])."""
+
+    width: int
+    height: int
+    distortion_model: str
+    d: tuple[float, ...]  # 5 (plumb_bob)
+    k: tuple[float, ...]  # 9, row-major
+    r: tuple[float, ...]  # 9
+    p: tuple[float, ...]  # 12
+
+
+def camera_info_payload(camera: PinholeCamera) -> CameraInfoPayload:
+    """CameraInfo content for an image seen through `camera` (binning and ROI left at 0: full image)."""
+    return CameraInfoPayload(
+        width=camera.width, height=camera.height, distortion_model="plumb_bob", d=(0.0,) * 5,
+        k=tuple(float(v) for v in camera.K.ravel()), r=tuple(float(v) for v in np.eye(3).ravel()),
+        p=tuple(float(v) for v in camera.P.ravel()),
+    )
 
 
 @dataclass(frozen=True)

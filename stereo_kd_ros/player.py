@@ -14,6 +14,13 @@ Sources (`--source`):
 `--calibration FILE.yaml` gives the geometry of a folder without calibration files (and
 overrides them). Its keys are those of StereoGeometry: fx, cy, cx_left, baseline_m (metres),
 optional fy (default fx) and cx_right (default cx_left).
+
+`--raw-calibration FILE.yaml` publishes raw images instead (on left/image_raw, right/image_raw by
+default, for stereo_kd_node with rectify: true): each rectified frame is re-distorted as the
+raw cameras of the file would see it, and the camera_infos carry their K, D, R (P stays the
+source's rectified projection). The file has a `left:` and a `right:` section, each with
+distortion_model (plumb_bob, rational_polynomial or equidistant), k (9 values, row-major),
+d, and r (9 values: the rotation from the raw camera to the rectified one).
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from std_msgs.msg import Header
 
 from stereo_kd_core.data.io import read_image_rgb, read_middlebury_calib
 from stereo_kd_core.geometry import StereoGeometry
-from stereo_kd_ros.conversions import numpy_to_image, stamp_to_ns
+from stereo_kd_core.rectification import CalibrationError, CameraCalibration, distort
+from stereo_kd_ros.conversions import image_to_numpy, numpy_to_image, stamp_to_ns
 from stereo_kd_ros.node import run
 
 LEFT_FRAME = "left_optical"
@@ -150,6 +158,56 @@ def geometry_from_kitti_projections(p_left: np.ndarray, p_right: np.ndarray) -> 
     return StereoGeometry(fx=float(fx), fy=float(p_left[1, 1]), cx_left=float(p_left[0, 2]),
                           cx_right=float(p_right[0, 2]), cy=float(p_left[1, 2]),
                           baseline_m=float((p_left[0, 3] - p_right[0, 3]) / fx))
+
+
+RAW_CALIBRATION_KEYS = ("distortion_model", "k", "d", "r")
+
+
+def raw_calibration_from_yaml(path: str | Path) -> dict[str, dict]:
+    """--raw-calibration: {side: {distortion_model, k, d, r}} for 'left' and 'right'."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    if set(values) != {"left", "right"}:
+        raise ValueError(f"{path}: needs exactly a 'left' and a 'right' section, got {sorted(values)}")
+    for side, camera in values.items():
+        if not isinstance(camera, dict) or set(camera) != set(RAW_CALIBRATION_KEYS):
+            found = sorted(camera) if isinstance(camera, dict) else camera
+            raise ValueError(f"{path}: '{side}' needs the keys {', '.join(RAW_CALIBRATION_KEYS)}, got {found}")
+        try:  # checked now with a stand-in P (the frames bring theirs), not at the first frame
+            k = tuple(float(v) for v in camera["k"])
+            CameraCalibration(1, 1, str(camera["distortion_model"]), tuple(float(v) for v in camera["d"]), k,
+                              tuple(float(v) for v in camera["r"]), (*k[:3], 0.0, *k[3:6], 0.0, *k[6:], 0.0))
+        except (CalibrationError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: '{side}': {error}") from error
+    return values
+
+
+def distorted_frame(frame: PlayerFrame, raw_calibration: dict[str, dict]) -> PlayerFrame:
+    """The frame as raw cameras with `raw_calibration` see it: images re-distorted (see
+    rectification.distort), camera_infos with the raw K, D, R and the frame's P."""
+    messages = dict(frame.messages)
+    for side in ("left", "right"):
+        info, image, camera = frame.messages[f"{side}_info"], frame.messages[f"{side}_image"], raw_calibration[side]
+        raw_info = CameraInfo(header=info.header, width=image.width, height=image.height,
+                              distortion_model=camera["distortion_model"])
+        raw_info.k = [float(v) for v in camera["k"]]
+        raw_info.d = [float(v) for v in camera["d"]]
+        raw_info.r = [float(v) for v in camera["r"]]
+        raw_info.p = list(info.p)
+        try:
+            calibration = CameraCalibration.from_camera_info(raw_info)
+        except CalibrationError as error:
+            raise ValueError(f"--raw-calibration, {side}: {error}") from error
+        pixels = image_to_numpy(image)
+        pixels = pixels.astype(pixels.dtype.newbyteorder("="))  # native order for OpenCV
+        messages[f"{side}_info"] = raw_info
+        messages[f"{side}_image"] = numpy_to_image(distort(pixels, calibration), image.encoding, image.header)
+    return PlayerFrame(messages, frame.recorded_ns)
+
+
+def raw_source(source: Callable[[], Iterator[PlayerFrame]],
+               raw_calibration: dict[str, dict]) -> Callable[[], Iterator[PlayerFrame]]:
+    """A frame pass factory yielding `source`'s frames as raw images (distorted_frame)."""
+    return lambda: (distorted_frame(frame, raw_calibration) for frame in source())
 
 
 # -- sources ----------------------------------------------------------------------------------
@@ -387,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default="motorcycle",
                         help="'motorcycle' (built in), a folder of pairs, or a ROS 2 bag (folder, .db3 or .mcap).")
     parser.add_argument("--calibration", default=None, help="YAML geometry for a folder (keys below).")
+    parser.add_argument("--raw-calibration", default=None,
+                        help="YAML raw camera calibration (below): publish re-distorted raw images.")
     parser.add_argument("--rate", type=float, default=10.0, help="Frames per second.")
     parser.add_argument("--recorded-timing", action="store_true", help="Bag: publish at the recorded times.")
     parser.add_argument("--loop", action="store_true",
@@ -399,15 +459,21 @@ def main(argv: list[str] | None = None) -> int:
     for key, default in topic_flags.items():
         flag = key.replace("_", "-")
         what = key.replace("_", " ")
-        parser.add_argument(f"--{flag}-topic", default=default, help=f"Published {what} topic.")
+        published_help = f"Published {what} topic" + (" (image_raw with --raw-calibration)." if "image" in key else ".")
+        parser.add_argument(f"--{flag}-topic", default=None, help=published_help)
         parser.add_argument(f"--bag-{flag}-topic", default=f"/{default}", help=f"Bag: recorded {what} topic.")
     args = parser.parse_args(remove_ros_args(args_in)[1:])
     if args.rate <= 0 or args.frames < 0:
         parser.error("--rate must be > 0 and --frames >= 0")
-    topics = {key: getattr(args, f"{key}_topic") for key in TOPIC_KEYS}
+    if args.raw_calibration:
+        topic_flags.update(left_image="left/image_raw", right_image="right/image_raw")
+    topics = {key: getattr(args, f"{key}_topic") or topic_flags[key] for key in TOPIC_KEYS}
     bag_topics = {key: getattr(args, f"bag_{key}_topic") for key in TOPIC_KEYS}
     try:
         description, source, repeats = open_source(args.source, args.calibration, bag_topics)
+        if args.raw_calibration:
+            source = raw_source(source, raw_calibration_from_yaml(args.raw_calibration))
+            description += f" as raw images ({args.raw_calibration})"
     except (ValueError, FileNotFoundError) as error:
         print(f"stereo_kd_player: {error}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.geometry import PinholeCamera, StereoGeometry
 
 FX, FY, CX_L, CX_R, CY, BASELINE = 500.0, 480.0, 320.5, 330.5, 240.25, 0.12
 
@@ -77,3 +77,26 @@ def test_scaled_geometry_keeps_depth_of_a_point():
     d_half = (30.0 - g.disparity_offset) * 0.5 + half.disparity_offset
     assert half.depth_from_disparity(np.array([[d_half]], np.float32))[0, 0] == pytest.approx(z, rel=1e-5)
     assert half.fx == FX / 2 and half.cx_left == pytest.approx((CX_L + 0.5) / 2 - 0.5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_left_camera_back_projects_depth_to_the_points(scale):
+    g = make_geometry().scaled(scale)
+    height, width = round(480 * scale), round(640 * scale)
+    camera = g.left_camera(width, height)
+    assert isinstance(camera, PinholeCamera) and (camera.width, camera.height) == (width, height)
+    np.testing.assert_array_equal(camera.K, [[g.fx, 0, g.cx_left], [0, g.fy, g.cy], [0, 0, 1]])
+    np.testing.assert_array_equal(camera.P, np.hstack([camera.K, np.zeros((3, 1))]))  # Tx = Ty = 0
+    rng = np.random.default_rng(0)
+    disparity = rng.uniform(-5.0, 60.0, size=(height, width)).astype(np.float32)  # some invalid
+    points = g.points_from_disparity(disparity)
+    z = points[..., 2]
+    # depth_image_proc's model, from K alone: X = (u - cx) Z / fx, Y = (v - cy) Z / fy.
+    u, v = np.meshgrid(np.arange(width), np.arange(height))
+    (fx, _, cx), (_, fy, cy) = camera.K[0], camera.K[1]
+    np.testing.assert_allclose(points[..., 0], (u - cx) * z / fx, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(points[..., 1], (v - cy) * z / fy, rtol=1e-5, atol=1e-6)
+    # and projecting a point with P lands on its own pixel
+    r, c = np.argwhere(np.isfinite(z))[0]
+    projected = camera.P @ np.append(points[r, c], 1.0)
+    np.testing.assert_allclose(projected[:2] / projected[2], [c, r], atol=1e-3)

@@ -20,16 +20,27 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import rclpy  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 from stereo_msgs.msg import DisparityImage  # noqa: E402
 
-from stereo_kd_ros.node import StereoNode  # noqa: E402
+from stereo_kd_ros.node import NODE_NAME, StereoNode  # noqa: E402
 
 RELIABLE = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+# The node's outputs a harness can record, and their types.
+OUTPUT_TYPES = {"disparity": DisparityImage, "points2": PointCloud2,
+                "depth/image_rect": Image, "depth/camera_info": CameraInfo,
+                "confidence/image_rect": Image, "confidence/camera_info": CameraInfo,
+                "rgb/image_rect": Image, "rgb/camera_info": CameraInfo, "left/image_rect_color": Image,
+                "depth": Image, "confidence": Image,  # deprecated names
+                "/diagnostics": DiagnosticArray}
+# Recorded unless a test says otherwise: every current output (subscribing is what makes the node
+# build an output), not the deprecated names.
+DEFAULT_RECORDED = tuple(topic for topic in OUTPUT_TYPES if topic not in ("depth", "confidence"))
 
 
 @pytest.fixture(scope="module")
@@ -52,31 +63,59 @@ def wait_until(predicate, timeout_s: float = 10.0, period_s: float = 0.02) -> bo
     return predicate()
 
 
+class RosoutRecorder:
+    """The node's /rosout messages, as any ROS tool sees them."""
+
+    def __init__(self, harness):
+        self.messages: list[str] = []
+        self._lock = threading.Lock()
+        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        harness.io.create_subscription(Log, "/rosout", self._on_log, qos)
+
+    def _on_log(self, msg: Log) -> None:
+        if msg.name == NODE_NAME:
+            with self._lock:
+                self.messages.append(msg.msg)
+
+    def matching(self, text: str) -> list[str]:
+        with self._lock:
+            return [message for message in self.messages if text in message]
+
+    def wait_connected(self) -> None:
+        """Wait until the node's start-up log line arrived (transient local, kept 10 s): later
+        warnings cannot then be published before this subscription is matched."""
+        assert wait_until(lambda: self.matching("model '")), "no /rosout from the node"
+
+
 class StereoHarness:
     """The node under test plus a test node publishing its inputs and recording its outputs."""
 
-    def __init__(self, context, estimator=None, **parameters):
+    def __init__(self, context, estimator=None, record: tuple[str, ...] = DEFAULT_RECORDED, **parameters):
         overrides = [Parameter(name, value=value) for name, value in parameters.items()]
         self.node = StereoNode(estimator, context=context, parameter_overrides=overrides)
         self.io = Node("stereo_kd_test_io", context=context)
-        self.pubs = {topic: self.io.create_publisher(msg_type, topic, RELIABLE) for topic, msg_type in (
-            ("left/image_rect", Image), ("right/image_rect", Image),
-            ("left/camera_info", CameraInfo), ("right/camera_info", CameraInfo))}
-        self.received: dict[str, list] = {"disparity": [], "points2": [], "depth": [], "confidence": [],
-                                          "/diagnostics": []}
+        images = "image_raw" if parameters.get("rectify") else "image_rect"
+        self.pubs = {key: self.io.create_publisher(msg_type, topic, RELIABLE) for key, topic, msg_type in (
+            ("left/image", f"left/{images}", Image), ("right/image", f"right/{images}", Image),
+            ("left/camera_info", "left/camera_info", CameraInfo),
+            ("right/camera_info", "right/camera_info", CameraInfo))}
+        self.received: dict[str, list] = {topic: [] for topic in record}
         self._lock = threading.Lock()
-        for topic, msg_type in (("disparity", DisparityImage), ("points2", PointCloud2), ("depth", Image),
-                                ("confidence", Image), ("/diagnostics", DiagnosticArray)):
-            self.io.create_subscription(msg_type, topic, lambda msg, topic=topic: self._record(topic, msg),
-                                        RELIABLE)
+        for topic in record:
+            self.io.create_subscription(OUTPUT_TYPES[topic], topic,
+                                        lambda msg, topic=topic: self._record(topic, msg), RELIABLE)
         self.executor = MultiThreadedExecutor(num_threads=2, context=context)
         self.executor.add_node(self.node)
         self.executor.add_node(self.io)
+        self._closed = False
         self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
         self._spinner.start()
+        # The node's publishers of the recorded topics (those it has: optional outputs may be off).
+        recorded = {self.node.resolve_topic_name(topic) for topic in record}
+        outputs = [pub for pub in self.node.publishers if pub.topic_name in recorded]
         assert wait_until(lambda: all(p.get_subscription_count() > 0 for p in self.pubs.values())
-                          and self.node.disparity_pub.get_subscription_count() > 0
-                          and self.node.points_pub.get_subscription_count() > 0), "DDS discovery timed out"
+                          and all(p.get_subscription_count() > 0 for p in outputs)), "DDS discovery timed out"
 
     def _record(self, topic: str, msg) -> None:
         with self._lock:
@@ -101,8 +140,8 @@ class StereoHarness:
             for side, info in (("left", left_info), ("right", right_info)))), "camera_info not received"
 
     def send_images(self, left: Image, right: Image) -> None:
-        self.pubs["left/image_rect"].publish(left)
-        self.pubs["right/image_rect"].publish(right)
+        self.pubs["left/image"].publish(left)
+        self.pubs["right/image"].publish(right)
 
     def diagnostics(self) -> dict[str, str]:
         """Latest /diagnostics values of the node (waits for the next report)."""
@@ -111,7 +150,14 @@ class StereoHarness:
         return {kv.key: kv.value for kv in self.last("/diagnostics").status[0].values}
 
     def close(self) -> None:
+        """Stop and destroy both nodes (again: a no-op). The spinner thread is joined first: a
+        node still held by a running executor is only finalised later, and until then its name
+        keeps the /rosout publisher of the process, so a next stereo_kd_node would log nowhere."""
+        if self._closed:
+            return
+        self._closed = True
         self.executor.shutdown()
+        self._spinner.join(timeout=10)
         self.node.close()
         self.node.destroy_node()
         self.io.destroy_node()
@@ -122,9 +168,9 @@ def make_harness(ros_context):
     """Factory: make_harness(**node_parameters) -> StereoHarness, closed after the test."""
     harnesses = []
 
-    def make(**parameters) -> StereoHarness:
-        harness = StereoHarness(ros_context, **{"diagnostics_period_s": 0.2, "max_disparity": 32,
-                                                **parameters})
+    def make(record: tuple[str, ...] = DEFAULT_RECORDED, **parameters) -> StereoHarness:
+        harness = StereoHarness(ros_context, record=record, **{"diagnostics_period_s": 0.2, "max_disparity": 32,
+                                                               **parameters})
         harnesses.append(harness)
         return harness
 

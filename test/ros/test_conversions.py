@@ -1,16 +1,20 @@
-"""Image encodings, padded rows, byte order and cloud packing (pure unit tests)."""
+"""Image encodings, padded rows, byte order, cloud packing, depth images and camera_info (pure
+unit tests)."""
 
 import numpy as np
 import pytest
 from sensor_msgs.msg import Image, PointCloud2
 from std_msgs.msg import Header
 
-from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.geometry import PinholeCamera, StereoGeometry
 from stereo_kd_ros.conversions import (
     ImageFormatError,
+    camera_info,
     dense_cloud,
+    depth_image,
     disparity_from_msg,
     disparity_image,
+    estimator_image_encoding,
     float_image,
     image_to_numpy,
     image_to_rgb,
@@ -159,3 +163,45 @@ def test_organized_and_dense_clouds():
     kept = point_cloud_to_numpy(dense)[0]
     assert (dense.height, dense.width, dense.is_dense) == (1, 5, True)
     np.testing.assert_array_equal(kept[:, :3], np.delete(points.reshape(-1, 3), 1, axis=0))
+
+
+def test_depth_image_encodings():
+    depth_m = np.array([[np.nan, 0.0004, 0.0015, 1.2344], [2.0, 65.535, 65.536, np.inf]], dtype=np.float32)
+    metres = depth_image(depth_m, Header(frame_id="l"))
+    assert (metres.encoding, metres.step, metres.is_bigendian) == ("32FC1", 16, 0)
+    np.testing.assert_array_equal(np.frombuffer(metres.data, "<f4").reshape(2, 4), depth_m)
+
+    millimetres = depth_image(depth_m, Header(frame_id="l"), "16UC1")
+    assert (millimetres.encoding, millimetres.step, millimetres.header.frame_id) == ("16UC1", 8, "l")
+    values = np.frombuffer(millimetres.data, "<u2").reshape(2, 4)
+    # round(1000 x metres); 0 = invalid: NaN, below half a millimetre, beyond 65.535 m, inf.
+    np.testing.assert_array_equal(values, [[0, 0, 2, 1234], [2000, 65535, 0, 0]])
+    buffer = millimetres.data
+    depth_image(np.full((2, 4), 0.5, np.float32), Header(), "16UC1", msg=millimetres)
+    assert millimetres.data is buffer and np.all(np.frombuffer(buffer, "<u2") == 500)
+    with pytest.raises(ValueError, match="16UC1"):
+        depth_image(depth_m, Header(), "mono16")
+
+
+def test_camera_info_of_a_rectified_camera():
+    camera = PinholeCamera(width=64, height=48, fx=50.0, fy=51.0, cx=31.75, cy=23.75)
+    msg = camera_info(camera, Header(frame_id="left_optical"))
+    assert (msg.width, msg.height, msg.header.frame_id) == (64, 48, "left_optical")
+    assert msg.distortion_model == "plumb_bob" and list(msg.d) == [0.0] * 5
+    np.testing.assert_array_equal(np.reshape(msg.k, (3, 3)), camera.K)
+    np.testing.assert_array_equal(np.reshape(msg.r, (3, 3)), np.eye(3))
+    np.testing.assert_array_equal(np.reshape(msg.p, (3, 4)), [[50, 0, 31.75, 0], [0, 51, 23.75, 0], [0, 0, 1, 0]])
+    assert (msg.binning_x, msg.binning_y, msg.roi.width, msg.roi.height) == (0, 0, 0, 0)  # full image
+    again = camera_info(PinholeCamera(32, 24, 25.0, 25.5, 15.75, 11.75), Header(frame_id="b"), msg=msg)
+    assert again is msg and (msg.width, msg.height, msg.p[0], msg.header.frame_id) == (32, 24, 25.0, "b")
+
+
+def test_estimator_images_get_their_encoding_and_reuse_the_message():
+    for pixels, encoding in ((RGB, "rgb8"), (RGB[..., 0], "mono8"), (RGB[..., 0].astype(np.uint16) * 200, "mono16")):
+        assert estimator_image_encoding(pixels) == encoding
+        msg = numpy_to_image(pixels, encoding, Header())
+        buffer = msg.data
+        assert numpy_to_image(pixels[::-1].copy(), encoding, Header(), msg=msg) is msg and msg.data is buffer
+        np.testing.assert_array_equal(image_to_numpy(msg), pixels[::-1])
+    with pytest.raises(ValueError):
+        estimator_image_encoding(RGB.astype(np.float32))

@@ -106,6 +106,7 @@ def test_signal_while_a_frame_is_in_flight_exits_cleanly(ros_context, stop_signa
     ("model:=no_such_model", ["unknown model 'no_such_model'", "Known models:", "sgbm"]),
     ("model:=/nonexistent/student.pt", ["/nonexistent/student.pt"]),
     ("input_scale:=0.05", ["input_scale", "Min: 0.1", "Max: 1.0"]),
+    ("depth_encoding:=mono16", ["depth_encoding: expected one of 32FC1, 16UC1, got 'mono16'"]),
 ])
 def test_configuration_errors_exit_2_with_a_clear_message(parameter, expected):
     result = subprocess.run(node_command(parameter), env=env(), capture_output=True, text=True, timeout=60)

@@ -63,12 +63,12 @@ def test_disparity_image_matches_scene(make_harness, scene):
     assert (window.width, window.height) == (cols.max() - cols.min() + 1, rows.max() - rows.min() + 1)
     assert window.x_offset >= 31
 
-    assert wait_until(lambda: harness.count("depth") and harness.count("confidence"))
-    depth = np.frombuffer(harness.last("depth").data, dtype=np.float32).reshape(scene.left.shape)
+    assert wait_until(lambda: harness.count("depth/image_rect") and harness.count("confidence/image_rect"))
+    depth = np.frombuffer(harness.last("depth/image_rect").data, dtype=np.float32).reshape(scene.left.shape)
     expected_depth = disparity_msg.f * disparity_msg.t / published
     np.testing.assert_allclose(depth[valid], expected_depth[valid], rtol=1e-5)
     assert np.all(np.isnan(depth[~valid]))
-    confidence = np.frombuffer(harness.last("confidence").data, dtype=np.float32).reshape(scene.left.shape)
+    confidence = np.frombuffer(harness.last("confidence/image_rect").data, dtype=np.float32).reshape(scene.left.shape)
     assert set(np.unique(confidence)) <= {0.0, 1.0}  # SGBM: valid or not
     np.testing.assert_array_equal(confidence == 1.0, valid)
 

@@ -1,18 +1,15 @@
 """Sync modes, bad input (each class rejected, counted, logged once per period, node keeps
 going), time resets and latest-wins."""
 
-import threading
 import time
 
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import wait_until
-from rcl_interfaces.msg import Log
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from conftest import RosoutRecorder, wait_until
 from stereo_scene import make_scene
 
-from stereo_kd_ros.node import NODE_NAME, TIME_RESET_THRESHOLD_S, WARNING_INTERVAL_S
+from stereo_kd_ros.node import TIME_RESET_THRESHOLD_S, WARNING_INTERVAL_S
 
 ROS_DOMAIN_ID = 142
 
@@ -85,26 +82,6 @@ BAD_INPUTS = [
     ("bad_camera_info_zero_focal", "bad_camera_info"),
     ("frame_mismatch", "frame_mismatch"),
 ]
-
-
-class RosoutRecorder:
-    """The node's /rosout messages, as any ROS tool sees them."""
-
-    def __init__(self, harness):
-        self.messages: list[str] = []
-        self._lock = threading.Lock()
-        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
-        harness.io.create_subscription(Log, "/rosout", self._on_log, qos)
-
-    def _on_log(self, msg: Log) -> None:
-        if msg.name == NODE_NAME:
-            with self._lock:
-                self.messages.append(msg.msg)
-
-    def matching(self, text: str) -> list[str]:
-        with self._lock:
-            return [message for message in self.messages if text in message]
 
 
 def test_each_bad_input_is_rejected_counted_and_the_next_good_pair_processed(make_harness, scene):

@@ -31,6 +31,7 @@ from rosbags.typesys import Stores, get_typestore  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image  # noqa: E402
 
 from stereo_kd_core.data.io import write_middlebury_calib  # noqa: E402
+from stereo_kd_core.rectification import CameraCalibration, distort  # noqa: E402
 from stereo_kd_ros.player import (  # noqa: E402
     BAG_PAIRING_QUEUE,
     TOPIC_KEYS,
@@ -38,6 +39,8 @@ from stereo_kd_ros.player import (  # noqa: E402
     bag_frames,
     folder_frames,
     geometry_from_yaml,
+    raw_calibration_from_yaml,
+    raw_source,
 )
 
 TOPICS = {"left_info": "left/camera_info", "left_image": "left/image_rect",
@@ -182,6 +185,50 @@ def test_yaml_calibration(tmp_path):
         folder_frames(tmp_path / "pairs")
     received = play(folder_frames(tmp_path / "pairs", geometry), frames=1, rate_hz=20.0)
     np.testing.assert_allclose(received["right_info"][0][1].p, [50, 0, 22, -5, 0, 50, 9.5, 0, 0, 0, 1, 0])
+
+
+RAW_CALIBRATION = """
+left:
+  distortion_model: plumb_bob
+  k: [52.0, 0.0, 20.5, 0.0, 51.0, 9.0, 0.0, 0.0, 1.0]
+  d: [-0.1, 0.02, 0.001, -0.001, 0.0]
+  r: [0.99985, -0.0052, 0.0163, 0.0054, 0.99991, -0.0122, -0.01624, 0.01229, 0.99979]
+right:
+  distortion_model: equidistant
+  k: [50.0, 0.0, 21.0, 0.0, 50.0, 10.0, 0.0, 0.0, 1.0]
+  d: [0.02, -0.01, 0.0, 0.0]
+  r: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+"""
+
+
+def test_raw_calibration_publishes_redistorted_frames(tmp_path):
+    (tmp_path / "calib.yaml").write_text("fx: 50.0\ncy: 9.5\ncx_left: 20.0\ncx_right: 22.0\nbaseline_m: 0.1\n")
+    (tmp_path / "raw.yaml").write_text(RAW_CALIBRATION)
+    rng = np.random.default_rng(4)
+    rectified = {"left": random_image(rng, (20, 40, 3)), "right": random_image(rng, (20, 40, 3))}
+    write_png(tmp_path / "pairs" / "x" / "im0.png", rectified["left"])
+    write_png(tmp_path / "pairs" / "x" / "im1.png", rectified["right"])
+    raw_calibration = raw_calibration_from_yaml(tmp_path / "raw.yaml")
+    source = raw_source(folder_frames(tmp_path / "pairs", geometry_from_yaml(tmp_path / "calib.yaml")),
+                        raw_calibration)
+    received = play(source, frames=1, rate_hz=20.0)
+    for side, p in (("left", [50, 0, 20, 0, 0, 50, 9.5, 0, 0, 0, 1, 0]),
+                    ("right", [50, 0, 22, -5, 0, 50, 9.5, 0, 0, 0, 1, 0])):
+        info, image = received[f"{side}_info"][0][1], received[f"{side}_image"][0][1]
+        camera = raw_calibration[side]
+        assert info.distortion_model == camera["distortion_model"]
+        assert (list(info.k), list(info.d), list(info.r)) == (camera["k"], camera["d"], camera["r"])
+        np.testing.assert_allclose(info.p, p)  # the source's rectified projection
+        calibration = CameraCalibration.from_camera_info(info)
+        raw = np.frombuffer(image.data, np.uint8).reshape(20, 40, 3)
+        np.testing.assert_array_equal(raw, distort(rectified[side], calibration))
+        assert image.encoding == "rgb8" and info.header.stamp == image.header.stamp
+    (tmp_path / "bad.yaml").write_text(RAW_CALIBRATION.replace("d: [0.02, -0.01, 0.0, 0.0]", "d: [0.02]"))
+    with pytest.raises(ValueError, match="'right'.*equidistant needs 4 distortion coefficients, D has 1"):
+        raw_calibration_from_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("left: {}\n")
+    with pytest.raises(ValueError, match="needs exactly a 'left' and a 'right'"):
+        raw_calibration_from_yaml(tmp_path / "bad.yaml")
 
 
 def write_bag(path: Path, period_ns: int, image_stamps: list[tuple[str, int]] | None = None) -> dict[str, list[bytes]]:
