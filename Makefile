@@ -32,3 +32,20 @@ bench: $(STAMP)
 
 clean:
 	rm -rf demo_out .pytest_cache build *.egg-info
+
+# Training data for the CPU recipes (see MODEL_CARD.md): Debian's wallpaper photographs as the
+# texture pool, psmnet's official weights, and the stage-2 pairs with cached teacher outputs.
+TEXTURE_DIRS := /usr/share/wallpapers /usr/share/backgrounds
+KD_DATA ?= runs/kd/data
+
+.PHONY: textures kd-data
+
+textures:
+	test -d /usr/share/wallpapers || (apt-get update && apt-get install -y --no-install-recommends \
+		plasma-workspace-wallpapers gnome-backgrounds mate-backgrounds)
+
+kd-data: $(STAMP) textures
+	test -f teachers/psmnet_kitti2015.pt || $(VENV)/bin/stereo-kd fetch-teacher
+	test -d $(KD_DATA) || $(VENV)/bin/stereo-kd synth --out $(KD_DATA) --n 300 --seed 12 --height 160 \
+		--width 320 --max-disparity 96 $(foreach d,$(TEXTURE_DIRS),--textures $(d)) --no-builtin-photos
+	$(VENV)/bin/stereo-kd cache-teacher --teacher teachers/psmnet_kitti2015.pt --data $(KD_DATA)
