@@ -196,7 +196,11 @@ def scale_pair(left: np.ndarray, right: np.ndarray, geometry: StereoGeometry,
 
 @dataclass
 class PipelineStats:
-    """Counters and recent timings; updated from both threads under one lock."""
+    """Counters and recent timings; updated from both threads under one lock.
+
+    A pair is counted in `processed` after its outputs are published, so a subscriber may
+    receive an output before the count includes it.
+    """
 
     pairs: int = 0
     processed: int = 0
