@@ -85,6 +85,7 @@ class StereoHarness:
         self.executor.add_node(self.node)
         self.executor.add_node(self.io)
         self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self._closed = False
         self._spinner.start()
         assert wait_until(lambda: all(p.get_subscription_count() > 0 for p in self.pubs.values())
                           and self.node.disparity_pub.get_subscription_count() > 0
@@ -123,7 +124,18 @@ class StereoHarness:
         return {kv.key: kv.value for kv in self.last("/diagnostics").status[0].values}
 
     def close(self) -> None:
+        """Stop spinning and destroy both nodes, completely, before returning (idempotent).
+
+        The spin thread must have ended first: rclpy defers destroying a node whose handle a
+        wait set still holds, and a stereo_kd_node destroyed late unregisters the /rosout
+        publisher of the next node of that name, whose log then never reaches /rosout.
+        """
+        if self._closed:
+            return
+        self._closed = True
         self.executor.shutdown()
+        self._spinner.join(timeout=30)
+        assert not self._spinner.is_alive(), "executor did not stop spinning"
         self.node.close()
         self.node.destroy_node()
         self.io.destroy_node()
