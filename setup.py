@@ -1,18 +1,45 @@
 """ament_python packaging for stereo_kd_ros (+ the stereo_kd_core library it ships with).
 
-Two ways in:
+Ways in:
   * colcon in a ROS 2 workspace: ROS dependencies come from package.xml / rosdep; the
-    Python-only ones (torch) from pip, see README.
+    Python-only ones (torch) from pip, see README. setup.cfg puts the executables in
+    lib/stereo_kd_ros, where `ros2 run` and `ros2 launch` look.
+  * a wheel (`pip install .`): the data files (ament index marker, package.xml, launch and
+    config) land under the environment's prefix, and launchers in <prefix>/lib/stereo_kd_ros
+    start the console scripts pip puts in <prefix>/bin; with that prefix on AMENT_PREFIX_PATH,
+    `ros2 run` and `ros2 launch` work.
   * pip / venv with no ROS install: `pip install torch==2.13.0` then `pip install -e ".[ros]"`;
     the [ros] extra pulls the ROS 2 Kilted wheels (rclpy over Fast DDS and the messages).
+    An editable install has no data files: no `ros2 launch` (see README).
 """
 
 import os
 from glob import glob
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel  # setuptools >= 70.1
+except ImportError:
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:  # no wheel support at all: colcon's `setup.py install` does not need it
+        bdist_wheel = None
+
 package_name = "stereo_kd_ros"
+console_scripts = {
+    "stereo_kd_node": "stereo_kd_ros.node:main",
+    "stereo_kd_player": "stereo_kd_ros.player:main",
+    "stereo_kd_demo": "stereo_kd_ros.demo:main",
+    "stereo-kd": "stereo_kd_core.cli:main",
+}
+# ros2 run / launch_ros look for executables in <prefix>/lib/<package>; a wheel's console scripts
+# go to <prefix>/bin (setup.cfg's install_scripts is not used for wheels).
+WHEEL_LAUNCHER = """#!/bin/sh
+# {name} of a pip (wheel) install, where ros2 run and ros2 launch look for it.
+exec "$(dirname "$0")/../../bin/{name}" "$@"
+"""
 
 # Under colcon the dependencies are system (apt/rosdep) packages that pip metadata cannot
 # see (python3-opencv has no "opencv-python" dist-info), so do not declare them there.
@@ -25,6 +52,26 @@ pip_requires = [
     "tqdm>=4.60",
 ]
 install_requires = ["setuptools"] if os.environ.get("COLCON") else pip_requires
+
+
+if bdist_wheel is not None:
+    class WheelWithRosExecutables(bdist_wheel):
+        """A wheel that also installs WHEEL_LAUNCHER into <prefix>/lib/stereo_kd_ros (wheels only:
+        under colcon, setup.cfg installs the console scripts themselves there)."""
+
+        def run(self):
+            launcher_dir = Path(self.bdist_dir).parent / "ros_launchers"
+            launcher_dir.mkdir(parents=True, exist_ok=True)
+            launchers = []
+            for name in console_scripts:
+                launcher = launcher_dir / name
+                launcher.write_text(WHEEL_LAUNCHER.format(name=name))
+                launcher.chmod(0o755)
+                launchers.append(str(launcher))
+            # In place: install_data holds this very list.
+            self.distribution.data_files.append(("lib/" + package_name, launchers))
+            super().run()
+
 
 setup(
     name=package_name,
@@ -58,13 +105,6 @@ setup(
                 "library and CLI that train the network by knowledge distillation.",
     license="Apache-2.0",
     python_requires=">=3.10",
-    tests_require=["pytest"],
-    entry_points={
-        "console_scripts": [
-            "stereo_kd_node = stereo_kd_ros.node:main",
-            "stereo_kd_player = stereo_kd_ros.player:main",
-            "stereo_kd_demo = stereo_kd_ros.demo:main",
-            "stereo-kd = stereo_kd_core.cli:main",
-        ],
-    },
+    entry_points={"console_scripts": [f"{name} = {target}" for name, target in console_scripts.items()]},
+    cmdclass={} if bdist_wheel is None else {"bdist_wheel": WheelWithRosExecutables},
 )

@@ -98,7 +98,7 @@ class NodeSession:
                 command += ["-p", f"{name}:={str(value).lower() if isinstance(value, bool) else value}"]
             env = {**os.environ, "ROS_DOMAIN_ID": str(self.domain_id), "PYTHONPATH": str(REPO_ROOT)}
             # A file, not a pipe: nobody reads a pipe during the run, and a full pipe (64 KiB of
-            # the node's once-a-second status lines, about 6 minutes) would block the node.
+            # the node's log lines) would block the node.
             self._output = tempfile.TemporaryFile(mode="w+")
             self.process = subprocess.Popen(command, env=env, stdout=self._output,
                                             stderr=subprocess.STDOUT, text=True)

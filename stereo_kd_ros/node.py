@@ -122,8 +122,11 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Both images are resized by this factor (area interpolation) before the estimator; "
                   "disparity, points2, depth and confidence are published at the reduced size, with the "
                   "camera geometry scaled to match.", read_only=False, value_range=(0.1, 1.0, 0)),
-    ParameterSpec("diagnostics_period_s", 1.0, "Period of /diagnostics and of the one-line status log.",
+    ParameterSpec("diagnostics_period_s", 1.0, "Period of /diagnostics (rate, latency, counters).",
                   value_range=(0.1, 60.0, 0)),
+    ParameterSpec("status_log_period_s", 60.0,
+                  "The one-line status log is written when the status (running, rejecting pairs, no "
+                  "input) changes, and otherwise once per this period.", value_range=(0.1, 3600.0, 0)),
 )
 PARAMETER_NAMES = tuple(spec.name for spec in PARAMETERS)
 
@@ -225,7 +228,11 @@ def scale_pair(left: np.ndarray, right: np.ndarray, geometry: StereoGeometry,
 
 @dataclass
 class PipelineStats:
-    """Counters and recent timings; updated from both threads under one lock."""
+    """Counters and recent timings; updated from both threads under one lock.
+
+    A pair is counted in `processed` after its outputs are published, so a subscriber may
+    receive an output before the count includes it.
+    """
 
     pairs: int = 0
     processed: int = 0
@@ -358,6 +365,8 @@ class StereoNode(Node):
 
         self._period_s = values["diagnostics_period_s"]
         self._period_start = (time.monotonic(), 0, 0, 0)  # (t, processed, pairs, rejected)
+        self._status_log_period_s = values["status_log_period_s"]
+        self._logged_status: tuple[str, float] | None = None  # (state, monotonic s) of the last status log
         self.create_timer(self._period_s, self._report)
         self.get_logger().info(
             f"model '{self.estimator.name}' on {self.estimator.device} ({self.estimator.precision}), "
@@ -719,17 +728,24 @@ class StereoNode(Node):
             new_pairs, new_rejected = self.stats.pairs - start_pairs, rejected_total - start_rejected
             self._period_start = (time.monotonic(), self.stats.processed, self.stats.pairs, rejected_total)
         if new_rejected:
-            level, summary = DiagnosticStatus.WARN, f"{new_rejected} pairs rejected in the last period"
+            state, level, summary = ("rejecting", DiagnosticStatus.WARN,
+                                      f"{new_rejected} pairs rejected in the last period")
         elif new_pairs == 0:
-            level, summary = DiagnosticStatus.WARN, "no synchronized stereo input"
+            state, level, summary = "no_input", DiagnosticStatus.WARN, "no synchronized stereo input"
         else:
-            level, summary = DiagnosticStatus.OK, "running"
+            state, level, summary = "running", DiagnosticStatus.OK, "running"
         status = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: stereo",
                                   message=summary, hardware_id=f"{values['model']} on {values['device']}",
                                   values=[KeyValue(key=k, value=v) for k, v in values.items()])
         array = DiagnosticArray(status=[status])
         array.header.stamp = self.get_clock().now().to_msg()
         self.diagnostics_pub.publish(array)
+        # A console line per period would flood a launch console: on change, else at a slow period.
+        now = time.monotonic()
+        if (self._logged_status is not None and self._logged_status[0] == state
+                and now - self._logged_status[1] < self._status_log_period_s):
+            return
+        self._logged_status = (state, now)
         self.get_logger().info(
             f"{values['rate_hz']} Hz | latency p50 {values['latency_p50_ms']} ms "
             f"p95 {values['latency_p95_ms']} ms | inference p50 {values['inference_p50_ms']} ms | "

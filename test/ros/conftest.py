@@ -88,6 +88,18 @@ class RosoutRecorder:
         assert wait_until(lambda: self.matching("model '")), "no /rosout from the node"
 
 
+def same_message(a, b) -> bool:
+    """Field-by-field equality of two ROS messages, NaN equal to NaN (a received copy of a sent
+    message compares equal; serialized bytes may not, CDR padding is not guaranteed to match)."""
+    if not hasattr(a, "get_fields_and_field_types"):
+        if isinstance(a, (str, bytes, int, float, bool)) or a is None:
+            return a == b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b)
+        a, b = np.asarray(a), np.asarray(b)
+        return a.shape == b.shape and np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f")
+    return type(a) is type(b) and all(same_message(getattr(a, name), getattr(b, name))
+                                      for name in a.get_fields_and_field_types())
+
+
 class StereoHarness:
     """The node under test plus a test node publishing its inputs and recording its outputs."""
 
@@ -130,13 +142,13 @@ class StereoHarness:
             return self.received[topic][-1]
 
     def send_infos(self, left_info: CameraInfo, right_info: CameraInfo) -> None:
-        """Publish camera infos and wait until the node holds these very messages."""
+        """Publish camera infos and wait until the node holds these very messages: every field
+        compared, so infos that differ from the held ones only in size, K or stamp do not pass
+        for received."""
         self.pubs["left/camera_info"].publish(left_info)
         self.pubs["right/camera_info"].publish(right_info)
         assert wait_until(lambda: all(
-            self.node.camera_infos.get(side) is not None
-            and np.array_equal(self.node.camera_infos[side].p, info.p, equal_nan=True)
-            and self.node.camera_infos[side].header.frame_id == info.header.frame_id
+            same_message(self.node.camera_infos.get(side), info)
             for side, info in (("left", left_info), ("right", right_info)))), "camera_info not received"
 
     def send_images(self, left: Image, right: Image) -> None:
@@ -150,14 +162,18 @@ class StereoHarness:
         return {kv.key: kv.value for kv in self.last("/diagnostics").status[0].values}
 
     def close(self) -> None:
-        """Stop and destroy both nodes (again: a no-op). The spinner thread is joined first: a
-        node still held by a running executor is only finalised later, and until then its name
-        keeps the /rosout publisher of the process, so a next stereo_kd_node would log nowhere."""
+        """Stop spinning and destroy both nodes, completely, before returning (idempotent).
+
+        The spin thread must have ended first: rclpy defers destroying a node whose handle a
+        wait set still holds, and a stereo_kd_node destroyed late unregisters the /rosout
+        publisher of the next node of that name, whose log then never reaches /rosout.
+        """
         if self._closed:
             return
         self._closed = True
         self.executor.shutdown()
-        self._spinner.join(timeout=10)
+        self._spinner.join(timeout=30)
+        assert not self._spinner.is_alive(), "executor did not stop spinning"
         self.node.close()
         self.node.destroy_node()
         self.io.destroy_node()

@@ -85,7 +85,7 @@ def fuzz_rig(ros_context):
     harness = StereoHarness(ros_context, max_disparity=MAX_DISPARITY, diagnostics_period_s=0.2)
     rig = {"harness": harness, "scene": make_scene(width=64, height=48, plane_disparity=4, box_disparity=8,
                                                       max_disparity=MAX_DISPARITY),
-           "next_sec": 10, "expected": {}, "last_accepted_ns": None, "time_resets": 0}
+           "next_sec": 10, "expected": {}, "processed": 0, "last_accepted_ns": None, "time_resets": 0}
     yield rig
     harness.close()
 
@@ -97,8 +97,9 @@ def image_from(fields: dict, stamp: Time, frame: str, seed: int) -> Image:
     return msg
 
 
-def send_case(rig, kind: str, case) -> str | None:
-    """Publish one fuzzed pair; the reason it must be rejected for (None: it must be processed)."""
+def send_case(rig, kind: str, case) -> tuple[str | None, Time]:
+    """Publish one fuzzed pair: the reason it must be rejected for (None: it must be processed)
+    and its (left image) stamp."""
     harness, scene = rig["harness"], rig["scene"]
     rig["next_sec"] += 1
     stamp = Time(sec=rig["next_sec"])
@@ -132,7 +133,7 @@ def send_case(rig, kind: str, case) -> str | None:
         expected = "size_mismatch"
     harness.send_infos(left_info, right_info)
     harness.send_images(left, right)
-    return expected
+    return expected, left.header.stamp
 
 
 def image_fields(encoding="mono8", width=64, height=48, step=64, length=64 * 48, is_bigendian=0) -> dict:
@@ -163,12 +164,18 @@ NAN = float("nan")
 def test_fuzzed_inputs_are_rejected_for_the_predicted_reason_and_the_node_keeps_working(fuzz_rig, case):
     harness, scene = fuzz_rig["harness"], fuzz_rig["scene"]
     stats = harness.node.stats
+    # The node is idle here: the previous example waited until its last pair was counted.
+    processed = fuzz_rig["processed"]
     with stats.lock:
-        pairs, processed, rejected = stats.pairs, stats.processed, dict(stats.rejected)
-    expected = send_case(fuzz_rig, *case)
+        pairs, rejected = stats.pairs, dict(stats.rejected)
+        assert stats.processed == processed, "counts are off since an earlier failing example"
+    expected, stamp = send_case(fuzz_rig, *case)
     assert wait_until(lambda: stats.pairs == pairs + 1, timeout_s=10), f"pair never synchronized: {case}"
     if expected is None:
-        assert wait_until(lambda: stats.processed == processed + 1, timeout_s=10), case
+        assert wait_until(lambda: harness.count("disparity") and harness.last("disparity").header.stamp == stamp,
+                          timeout_s=10), f"no output for {case}"
+        assert wait_until(lambda: stats.processed == processed + 1, timeout_s=10), (case, stats.processed)
+        processed += 1
     else:
         assert wait_until(lambda: stats.rejected[expected] == rejected.get(expected, 0) + 1, timeout_s=10), \
             (case, dict(stats.rejected))
@@ -183,6 +190,11 @@ def test_fuzzed_inputs_are_rejected_for_the_predicted_reason_and_the_node_keeps_
     assert wait_until(lambda: harness.count("disparity") and harness.last("disparity").header.stamp == stamp,
                       timeout_s=10), f"no output after {case}"
     fuzz_rig["last_accepted_ns"] = stamp_to_ns(stamp)
+    # The node counts a pair after publishing its outputs: wait for the count, so that the next
+    # example starts from an idle node and exact totals (no pair lost, none counted twice).
+    fuzz_rig["processed"] = processed + 1
+    assert wait_until(lambda: stats.processed == processed + 1, timeout_s=10), (case, stats.processed)
+    assert stats.dropped == 0, case
     disparity = disparity_from_msg(harness.last("disparity"))
     comparable = scene.comparable & np.isfinite(disparity)
     assert comparable.sum() > 0.5 * scene.comparable.sum()

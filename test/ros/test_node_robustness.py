@@ -203,3 +203,34 @@ def test_a_pair_that_beats_the_first_camera_info_is_processed_when_it_arrives(ma
     assert wait_until(lambda: harness.count("disparity") == 1), "the waiting pair was not processed"
     assert harness.last("disparity").header.stamp.sec == 5
     assert harness.node.stats.rejected["missing_camera_info"] == 0
+
+
+NO_INPUT, RUNNING = "no synchronized stereo input", "| running"
+
+
+def test_status_line_is_logged_when_the_status_changes_not_every_period(make_harness, scene):
+    harness = make_harness(diagnostics_period_s=0.1, status_log_period_s=3600.0)
+    log = RosoutRecorder(harness)
+    assert wait_until(lambda: len(log.matching(NO_INPUT)) == 1)
+    reports = harness.count("/diagnostics")
+    assert wait_until(lambda: harness.count("/diagnostics") >= reports + 10, timeout_s=30)
+    assert len(log.matching(NO_INPUT)) == 1  # ten more periods without input: no more lines
+    assert not log.matching(RUNNING)
+    harness.send_infos(*scene.camera_infos(Time(sec=3)))
+    harness.send_images(*scene.images(Time(sec=3)))
+    # Input, then none again: each change is one line.
+    assert wait_until(lambda: len(log.matching(RUNNING)) == 1 and len(log.matching(NO_INPUT)) == 2)
+    reports = harness.count("/diagnostics")
+    assert wait_until(lambda: harness.count("/diagnostics") >= reports + 10, timeout_s=30)
+    assert (len(log.matching(RUNNING)), len(log.matching(NO_INPUT))) == (1, 2)
+    assert harness.diagnostics()["rate_hz"] == "0.00"  # the rate stays on /diagnostics
+
+
+def test_an_unchanged_status_is_logged_once_per_status_log_period(make_harness):
+    period_s = 0.5
+    start = time.monotonic()
+    harness = make_harness(diagnostics_period_s=0.1, status_log_period_s=period_s)
+    log = RosoutRecorder(harness)
+    assert wait_until(lambda: len(log.matching(NO_INPUT)) >= 3, timeout_s=30)
+    # Lines at least one period apart (no line per diagnostics period).
+    assert len(log.matching(NO_INPUT)) <= (time.monotonic() - start) / period_s + 1
