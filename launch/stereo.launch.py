@@ -30,6 +30,10 @@ NODE_PARAMETER_ARGUMENTS: dict[str, tuple[type, str]] = {
     "max_disparity": (int, "Disparity search range in pixels (multiple of 16)."),
     "input_scale": (float, "Resize factor (0.1..1) applied to both images before the estimator."),
     "approximate_sync": (bool, "Pair left/right images by nearest stamps instead of equal stamps."),
+    "rectify": (bool, "Take the cameras' raw images (image_raw) and rectify them in the node."),
+    "publish_depth": (bool, "Publish depth/image_rect + depth/camera_info (RGB-D consumers)."),
+    "depth_encoding": (str, "Depth image encoding: 32FC1 (metres) or 16UC1 (millimetres)."),
+    "publish_rgb": (bool, "Publish rgb/image_rect + rgb/camera_info at the depth image's resolution."),
 }
 RVIZ_PACKAGE = "rviz2"
 RVIZ_MISSING = ("use_rviz:=true but RViz is not installed (no package 'rviz2' with an 'rviz2' executable "
@@ -114,7 +118,7 @@ def input_remappings(left_namespace: str, right_namespace: str) -> list[tuple[st
     """The node's relative inputs moved into the cameras' namespaces."""
     return [(f"{side}/{topic}", os.path.join(namespace, topic))
             for side, namespace in (("left", left_namespace), ("right", right_namespace))
-            for topic in ("image_rect", "camera_info")]
+            for topic in ("image_rect", "image_raw", "camera_info")]
 
 
 def launch_plan(arguments: dict[str, str]) -> dict[str, Any]:

@@ -156,8 +156,10 @@ def test_use_rviz_without_rviz_is_refused_before_anything_starts(tmp_path, monke
 
 def test_inputs_are_remapped_into_the_camera_namespaces():
     assert launch.input_remappings("/cam/left", "right") == [
-        ("left/image_rect", "/cam/left/image_rect"), ("left/camera_info", "/cam/left/camera_info"),
-        ("right/image_rect", "right/image_rect"), ("right/camera_info", "right/camera_info")]
+        ("left/image_rect", "/cam/left/image_rect"), ("left/image_raw", "/cam/left/image_raw"),
+        ("left/camera_info", "/cam/left/camera_info"),
+        ("right/image_rect", "right/image_rect"), ("right/image_raw", "right/image_raw"),
+        ("right/camera_info", "right/camera_info")]
 
 
 def evaluate_description(**given: str) -> list:
@@ -205,7 +207,7 @@ def test_a_wheel_install_is_found_by_ament_and_runs_where_ros2_run_looks(tmp_pat
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
                    check=True, capture_output=True, timeout=300)
     prefix = tmp_path / "prefix"
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--prefix", str(prefix),
+    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--ignore-installed", "--prefix", str(prefix),
                     *map(str, (tmp_path / "dist").glob("*.whl"))], check=True, capture_output=True, timeout=300)
     site_packages = sysconfig.get_path("purelib", vars={"base": str(prefix)})
     env = {**os.environ, "AMENT_PREFIX_PATH": str(prefix), "PYTHONPATH": site_packages,
