@@ -226,42 +226,42 @@ class StereoPairing:
 
 def find_stereo_topics(topics: dict[str, str], given: dict[str, str | None] | None = None,
                        source: str = "bag") -> dict[str, str]:
-    """The four stereo topics of a bag: those `given` (None = find), else the defaults
-    (/left/image_rect, ...), else the one pair of Image topics whose names hold "left" and
-    "right" (preferring "rect"), with the camera_info next to each.
+    """The four stereo topics of a bag: those `given` (None = find); an image topic is the
+    default (/left/image_rect, /right/image_rect) when the bag has it, else the one Image topic
+    whose name holds "left" / "right" (preferring "rect"); a camera_info topic is the
+    `camera_info` next to its image topic, else the default.
 
     topics: {topic: message type}. ValueError naming the topics when no stereo pair is found.
     """
     given = {key: value for key, value in (given or {}).items() if value}
-    chosen = {**DEFAULT_TOPICS, **given}
-    if all(chosen[key] in topics for key in ("left_image", "right_image")):
-        pass
-    else:
-        images = sorted(t for t, kind in topics.items() if kind == IMAGE_TYPE)
-        for side in ("left", "right"):
-            key = f"{side}_image"
-            if key in given:
-                continue
-            candidates = [t for t in images if side in t.lower()]
-            rectified = [t for t in candidates if "rect" in t.lower()]
-            candidates = rectified or candidates
-            if len(candidates) != 1:
-                raise ValueError(f"{source}: cannot tell the {side} image topic: "
-                                 f"{'several' if candidates else 'no'} Image topics with '{side}' in the "
-                                 f"name ({', '.join(candidates or images) or 'no Image topics at all'}); "
-                                 f"give it with --{side}-image-topic")
-            chosen[key] = candidates[0]
-            if f"{side}_info" not in given:
-                chosen[f"{side}_info"] = chosen[key].rsplit("/", 1)[0] + "/camera_info"
-    for key, topic in chosen.items():
+    images = sorted(t for t, kind in topics.items() if kind == IMAGE_TYPE)
+    chosen = dict(given)
+    for side in ("left", "right"):
+        image_key, info_key = f"{side}_image", f"{side}_info"
+        if image_key not in chosen:
+            if DEFAULT_TOPICS[image_key] in topics:
+                chosen[image_key] = DEFAULT_TOPICS[image_key]
+            else:
+                candidates = [t for t in images if side in t.lower()]
+                candidates = [t for t in candidates if "rect" in t.lower()] or candidates
+                if len(candidates) != 1:
+                    found = ", ".join(candidates or images) or "no Image topics at all"
+                    raise ValueError(f"{source}: cannot tell the {side} image topic: "
+                                     f"{'several' if candidates else 'no'} Image topics with '{side}' in the "
+                                     f"name ({found}); give it with --{side}-image-topic")
+                chosen[image_key] = candidates[0]
+        if info_key not in chosen:
+            sibling = chosen[image_key].rsplit("/", 1)[0] + "/camera_info"
+            chosen[info_key] = sibling if sibling in topics else DEFAULT_TOPICS[info_key]
+    for key in DEFAULT_TOPICS:
+        topic, flag = chosen[key], "--" + key.replace("_", "-") + "-topic"
         if topic not in topics:
-            flag = "--" + key.replace("_", "-").replace("info", "info-topic").replace("image", "image-topic")
-            raise ValueError(f"{source}: no topic '{topic}' ({key.replace('_', ' ')}; give it with {flag}); "
+            raise ValueError(f"{source}: no topic '{topic}' for the {key.replace('_', ' ')} (give it with {flag}); "
                              f"topics: {', '.join(sorted(topics)) or 'none'}")
         expected = IMAGE_TYPE if key.endswith("image") else INFO_TYPE
         if topics[topic] != expected:
             raise ValueError(f"{source}: topic '{topic}' is {topics[topic]}, expected {expected}")
-    return chosen
+    return {key: chosen[key] for key in DEFAULT_TOPICS}
 
 
 @dataclass

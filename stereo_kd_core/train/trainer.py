@@ -132,7 +132,8 @@ class EpochIndexedDataset(Dataset):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
         item = self.base[index]
-        return {name: item[name] for name in ("left", "right", "disparity", "valid")}
+        # left, right, disparity, valid and any other per-sample tensor (e.g. adapt's "real")
+        return {name: value for name, value in item.items() if isinstance(value, torch.Tensor)}
 
 
 def build_training_dataset(recipe: Mapping) -> Dataset:
@@ -198,13 +199,7 @@ class Trainer:
         seed_everything(self.seed)  # same initial weights on every rank
         self.config = model_config(self.recipe)
         student = build_model(self.config).to(self.device)
-        loss = self.recipe["loss"]
-        if "teacher" in self.recipe:
-            teacher = load_model(self.recipe["teacher"]["checkpoint"], device=self.device)
-            self.objective: SupervisedObjective = Distiller(
-                student, teacher, self.recipe["distill"], loss["kind"], tuple(loss["output_weights"]))
-        else:
-            self.objective = SupervisedObjective(student, loss["kind"], tuple(loss["output_weights"]))
+        self.objective: SupervisedObjective = self.build_objective(student)
         self.student = student
         crop = self.recipe["data"]["crop"]
         for role, model in self._networks():
@@ -226,6 +221,15 @@ class Trainer:
         self.wrapped: nn.Module = self.objective
         self._wrapped_for_co_training: bool | None = None
         self.nonfinite_streak = 0  # consecutive skipped steps
+
+    def build_objective(self, student: nn.Module) -> SupervisedObjective:
+        """The loss the run minimises: distillation when the recipe has a teacher, else supervised
+        (subclasses, e.g. `stereo-kd adapt`, bring their own)."""
+        loss = self.recipe["loss"]
+        if "teacher" in self.recipe:
+            teacher = load_model(self.recipe["teacher"]["checkpoint"], device=self.device)
+            return Distiller(student, teacher, self.recipe["distill"], loss["kind"], tuple(loss["output_weights"]))
+        return SupervisedObjective(student, loss["kind"], tuple(loss["output_weights"]))
 
     def _networks(self) -> list[tuple[str, nn.Module]]:
         networks = [("student", self.student)]
