@@ -229,7 +229,7 @@ def find_stereo_topics(topics: dict[str, str], given: dict[str, str | None] | No
     """The four stereo topics of a bag: those `given` (None = find); an image topic is the
     default (/left/image_rect, /right/image_rect) when the bag has it, else the one Image topic
     whose name holds "left" / "right" (preferring "rect"); a camera_info topic is the
-    `camera_info` next to its image topic, else the default.
+    `camera_info` next to its image topic, else the default (/left/camera_info, ...).
 
     topics: {topic: message type}. ValueError naming the topics when no stereo pair is found.
     """
@@ -252,7 +252,8 @@ def find_stereo_topics(topics: dict[str, str], given: dict[str, str | None] | No
                 chosen[image_key] = candidates[0]
         if info_key not in chosen:
             sibling = chosen[image_key].rsplit("/", 1)[0] + "/camera_info"
-            chosen[info_key] = sibling if sibling in topics else DEFAULT_TOPICS[info_key]
+            default = DEFAULT_TOPICS[info_key]
+            chosen[info_key] = default if default in topics and sibling not in topics else sibling
     for key in DEFAULT_TOPICS:
         topic, flag = chosen[key], "--" + key.replace("_", "-") + "-topic"
         if topic not in topics:

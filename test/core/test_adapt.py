@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
 
 from stereo_kd_core import StereoEstimator
 from stereo_kd_core.checkpoint import save_checkpoint
@@ -214,7 +216,7 @@ def test_photometric_loss_prefers_the_true_disparity():
 
 # --- whole runs --------------------------------------------------------------------------------
 def test_adapt_on_exact_labels_improves_holdout_and_never_trains_on_it(tmp_path, monkeypatch):
-    names = synthetic_folder(tmp_path, 8)
+    names = synthetic_folder(tmp_path, 6)
     init = tiny_checkpoint(tmp_path / "init.pt")  # a deliberately weak start: random weights
     read = []
     original = AdaptFrames.__getitem__
@@ -226,10 +228,10 @@ def test_adapt_on_exact_labels_improves_holdout_and_never_trains_on_it(tmp_path,
     monkeypatch.setattr(AdaptFrames, "__getitem__", recording)
     report = run_adapt([tmp_path / "frames"], tmp_path / "run", teacher=f"labels:{tmp_path / 'labels'}",
                        init=init, device="cpu",
-                       overrides={**FAST, "train.steps": 40, "train.optimizer.lr": 2e-3, "adapt.holdout": 0.25,
+                       overrides={**FAST, "train.steps": 15, "train.optimizer.lr": 3e-3, "adapt.holdout": 0.3,
                                   "adapt.drop_worst": 0.0})
     holdout = set(names[-2:])
-    assert report["frames"] == {"train": 6, "holdout": 2, "holdout_names": [f"0/{n}" for n in names[-2:]]}
+    assert report["frames"] == {"train": 4, "holdout": 2, "holdout_names": [f"0/{n}" for n in names[-2:]]}
     assert read and not holdout & set(read), "a hold-out frame was read for training"
     assert set(read) == set(names[:-2])
     for key in ("holdout_vs_teacher", "holdout_vs_ground_truth"):
@@ -264,3 +266,96 @@ def test_default_init_fails_clearly_while_no_student_ships(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="no trained default student ships"):
         run_adapt([tmp_path], tmp_path / "run", teacher="none")
     assert cli_main(["adapt", "--data", str(tmp_path), "--teacher", "none", "--out", str(tmp_path / "r")]) == 2
+
+
+# --- bags ------------------------------------------------------------------------------------
+TYPESTORE = get_typestore(Stores.ROS2_KILTED)
+MSG = TYPESTORE.types
+
+
+def _header(stamp_ns: int, frame_id: str = "cam"):
+    return MSG["std_msgs/msg/Header"](stamp=MSG["builtin_interfaces/msg/Time"](
+        sec=stamp_ns // 10**9, nanosec=stamp_ns % 10**9), frame_id=frame_id)
+
+
+def _image(rgb: np.ndarray, stamp_ns: int):
+    height, width = rgb.shape[:2]
+    return MSG["sensor_msgs/msg/Image"](header=_header(stamp_ns), height=height, width=width, encoding="rgb8",
+                                        is_bigendian=0, step=width * 3, data=rgb.reshape(-1).copy())
+
+
+def _info(stamp_ns: int, baseline_px: float, height: int = HEIGHT, width: int = WIDTH):
+    projection = np.array([[100.0, 0, width / 2, -baseline_px], [0, 100.0, height / 2, 0], [0, 0, 1, 0]])
+    roi = MSG["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
+    return MSG["sensor_msgs/msg/CameraInfo"](
+        header=_header(stamp_ns), height=height, width=width, distortion_model="plumb_bob", d=np.zeros(5),
+        k=projection[:, :3].ravel(), r=np.eye(3).ravel(), p=projection.ravel(), binning_x=0, binning_y=0, roi=roi)
+
+
+def write_bag(path, n: int, prefix: str = "/stereo", infos: bool = True, info_size: tuple[int, int] | None = None,
+              storage=StoragePlugin.MCAP) -> list[np.ndarray]:
+    """n generator pairs on PREFIX/{left,right}/image_rect (+ camera_info); returns the left images."""
+    generator = SyntheticStereoGenerator(HEIGHT, WIDTH, MAX_DISPARITY, seed=7)
+    lefts = []
+    with Writer(path, version=9, storage_plugin=storage) as writer:
+        topics = {"chatter": ("/chatter", "std_msgs/msg/String")}
+        if n:
+            for side in ("left", "right"):
+                topics[f"{side}_image"] = (f"{prefix}/{side}/image_rect", "sensor_msgs/msg/Image")
+                if infos:
+                    topics[f"{side}_info"] = (f"{prefix}/{side}/camera_info", "sensor_msgs/msg/CameraInfo")
+        conns = {key: writer.add_connection(topic, kind, typestore=TYPESTORE) for key, (topic, kind) in topics.items()}
+
+        def write(key, msg, log_ns):
+            writer.write(conns[key], log_ns, bytes(TYPESTORE.serialize_cdr(msg, msg.__msgtype__)))
+
+        write("chatter", MSG["std_msgs/msg/String"](data="hi"), 1)
+        for index in range(n):
+            sample, stamp = generator.sample(index), 10**9 + index * 10**8
+            if infos:
+                size = info_size or (HEIGHT, WIDTH)
+                write("left_info", _info(stamp, 0.0, *size), stamp + 1)
+                write("right_info", _info(stamp, 10.0, *size), stamp + 2)
+            write("left_image", _image(sample["left"], stamp), stamp + 3)
+            write("right_image", _image(sample["right"], stamp), stamp + 4)
+            lefts.append(sample["left"])
+    return lefts
+
+
+def test_adapt_from_a_bag_with_a_project_teacher_internal_points_photometric_and_replay(tmp_path):
+    lefts = write_bag(tmp_path / "run.mcap", 4)
+    teacher = tiny_checkpoint(tmp_path / "teacher.pt", seed=1)
+    report = run_adapt([tmp_path / "run.mcap"], tmp_path / "out", teacher=teacher,
+                       init=tiny_checkpoint(tmp_path / "init.pt"), device="cpu",
+                       overrides={**FAST, "train.steps": 3, "adapt.holdout": 0.25, "adapt.photometric": 0.5,
+                                  "adapt.replay_synthetic": 0.5, "adapt.min_confidence": 0.0})
+    # frames found on /stereo/... by name, named by their six-digit index, stored once as PNG
+    assert report["frames"]["holdout_names"] == ["0/000003"]
+    assert report["labels_computed"] == 4 and report["internal_distillation"] is True
+    from stereo_kd_core.data.io import read_image_rgb
+
+    np.testing.assert_array_equal(read_image_rgb(tmp_path / "out/frames/0/000002/im0.png"), lefts[2])
+    with open(tmp_path / "out" / "log.csv") as f:
+        columns = f.readline().strip().split(",")
+    assert {"loss.labels", "loss.photometric", "loss.features", "loss.cost"} <= set(columns)
+    assert report["holdout_vs_teacher"]["after"]["mean"]["epe"] >= 0
+    assert report["synthetic_test"]["after"]["mean"]["epe"] >= 0
+
+
+def test_bag_problems_give_clear_errors_naming_the_topic(tmp_path):
+    init = tiny_checkpoint(tmp_path / "init.pt")
+
+    def adapt_bag(name: str) -> None:
+        run_adapt([tmp_path / name], tmp_path / f"out-{name}", teacher="sgbm", init=init, device="cpu",
+                  overrides={**FAST, "train.steps": 1, "adapt.holdout": 0.0})
+
+    write_bag(tmp_path / "chatter.mcap", 0)
+    with pytest.raises(ValueError, match="cannot tell the left image topic.*no Image topics at all"):
+        adapt_bag("chatter.mcap")
+    write_bag(tmp_path / "noinfo.db3", 2, infos=False, storage=StoragePlugin.SQLITE3)
+    with pytest.raises(ValueError, match="no topic '/stereo/left/camera_info'"):
+        adapt_bag("noinfo.db3")
+    write_bag(tmp_path / "sizes.mcap", 2, info_size=(32, 48))
+    with pytest.raises(ValueError, match=r"size_mismatch 2.*/stereo/left/image_rect is 128x64 but "
+                                         r"/stereo/left/camera_info says 48x32"):
+        adapt_bag("sizes.mcap")
