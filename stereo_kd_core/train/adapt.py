@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from stereo_kd_core import registry
-from stereo_kd_core.checkpoint import load_model, load_state_dict_strict, sha256_of_file
+from stereo_kd_core.checkpoint import CheckpointError, load_model, load_state_dict_strict, sha256_of_file
 from stereo_kd_core.data import AugmentConfig, TrainingDataset
 from stereo_kd_core.data.datasets import KITTI_LAYOUT, MiddleburyDataset, PairFolderDataset, StereoFolderDataset
 from stereo_kd_core.data.io import read_kitti_disparity, read_pfm, write_image_rgb
@@ -278,7 +278,13 @@ def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0) -> T
         path = psmnet_checkpoint()
         return EstimatorTeacher(StereoEstimator.load(str(path), device=device), {"teacher": "psmnet",
                                 "sha256": sha256_of_file(path)}, lr_check_px)
-    estimator = StereoEstimator.load(spec, device=device)
+    try:
+        estimator = StereoEstimator.load(spec, device=device)
+    except CheckpointError as error:
+        if spec.endswith(".onnx"):  # StereoEstimator.load runs ONNX files where its ONNX Runtime backend exists
+            raise ValueError(f"--teacher {spec}: this install's StereoEstimator cannot run ONNX models "
+                             f"({error})") from None
+        raise
     path = Path(spec)
     identity = {"teacher": spec, "sha256": sha256_of_file(path)} if path.is_file() else {
         "teacher": spec, "sha256": registry.shipped_models().get(spec, {}).get("sha256")}

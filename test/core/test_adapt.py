@@ -255,7 +255,13 @@ def test_adapt_resumes_a_finished_run_without_relabelling_and_refuses_other_sett
     first = run_adapt([tmp_path / "frames"], tmp_path / "run", overrides=overrides, **arguments)
     assert first["labels_computed"] == 3 and first["frames"]["holdout"] == 0
     assert first["holdout_vs_teacher"] is None
-    second = run_adapt([tmp_path / "frames"], tmp_path / "run", overrides=overrides, **arguments)
+    # the same run again through the command line: labels and training are already done
+    command = ["adapt", "--data", str(tmp_path / "frames"), "--out", str(tmp_path / "run"), "--teacher",
+               arguments["teacher"], "--init", init, "--device", "cpu", "--steps", "2", "--holdout", "0"]
+    for key, value in FAST.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    assert cli_main(command) == 0
+    second = json.loads((tmp_path / "run" / "before_after.json").read_text())
     assert second["labels_computed"] == 0
     with pytest.raises(ValueError, match="new --out"):
         run_adapt([tmp_path / "frames"], tmp_path / "run", overrides={**overrides, "train.steps": 3}, **arguments)
