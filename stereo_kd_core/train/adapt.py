@@ -29,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -577,6 +578,9 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     if teacher_obj is not None and teacher_obj.network is not None and adapt["internal"]:
         if teacher_obj.network.max_disparity == student.max_disparity:
             teacher_network = teacher_obj.network
+        else:
+            warnings.warn(f"teacher max_disparity {teacher_obj.network.max_disparity} != student "
+                          f"{student.max_disparity}: output-level distillation only", stacklevel=2)
     student_max = student.max_disparity
     real = TrainingDataset(AdaptFrames(train_frames, cache, adapt["min_confidence"]),
                            crop_size=tuple(recipe_dict["data"]["crop"]),
