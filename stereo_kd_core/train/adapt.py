@@ -72,7 +72,6 @@ class Frame:
     """One stereo pair of a recording: case `index` of `dataset` (a folder data set)."""
 
     source: int            # which --data
-    position: int          # time order within the source (after subsampling)
     name: str              # the label file stem: Middlebury case, KITTI / left/ stem, bag index
     dataset: StereoFolderDataset
     index: int
@@ -136,8 +135,7 @@ def open_recordings(sources: Sequence[str | os.PathLike], out_dir: Path, every: 
             raise FileNotFoundError(f"--data {path}: no such file or folder")
         is_bag = path.suffix in BAG_SUFFIXES or (path.is_dir() and (path / "metadata.yaml").is_file())
         dataset = extract_bag(path, out_dir / FRAMES_DIR / str(number), topics) if is_bag else open_folder(path)
-        frames = [Frame(number, position, dataset.cases[index].name, dataset, index)
-                  for position, index in enumerate(range(0, len(dataset), every))]
+        frames = [Frame(number, dataset.cases[index].name, dataset, index) for index in range(0, len(dataset), every)]
         recordings.append(frames)
     return recordings
 
@@ -655,7 +653,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         for frame, sample, b, a in zip(shown, samples, before, after, strict=True):
             label = cache.read(frame)[0] if cache is not None else np.full(b.shape, np.nan, np.float32)
             rows.append(([sample["left"], label, b, a],
-                         [f"left {frame.key}", f"teacher {report['teacher']}", "student before", "student after"]))
+                         [f"left {frame.key}", "teacher", "student before", "student after"]))
         labelled_tiles(out_dir / REPORT_PICTURE, rows, max_disparity=student_max)
         report["picture"] = str(out_dir / REPORT_PICTURE)
     (out_dir / REPORT_JSON).write_text(json.dumps(report, indent=2, default=float) + "\n")
