@@ -365,3 +365,24 @@ def test_bag_problems_give_clear_errors_naming_the_topic(tmp_path):
     with pytest.raises(ValueError, match=r"size_mismatch 2.*/stereo/left/image_rect is 128x64 but "
                                          r"/stereo/left/camera_info says 48x32"):
         adapt_bag("sizes.mcap")
+
+
+def test_onnx_teacher_goes_through_stereo_estimator(tmp_path):
+    """An ONNX teacher is whatever StereoEstimator.load makes of the file: output-level only;
+    where this install's estimator has no ONNX backend, a clear error says so."""
+    from stereo_kd_core.checkpoint import CheckpointError, load_model
+    from stereo_kd_core.export import export_model
+
+    onnx = export_model(load_model(tiny_checkpoint(tmp_path / "t.pt")), tmp_path / "teacher.onnx", "onnx",
+                        HEIGHT, WIDTH)
+    try:
+        StereoEstimator.load(str(onnx), device="cpu")
+    except CheckpointError:
+        with pytest.raises(ValueError, match="cannot run ONNX models"):
+            adapt.load_teacher(str(onnx), "cpu")
+        return
+    teacher = adapt.load_teacher(str(onnx), "cpu")
+    assert teacher.network is None  # no internal points from a third-party graph
+    image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
+    disparity, confidence = teacher.label(None, image, image)
+    assert disparity.shape == confidence.shape == (HEIGHT, WIDTH)
