@@ -1,4 +1,4 @@
-"""`stereo-kd`: train, distill, evaluate, predict, benchmark, export, generate data, inspect models."""
+"""`stereo-kd`: train, distill, adapt, evaluate, predict, benchmark, export, generate data, inspect models."""
 
 from __future__ import annotations
 
@@ -39,6 +39,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     path = run_training(args.recipe, out_dir=args.out, resume=args.resume, overrides=overrides,
                         max_steps=args.max_steps)
     print(f"final checkpoint: {path}")
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from stereo_kd_core.train.adapt import run_adapt
+
+    overrides: dict = dict(item.split("=", 1) for item in args.set or [])
+    for key, value in (("train.steps", args.steps), ("adapt.holdout", args.holdout),
+                       ("adapt.every", args.every), ("adapt.min_confidence", args.min_confidence),
+                       ("adapt.drop_worst", args.drop_worst), ("adapt.photometric", args.photometric),
+                       ("adapt.replay_synthetic", args.replay_synthetic)):
+        if value is not None:
+            overrides[key] = value
+    topics = {"left_image": args.left_image_topic, "right_image": args.right_image_topic,
+              "left_info": args.left_info_topic, "right_info": args.right_info_topic}
+    report = run_adapt(args.data, args.out, teacher=args.teacher, init=args.init, recipe=args.recipe,
+                       overrides=overrides, device=args.device, topics=topics)
+    for key in ("holdout_vs_teacher", "holdout_vs_ground_truth", "synthetic_test"):
+        if report.get(key):
+            before, after = report[key]["before"]["mean"], report[key]["after"]["mean"]
+            print(f"{key}: EPE {before['epe']:.3f} -> {after['epe']:.3f} px, "
+                  f"bad-2 {before['bad2']:.2f} -> {after['bad2']:.2f} %")
+    print(f"final checkpoint: {report['final']}; report: {Path(args.out) / 'before_after.json'}")
     return 0
 
 
@@ -210,6 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a recipe value, dotted keys (e.g. optim.lr=1e-4); repeatable")
         p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("adapt", help="distill a teacher into a student on your own unlabeled recordings")
+    p.add_argument("--data", action="append", required=True,
+                   help="rosbag2 bag (folder, .db3 or .mcap) or folder of rectified pairs (Middlebury layout, "
+                        "KITTI layout, or left/ + right/ with matching names); repeatable")
+    p.add_argument("--teacher", default="psmnet",
+                   help="registry name (psmnet is fetched on first use), checkpoint, ONNX file, labels:DIR "
+                        "(precomputed .pfm / 16-bit KITTI .png / .npy named after the frame) or none")
+    p.add_argument("--init", default=None, help="student to start from: registry name or checkpoint "
+                   "(default: the shipped default student)")
+    p.add_argument("--out", default="runs/adapt", help="output folder: frames, label cache, checkpoints, report")
+    p.add_argument("--recipe", default="adapt", help="recipe name or YAML path with the defaults")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="fraction of each recording's last frames kept out of training (default 0.2)")
+    p.add_argument("--every", type=int, default=None, help="use every Nth frame (default 1)")
+    p.add_argument("--min-confidence", type=float, default=None,
+                   help="pseudo-labelled pixels below this confidence do not supervise (default 0.5)")
+    p.add_argument("--drop-worst", type=float, default=None,
+                   help="fraction of the worst pseudo-labelled pixels per batch ignored (default 0.05)")
+    p.add_argument("--photometric", type=float, default=None,
+                   help="weight of the SSIM + L1 reconstruction and smoothness self-supervision (default 0)")
+    p.add_argument("--replay-synthetic", type=float, default=None,
+                   help="fraction of samples that are synthetic ground truth (default 0.25; 0 = off)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    for side in ("left", "right"):
+        p.add_argument(f"--{side}-image-topic", default=None,
+                       help=f"bags: {side} rectified image topic (default /{side}/image_rect, else found by name)")
+        p.add_argument(f"--{side}-info-topic", default=None,
+                       help=f"bags: {side} camera_info topic (default: next to the {side} image topic)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe value, dotted keys (e.g. adapt.internal=null); repeatable")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("eval", help="EPE, bad-1/2/3 and D1 on a data set")
     _add_estimator_args(p)

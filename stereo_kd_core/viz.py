@@ -157,6 +157,31 @@ def stereo_panel(left_rgb: np.ndarray, disparity: np.ndarray, confidence: np.nda
     return np.concatenate([top, bottom], axis=0)
 
 
+def labelled_tiles(path: str | Path, rows: list[tuple[list[np.ndarray], list[str]]],
+                   max_disparity: float | None = None) -> Path:
+    """Write rows of captioned tiles as one PNG: a (H, W, 3) tile is an image, a (H, W) float
+    tile a disparity map (colorize_disparity on one scale, 0 to max_disparity). Rows may
+    differ in size; narrower rows are padded with the background colour."""
+    from stereo_kd_core.data.io import write_image_rgb
+
+    strips = []
+    for tiles, titles in rows:
+        cells = []
+        for tile, title in zip(tiles, titles, strict=True):
+            tile = np.asarray(tile)
+            is_disparity = tile.ndim == 2 and tile.dtype.kind == "f"
+            rgb = colorize_disparity(tile, max_disparity) if is_disparity else _to_rgb8(tile)
+            cells.append(np.concatenate([rgb, _caption(rgb.shape[1], title)]))
+        strips.append(np.concatenate(cells, axis=1))
+    width = max(strip.shape[1] for strip in strips)
+    strips = [np.pad(strip, ((0, 0), (0, width - strip.shape[1]), (0, 0))) for strip in strips]
+    picture = np.concatenate(strips, axis=0)
+    if max_disparity is not None:
+        picture = np.concatenate([picture, disparity_scale_bar(width, max_disparity)])
+    write_image_rgb(path, picture)
+    return Path(path)
+
+
 def _write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> Path:
     height, width = frames[0].shape[:2]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))

@@ -18,7 +18,7 @@ Skipped pairs are counted by reason in the summary, with the node's reason names
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,12 @@ from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
 from stereo_kd_core import StereoEstimator
+from stereo_kd_core.data.bag import SkippedPairError, StereoPairing
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_core.viz import stereo_panel, write_animation
 from stereo_kd_ros import payloads
 
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
-PENDING_IMAGES_PER_SIDE = 64  # unmatched images kept waiting for their partner
 DISPARITY_TYPE = "stereo_msgs/msg/DisparityImage"
 POINTS_TYPE = "sensor_msgs/msg/PointCloud2"
 
@@ -43,12 +43,6 @@ def input_storage(reader: Reader) -> str:
     """'mcap' or 'sqlite3': the storage format of an open bag."""
     storages = getattr(reader.storage, "storages", [reader.storage])  # a bag folder or a single file
     return "mcap" if isinstance(storages[0], McapReader) else "sqlite3"
-
-
-class _SkippedPairError(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 class _OutputBuilder:
@@ -132,10 +126,6 @@ def run_bag(
     estimator = StereoEstimator.load(model, device=device, precision=precision, max_disparity=max_disparity)
     builder = _OutputBuilder(typestore, estimator, use_color)
     skipped: Counter = Counter()
-    infos: dict[str, Any] = {}
-    pending: dict[str, OrderedDict] = {"left": OrderedDict(), "right": OrderedDict()}  # stamp -> image
-    last_stamp_ns: int | None = None
-    geometry_cache: tuple[tuple, StereoGeometry] | None = None
     processed, copied, inference_s = 0, 0, 0.0
     panels: list[np.ndarray] = []
     start = time.perf_counter()
@@ -153,37 +143,17 @@ def run_bag(
         if max_pairs is not None:
             pair_total = min(pair_total, max_pairs)
 
+        pairing = StereoPairing({"left_image": left_image_topic, "right_image": right_image_topic,
+                                 "left_info": left_info_topic, "right_info": right_info_topic})
+
         def process(left: Any, right: Any) -> tuple[bytes, bytes]:
-            nonlocal last_stamp_ns, geometry_cache
-            if "left" not in infos or "right" not in infos:
-                raise _SkippedPairError("missing_camera_info")
-            stamp = payloads.stamp_to_ns(left.header.stamp)
-            if last_stamp_ns is not None and stamp <= last_stamp_ns:
-                raise _SkippedPairError("stamp_out_of_order")
-            for image, info in ((left, infos["left"]), (right, infos["right"])):
-                if image.header.frame_id != info.header.frame_id:
-                    raise _SkippedPairError("frame_mismatch")
-                if info.width and info.height and (info.width, info.height) != (image.width, image.height):
-                    raise _SkippedPairError("size_mismatch")
-            try:
-                left_rgb, right_rgb = payloads.image_to_rgb(left), payloads.image_to_rgb(right)
-            except payloads.ImageFormatError as error:
-                raise _SkippedPairError(error.reason) from error
-            if left_rgb.shape != right_rgb.shape or left_rgb.dtype != right_rgb.dtype:
-                raise _SkippedPairError("size_mismatch")
-            key = (tuple(infos["left"].p), tuple(infos["right"].p))
-            if geometry_cache is None or geometry_cache[0] != key:
-                try:
-                    geometry_cache = (key, StereoGeometry.from_projections(*key))
-                except ValueError as error:
-                    raise _SkippedPairError("bad_camera_info") from error
-            geometry = geometry_cache[1]
-            last_stamp_ns = stamp
+            pair = pairing.check(left, right)
+            left_rgb, geometry = pair.left_rgb, pair.geometry
             header = typestore.types["std_msgs/msg/Header"](stamp=left.header.stamp, frame_id=left.header.frame_id)
             try:
-                prediction = estimator.predict(left_rgb, right_rgb)
+                prediction = estimator.predict(left_rgb, pair.right_rgb)
             except (ValueError, RuntimeError) as error:
-                raise _SkippedPairError("estimator_error") from error
+                raise SkippedPairError("estimator_error") from error
             disparity = prediction.disparity  # (H, W) float32, NaN invalid
             if animation is not None and len(panels) < animation_frames:
                 panels.append(stereo_panel(left_rgb, disparity, prediction.confidence,
@@ -208,30 +178,22 @@ def run_bag(
                     writer.write(connections[conn.id], log_time, raw)
                     copied += 1
                     if conn.topic in info_topics:
-                        infos[info_topics[conn.topic]] = typestore.deserialize_cdr(raw, conn.msgtype)
+                        pairing.add_info(info_topics[conn.topic], typestore.deserialize_cdr(raw, conn.msgtype))
                         continue
                     side = image_topics.get(conn.topic)
                     if side is None:
                         continue
-                    image = typestore.deserialize_cdr(raw, conn.msgtype)
-                    stamp = payloads.stamp_to_ns(image.header.stamp)
-                    other = pending["right" if side == "left" else "left"]
-                    partner = other.pop(stamp, None)
-                    if partner is None:
-                        waiting = pending[side]
-                        waiting[stamp] = image
-                        if len(waiting) > PENDING_IMAGES_PER_SIDE:
-                            waiting.popitem(last=False)
-                            skipped["unmatched_image"] += 1
+                    pair = pairing.add_image(side, typestore.deserialize_cdr(raw, conn.msgtype))
+                    if pair is None:
                         continue
-                    left, right = (image, partner) if side == "left" else (partner, image)
+                    left, right = pair
                     if max_pairs is not None and processed >= max_pairs:
                         skipped["max_pairs"] += 1
                         continue
                     tick = time.perf_counter()
                     try:
                         disparity_cdr, points_cdr = process(left, right)
-                    except _SkippedPairError as skip:
+                    except SkippedPairError as skip:
                         skipped[skip.reason] += 1
                         continue
                     inference_s += time.perf_counter() - tick
@@ -239,7 +201,8 @@ def run_bag(
                     writer.write(points_out, log_time, points_cdr)
                     processed += 1
                     progress.update(1)
-    skipped["unmatched_image"] += len(pending["left"]) + len(pending["right"])
+    pairing.finish()
+    skipped.update(pairing.skipped)
     animation_path = write_animation(animation, panels, animation_fps) if animation is not None and panels else None
     return {
         "animation": None if animation_path is None else str(animation_path),

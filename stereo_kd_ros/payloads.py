@@ -13,112 +13,24 @@ from typing import Any
 import cv2
 import numpy as np
 
+from stereo_kd_core.data.bag import (  # noqa: F401 - image decoding lives in core; re-exported for the node
+    INPUT_ENCODINGS,
+    PIXEL_FORMATS,
+    ImageFormatError,
+    PixelFormat,
+    image_to_numpy,
+    image_to_rgb,
+    stamp_to_ns,
+)
 from stereo_kd_core.geometry import PinholeCamera, StereoGeometry
 
+# Depth image encodings: REP 118 metres (NaN invalid), or OpenNI/RealSense millimetres (0 invalid).
+DEPTH_ENCODINGS = ("32FC1", "16UC1")
+MAX_DEPTH_MM = 65535  # the largest 16UC1 depth; farther points are published as 0 (invalid)
 # Sub-pixel step reported in DisparityImage.delta_d, as stereo_image_proc does (SGBM's 4
 # fractional bits); network outputs are continuous and at least this fine.
 DISPARITY_STEP = 1.0 / 16.0
 FLOAT32 = 7  # sensor_msgs/PointField.FLOAT32
-
-
-@dataclass(frozen=True)
-class PixelFormat:
-    dtype: np.dtype        # one channel, little-endian
-    channels: int
-    rgb_channels: slice | None  # channel slice giving R, G, B (a view); None for one channel
-
-
-PIXEL_FORMATS: dict[str, PixelFormat] = {
-    "mono8": PixelFormat(np.dtype(np.uint8), 1, None),
-    "8UC1": PixelFormat(np.dtype(np.uint8), 1, None),
-    "mono16": PixelFormat(np.dtype("<u2"), 1, None),
-    "16UC1": PixelFormat(np.dtype("<u2"), 1, None),
-    "rgb8": PixelFormat(np.dtype(np.uint8), 3, slice(None)),
-    "bgr8": PixelFormat(np.dtype(np.uint8), 3, slice(None, None, -1)),
-    "8UC3": PixelFormat(np.dtype(np.uint8), 3, slice(None, None, -1)),  # OpenCV's default channel order
-    "rgba8": PixelFormat(np.dtype(np.uint8), 4, slice(0, 3)),
-    "bgra8": PixelFormat(np.dtype(np.uint8), 4, slice(2, None, -1)),
-    "32FC1": PixelFormat(np.dtype("<f4"), 1, None),
-}
-INPUT_ENCODINGS = ("mono8", "8UC1", "mono16", "16UC1", "rgb8", "bgr8", "8UC3", "rgba8", "bgra8")
-# Depth image encodings: REP 118 metres (NaN invalid), or OpenNI/RealSense millimetres (0 invalid).
-DEPTH_ENCODINGS = ("32FC1", "16UC1")
-MAX_DEPTH_MM = 65535  # the largest 16UC1 depth; farther points are published as 0 (invalid)
-
-
-def stamp_to_ns(stamp: Any) -> int:
-    """builtin_interfaces/Time -> integer nanoseconds."""
-    return stamp.sec * 1_000_000_000 + stamp.nanosec
-
-
-class ImageFormatError(ValueError):
-    """An Image message whose layout cannot be decoded; `reason` is a short counter key."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-
-def image_to_numpy(msg: Any, encodings: tuple[str, ...] = tuple(PIXEL_FORMATS)) -> np.ndarray:
-    """View of an Image as HxW or HxWxC in its own channel order (read-only, no copy).
-
-    Padded rows become a strided view; big-endian data becomes a byte-swapped dtype view.
-    Raises ImageFormatError for an unsupported encoding or inconsistent step/data length.
-    """
-    fmt = PIXEL_FORMATS.get(msg.encoding)
-    if fmt is None or msg.encoding not in encodings:
-        raise ImageFormatError(
-            "unsupported_encoding",
-            f"unsupported encoding '{msg.encoding}' (supported: {', '.join(encodings)})",
-        )
-    height, width, step = msg.height, msg.width, msg.step
-    pixel_bytes = fmt.dtype.itemsize * fmt.channels
-    if height == 0 or width == 0:
-        raise ImageFormatError("empty_image", f"empty image ({width}x{height})")
-    if step < width * pixel_bytes:
-        raise ImageFormatError(
-            "step_too_small",
-            f"step {step} is smaller than width * bytes_per_pixel = {width} * {pixel_bytes}",
-        )
-    if len(msg.data) != step * height:
-        raise ImageFormatError(
-            "data_length",
-            f"data length {len(msg.data)} != step * height = {step} * {height} = {step * height}",
-        )
-    dtype = fmt.dtype.newbyteorder(">") if msg.is_bigendian else fmt.dtype
-    if step % fmt.dtype.itemsize:
-        # Rows that start off the element alignment cannot be strided views; copy them out.
-        raw = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, step)[:, : width * pixel_bytes]
-        flat = np.ascontiguousarray(raw).view(dtype)
-    else:
-        flat = np.frombuffer(msg.data, dtype=dtype)
-        flat = np.lib.stride_tricks.as_strided(
-            flat, shape=(height, width * fmt.channels), strides=(step, fmt.dtype.itemsize),
-            writeable=False,
-        )
-    shape = (height, width) if fmt.channels == 1 else (height, width, fmt.channels)
-    return flat.reshape(shape)
-
-
-# Colour encodings that need their channels reordered (or alpha dropped) to become RGB.
-_TO_RGB = {"bgr8": cv2.COLOR_BGR2RGB, "8UC3": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB,
-           "bgra8": cv2.COLOR_BGRA2RGB}
-
-
-def image_to_rgb(msg: Any) -> np.ndarray:
-    """An input image as the estimator takes it: HxW (mono) or HxWx3 RGB, uint8/uint16, native byte order.
-
-    mono and rgb8 data are a view of the message (no copy). Other colour encodings are
-    converted by one OpenCV pass into a contiguous RGB array: a reordered NumPy view would be
-    free here but every consumer (estimator staging, resizing, colour packing) then copies it
-    through a 3-long inner loop, about 30x slower (1.6 ms vs 0.05 ms at 640x480). Big-endian
-    16-bit data is byte-swapped into a copy.
-    """
-    pixels = image_to_numpy(msg, INPUT_ENCODINGS)
-    if pixels.dtype.byteorder == ">":
-        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
-    conversion = _TO_RGB.get(msg.encoding)
-    return pixels if conversion is None else cv2.cvtColor(pixels, conversion)
 
 
 @dataclass(frozen=True)

@@ -284,6 +284,35 @@ class ETH3DDataset(StereoFolderDataset):
         return disparity
 
 
+# --------------------------------------------------------------------------- paired folders
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class PairFolderDataset(StereoFolderDataset):
+    """A left folder and a right folder with matching file names (e.g. `left/` + `right/`, or a
+    KITTI-style recording's `image_2/` + `image_3/`), optional ground truth in a third folder
+    (`.pfm`, or 16-bit KITTI `.png`, with the left image's stem). Names are file stems."""
+
+    def __init__(self, root: str | os.PathLike, left_dir: str = "left", right_dir: str = "right",
+                 disparity_dir: str | None = None, split_file: str | os.PathLike | None = None) -> None:
+        root = Path(root)
+        cases = []
+        for left in sorted((root / left_dir).iterdir()) if (root / left_dir).is_dir() else ():
+            right = root / right_dir / left.name
+            if left.suffix.lower() not in IMAGE_SUFFIXES or not right.is_file():
+                continue
+            disparity = None
+            if disparity_dir is not None:
+                disparity = next((root / disparity_dir / (left.stem + suffix) for suffix in (".pfm", ".png")
+                                  if (root / disparity_dir / (left.stem + suffix)).is_file()), None)
+            cases.append(StereoCase(left.stem, left, right, disparity))
+        super().__init__(cases, split_file, f"{left_dir}/ + {right_dir}/ pairs under {root}")
+
+    def read_disparity(self, path: Path) -> np.ndarray:
+        return read_kitti_disparity(path) if path.suffix.lower() == ".png" else super().read_disparity(path)
+
+
 # --------------------------------------------------------------------------- registry
 
 

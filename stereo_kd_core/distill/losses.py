@@ -163,3 +163,65 @@ def ground_truth_loss(disparities: Sequence[torch.Tensor], ground_truth: torch.T
             values = torch.log1p((disparity.float() - target).abs())
         total = total + weight * _masked_mean(values, valid)
     return total
+
+
+# --- self-supervision (no labels): the left view rebuilt from the right ------------------
+SSIM_WEIGHT = 0.85  # of (1 - SSIM) / 2 against L1 in the photometric error (Monodepth's mix)
+_SSIM_C1, _SSIM_C2 = 0.01**2, 0.03**2
+
+
+def warp_right_to_left(right: torch.Tensor, disparity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The right image sampled at x - d(x): the left view as the disparity predicts it.
+
+    right: (B, C, H, W); disparity: (B, H, W) pixels. Returns the warped image (B, C, H, W) and
+    (B, H, W) bool, True where x - d falls inside the right image.
+    """
+    batch, _, height, width = right.shape
+    xs = torch.arange(width, device=right.device, dtype=torch.float32).view(1, 1, width)
+    ys = torch.arange(height, device=right.device, dtype=torch.float32).view(1, height, 1)
+    source_x = xs - disparity.float()  # (B, H, W)
+    grid = torch.stack((2.0 * source_x / max(width - 1, 1) - 1.0,
+                        (2.0 * ys / max(height - 1, 1) - 1.0).expand(batch, height, width)), dim=-1)
+    warped = F.grid_sample(right.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    inside = (source_x >= 0) & (source_x <= width - 1)
+    return warped, inside
+
+
+def ssim_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(1 - SSIM) / 2 over 3x3 windows, per pixel and channel, in [0, 1]. (B, C, H, W) -> same."""
+    # reflection padding keeps the border windows full
+    x, y = F.pad(x, (1, 1, 1, 1), mode="reflect"), F.pad(y, (1, 1, 1, 1), mode="reflect")
+    mu_x, mu_y = F.avg_pool2d(x, 3, 1), F.avg_pool2d(y, 3, 1)
+    sigma_x = F.avg_pool2d(x * x, 3, 1) - mu_x**2
+    sigma_y = F.avg_pool2d(y * y, 3, 1) - mu_y**2
+    sigma_xy = F.avg_pool2d(x * y, 3, 1) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + _SSIM_C1) * (2 * sigma_xy + _SSIM_C2)) / (
+        (mu_x**2 + mu_y**2 + _SSIM_C1) * (sigma_x + sigma_y + _SSIM_C2))
+    return ((1.0 - ssim) / 2.0).clamp(0.0, 1.0)
+
+
+def photometric_loss(left: torch.Tensor, right: torch.Tensor, disparity: torch.Tensor,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """SSIM + L1 error between the left image and the right one warped by `disparity`.
+
+    left, right: (B, 3, H, W) in [0, 1]; disparity: (B, H, W) pixels; mask: (B, H, W) bool.
+    Pixels whose match falls outside the right image do not count.
+    """
+    warped, inside = warp_right_to_left(right, disparity)
+    left = left.float()
+    error = (SSIM_WEIGHT * ssim_error(warped, left) + (1.0 - SSIM_WEIGHT) * (warped - left).abs()).mean(1)
+    mask = inside if mask is None else inside & mask
+    return _masked_mean(error, mask)
+
+
+def edge_aware_smoothness(disparity: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Mean |gradient| of the mean-normalised disparity, down-weighted across image edges
+    (exp(-|image gradient|)). disparity: (B, H, W); image: (B, 3, H, W) in [0, 1]."""
+    disparity = disparity.float()
+    normalised = disparity / disparity.mean(dim=(1, 2), keepdim=True).abs().clamp_min(1e-3)
+    grad_x = (normalised[:, :, 1:] - normalised[:, :, :-1]).abs()
+    grad_y = (normalised[:, 1:, :] - normalised[:, :-1, :]).abs()
+    image = image.float()
+    edge_x = torch.exp(-(image[:, :, :, 1:] - image[:, :, :, :-1]).abs().mean(1))
+    edge_y = torch.exp(-(image[:, :, 1:, :] - image[:, :, :-1, :]).abs().mean(1))
+    return (grad_x * edge_x).mean() + (grad_y * edge_y).mean()

@@ -39,6 +39,12 @@ SCHEMA: dict[str, Any] = {
         "stages": ANY,
         "co_training": {"start_step": ANY, "lr": ANY},
     },
+    # `stereo-kd adapt` (stereo_kd_core/train/adapt.py checks the values)
+    "adapt": {
+        "every": ANY, "holdout": ANY, "min_confidence": ANY, "lr_check_px": ANY, "drop_worst": ANY,
+        "photometric": ANY, "smoothness": ANY, "replay_synthetic": ANY, "internal": ANY,
+        "evaluation": {"synthetic_n": ANY, "synthetic_height": ANY, "synthetic_width": ANY},
+    },
 }
 REQUIRED = ("model.arch", "data.train.name", "data.crop", "train.steps", "train.batch_size",
             "train.optimizer.name", "train.optimizer.lr", "train.schedule.name")

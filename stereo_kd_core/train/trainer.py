@@ -116,9 +116,6 @@ class StepBatchSampler(Sampler):
         return self.end_step - self.start_step
 
 
-TRAINING_KEYS = ("left", "right", "disparity", "valid", "teacher_disparity", "teacher_prob")
-
-
 class EpochIndexedDataset(Dataset):
     """Items addressed by (epoch, index): the epoch is set on the training set before each read,
     so its augmentation (seeded by seed, epoch, index) does not depend on loader workers or
@@ -135,7 +132,8 @@ class EpochIndexedDataset(Dataset):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
         item = self.base[index]
-        return {name: item[name] for name in TRAINING_KEYS if name in item}
+        # left, right, disparity, valid and any other per-sample tensor (e.g. adapt's "real")
+        return {name: value for name, value in item.items() if isinstance(value, torch.Tensor)}
 
 
 def build_training_dataset(recipe: Mapping) -> Dataset:
@@ -201,16 +199,7 @@ class Trainer:
         seed_everything(self.seed)  # same initial weights on every rank
         self.config = model_config(self.recipe)
         student = build_model(self.config).to(self.device)
-        loss = self.recipe["loss"]
-        if "teacher" in self.recipe and self.recipe["teacher"].get("cached"):
-            self.objective = CachedTeacherDistiller(student, self.recipe["distill"], loss["kind"],
-                                                    tuple(loss["output_weights"]))
-        elif "teacher" in self.recipe:
-            teacher = load_model(self.recipe["teacher"]["checkpoint"], device=self.device)
-            self.objective: SupervisedObjective = Distiller(
-                student, teacher, self.recipe["distill"], loss["kind"], tuple(loss["output_weights"]))
-        else:
-            self.objective = SupervisedObjective(student, loss["kind"], tuple(loss["output_weights"]))
+        self.objective: SupervisedObjective = self.build_objective(student)
         self.student = student
         crop = self.recipe["data"]["crop"]
         for role, model in self._networks():
@@ -249,6 +238,17 @@ class Trainer:
             raise RecipeError(f"train.init_from {source}: a {stored_arch} checkpoint cannot start a "
                               f"{self.config.get('arch')} student")
         load_state_dict_strict(self.student, checkpoint["state_dict"], source=f"train.init_from {source}")
+
+    def build_objective(self, student: nn.Module) -> SupervisedObjective:
+        """The loss the run minimises: distillation when the recipe has a teacher, else supervised
+        (subclasses, e.g. `stereo-kd adapt`, bring their own)."""
+        loss = self.recipe["loss"]
+        if "teacher" in self.recipe and self.recipe["teacher"].get("cached"):
+            return CachedTeacherDistiller(student, self.recipe["distill"], loss["kind"], tuple(loss["output_weights"]))
+        if "teacher" in self.recipe:
+            teacher = load_model(self.recipe["teacher"]["checkpoint"], device=self.device)
+            return Distiller(student, teacher, self.recipe["distill"], loss["kind"], tuple(loss["output_weights"]))
+        return SupervisedObjective(student, loss["kind"], tuple(loss["output_weights"]))
 
     def _networks(self) -> list[tuple[str, nn.Module]]:
         networks = [("student", self.student)]
