@@ -34,7 +34,7 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("params_file", default_value=str(share / "config" / "stereo.yaml"),
                               description="Node parameter YAML."),
         DeclareLaunchArgument("model", default_value="sgbm",
-                              description="Estimator: sgbm, a shipped model name or a checkpoint path."),
+                              description="Estimator: sgbm, a shipped model name, a checkpoint path or an ONNX model."),
         DeclareLaunchArgument("device", default_value="auto", description="auto, cpu, cuda or cuda:N."),
         DeclareLaunchArgument("input_scale", default_value="1.0",
                               description="Resize factor (0.1..1) applied to both images before the estimator."),

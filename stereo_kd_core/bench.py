@@ -13,10 +13,17 @@ import torch
 from stereo_kd_core.estimator import StereoEstimator
 
 
-def machine_description(device: str) -> str:
+def machine_description(device: str, estimator: StereoEstimator | None = None) -> str:
     if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device(device))
+        return f"GPU {device}"
+    cpu = f"{platform.processor() or platform.machine()} CPU"
+    session = getattr(estimator, "session", None)
+    if session is not None:
+        threads = session.get_session_options().intra_op_num_threads
+        return f"{cpu}, {threads or 'default'} onnxruntime threads"
+    return f"{cpu}, {torch.get_num_threads()} torch threads"
 
 
 def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 50, warmup: int = 5,
@@ -29,7 +36,7 @@ def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 5
     left = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     right = np.roll(left, -8, axis=1)
     device = estimator.device
-    cuda = device.startswith("cuda")
+    cuda = device.startswith("cuda") and torch.cuda.is_available()  # ONNX on CUDA needs no torch CUDA
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
@@ -48,7 +55,8 @@ def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 5
             end.synchronize()
             network_ms.append(begin.elapsed_time(end))
     result = {
-        "model": estimator.name, "device": device, "machine": machine_description(device),
+        "model": estimator.name, "backend": estimator.backend, "device": device,
+        "machine": machine_description(device, estimator),
         "precision": estimator.precision, "height": height, "width": width, "runs": runs,
         "median_ms": statistics.median(times_ms),
         "p90_ms": float(np.percentile(times_ms, 90)),
