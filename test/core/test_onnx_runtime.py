@@ -1,6 +1,6 @@
 """StereoEstimator on ONNX Runtime: parity with PyTorch at an odd size, export metadata round
 trip, third-party models with a YAML convention (hand-built graphs), fixed-size resize/pad,
-provider fallback, and clear errors."""
+provider fallback, int8 quantisation, the CPU-default rule, and clear errors."""
 
 import json
 import logging
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stereo_kd_core import StereoEstimator
+from stereo_kd_core.backend_choice import BackendCandidate, choose_cpu_default
 from stereo_kd_core.checkpoint import save_checkpoint, sha256_of_file
 from stereo_kd_core.export import export_model, network_convention, read_onnx_metadata
 from stereo_kd_core.models import build_model, default_config
@@ -237,3 +238,32 @@ def test_cli_bench_reports_the_backend(exported, tmp_path):
     result = json.loads(out.read_text())
     assert result["backend"] == f"onnxruntime ({CPU})" and "1 onnxruntime threads" in result["machine"]
     assert main(["predict", "--model", str(tmp_path / "missing.onnx"), "a.png", "b.png"]) == 2
+
+
+def test_int8_quantisation_keeps_metadata_and_runs(exported, tmp_path):
+    from stereo_kd_core.quantize import quantize_int8_static, synthetic_calibration_pairs
+
+    pairs = synthetic_calibration_pairs(2, ODD_HEIGHT, ODD_WIDTH, max_disparity=64)
+    path = quantize_int8_static(exported["onnx"], tmp_path / "fast_int8.onnx", pairs)
+    estimator = StereoEstimator.load(str(path), device="cpu", max_disparity=64)
+    assert estimator.precision == "int8" and estimator.name == "fast"
+    assert any(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node)
+    out = estimator.predict(*pairs[0])
+    assert out.disparity.shape == (ODD_HEIGHT, ODD_WIDTH) and np.isfinite(out.disparity).all()
+
+
+def test_cpu_default_rule_takes_the_fastest_within_the_accuracy_bound():
+    reference = BackendCandidate("pytorch", "fp32", 230.0, {"motorcycle": 2.00, "synthetic": 3.00})
+    bf16 = BackendCandidate("pytorch", "bf16", 110.0, {"motorcycle": 2.03, "synthetic": 3.00})    # +0.03: out
+    ort_fp32 = BackendCandidate("onnxruntime", "fp32", 150.0, {"motorcycle": 2.01, "synthetic": 2.99})
+    int8 = BackendCandidate("onnxruntime", "int8", 90.0, {"motorcycle": 2.09, "synthetic": 3.05})  # +0.09: in
+    chosen, verdicts = choose_cpu_default([reference, bf16, ort_fp32, int8])
+    assert chosen is int8
+    assert verdicts["pytorch/bf16"].startswith("rejected") and verdicts["onnxruntime/fp32"].startswith("admissible")
+    int8.epe["motorcycle"] = 2.10  # an int8 loss of 0.1 px is not "under 0.1"
+    assert choose_cpu_default([reference, bf16, ort_fp32, int8])[0] is ort_fp32
+    unscored = BackendCandidate("onnxruntime", "fp32", 10.0, {})
+    chosen, verdicts = choose_cpu_default([reference, unscored])
+    assert chosen is reference and "not measured" in verdicts["onnxruntime/fp32"]
+    with pytest.raises(ValueError, match="reference"):
+        choose_cpu_default([bf16])
