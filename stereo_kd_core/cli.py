@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=576, help="input height of the exported graph")
     p.add_argument("--width", type=int, default=960, help="input width of the exported graph")
     p.add_argument("--dynamic", action="store_true",
-                   help="ONNX: dynamic batch, height and width (run once in onnxruntime; refused if it fails)")
+                   help="ONNX: dynamic batch, height and width (checked against PyTorch at a second size; "
+                        "refused if wrong)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="write a synthetic data set in Middlebury layout")

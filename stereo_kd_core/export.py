@@ -85,25 +85,33 @@ def export_model(network: nn.Module, out_path: str | Path, fmt: str, height: int
                             "confidence": {0: "batch", 1: "height", 2: "width"}}
         torch.onnx.export(wrapper, example, str(out_path), input_names=["left", "right"],
                           output_names=["disparity", "confidence"], opset_version=ONNX_OPSET,
-                          dynamic_axes=dynamic_axes, dynamo=True)
+                          dynamic_axes=dynamic_axes, dynamo=True, external_data=False)  # one self-contained file
     write_onnx_metadata(out_path, network_convention(network, model_name, source_sha256).to_metadata())
     if dynamic:
-        _check_dynamic_export(out_path, example)
+        _check_dynamic_export(out_path, wrapper, height, width)
     return out_path
 
 
-def _check_dynamic_export(path: Path, example: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Run a dynamic-size export once at its example size: torch 2.13's dynamo exporter mis-derives
-    some width expressions of our correlation/concat volumes, and a broken graph must not ship."""
+def _check_dynamic_export(path: Path, wrapper: nn.Module, height: int, width: int) -> None:
+    """Compare a dynamic-size export with PyTorch at a second size: torch 2.13's dynamo exporter
+    specialises some width expressions of our cost volumes to the example size, and such a graph
+    (wrong or failing at every other size) must not ship."""
     try:
         import onnxruntime as ort
     except ImportError:
         return
+    other = (height + 19, width + 37)  # a size that is not the example's, nor its multiple of the stride
+    left, right = torch.rand(1, 3, *other), torch.rand(1, 3, *other)
+    with torch.no_grad():
+        expected = wrapper(left, right)[0].numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     try:
-        session.run(None, {"left": example[0].numpy(), "right": example[1].numpy()})
+        got = session.run(["disparity"], {"left": left.numpy(), "right": right.numpy()})[0]
+        problem = None if got.shape == expected.shape and float(abs(got - expected).max()) < 1e-2 else \
+            f"its disparity differs from PyTorch's at {other[0]}x{other[1]}"
     except Exception as exc:  # noqa: BLE001 (onnxruntime's untyped Fail)
+        problem = f"it fails at {other[0]}x{other[1]}: {str(exc).splitlines()[0][:200]}"
+    if problem:
         path.unlink()
-        raise RuntimeError(f"the dynamic-size ONNX export does not run in onnxruntime "
-                           f"({str(exc).splitlines()[0][:200]}); export at a fixed size instead (without "
-                           "--dynamic): StereoEstimator pads or resizes pairs to it") from None
+        raise RuntimeError(f"the dynamic-size ONNX export is wrong ({problem}); export at a fixed size "
+                           "instead (without --dynamic): StereoEstimator pads or resizes pairs to it")

@@ -79,6 +79,7 @@ def test_export_metadata_round_trip(exported):
     assert set(convention.outputs) == {"disparity", "confidence"} and "pixels" in convention.outputs["disparity"]
     assert convention.arch == "dsnet-fast" and convention.model_name == "fast"
     assert json.loads(metadata["stereo_kd.source_sha256"]) == sha256_of_file(exported["checkpoint"])
+    assert list(exported["onnx"].parent.glob("*.data")) == []  # one self-contained file, weights inside
     estimator = StereoEstimator.load(str(exported["onnx"]), device="cpu", max_disparity=64)
     assert estimator.name == "fast" and estimator.convention == convention
     # a non-default convention survives to_metadata -> from_metadata unchanged
