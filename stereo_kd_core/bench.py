@@ -29,7 +29,9 @@ def machine_description(device: str, estimator: StereoEstimator | None = None) -
 def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 50, warmup: int = 5,
               seed: int = 0) -> dict:
     """Median / p90 wall time per predict() of random real-size uint8 pairs (end to end: H2D and D2H
-    included), plus peak memory (peak_rss_mb is the process's lifetime peak resident set). On CUDA
+    included), the median CPU time of the process per predict() (median_cpu_ms: all threads,
+    spin-waiting included; on a machine shared with other work it varies far less than wall
+    time), plus peak memory (peak_rss_mb is the process's lifetime peak resident set). On CUDA
     the same span is also timed with CUDA events (median_cuda_event_ms) and the peak GPU
     memory allocated by torch is reported."""
     rng = np.random.default_rng(seed)
@@ -42,14 +44,16 @@ def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 5
     for _ in range(warmup):
         estimator.predict(left, right)
     times_ms = []
+    cpu_ms = []
     network_ms = []
     for _ in range(runs):
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         estimator.predict(left, right)
         times_ms.append((time.perf_counter() - start) * 1e3)
+        cpu_ms.append((time.process_time() - start_cpu) * 1e3)
         if cuda:
             end.record()
             end.synchronize()
@@ -60,6 +64,7 @@ def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 5
         "precision": estimator.precision, "height": height, "width": width, "runs": runs,
         "median_ms": statistics.median(times_ms),
         "p90_ms": float(np.percentile(times_ms, 90)),
+        "median_cpu_ms": statistics.median(cpu_ms),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     if cuda:
