@@ -142,6 +142,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export_model(network.float(), args.out, args.format, args.height, args.width, dynamic=args.dynamic,
                         model_name=estimator.name, source_sha256=sha256_of_file(source))
     print(f"wrote {path}")
+    if args.int8_calibration_pairs:
+        if args.format != "onnx" or args.dynamic:
+            raise ValueError("--int8-calibration-pairs needs a fixed-size ONNX export")
+        from stereo_kd_core.quantize import quantize_int8_static, synthetic_calibration_pairs
+
+        pairs = synthetic_calibration_pairs(args.int8_calibration_pairs, args.height, args.width,
+                                            network.max_disparity)
+        int8_path = quantize_int8_static(path, path.with_name(f"{path.stem}_int8.onnx"), pairs)
+        print(f"wrote {int8_path} (static int8; its EPE loss decides whether it is offered: "
+              "benchmarks/cpu_backends.py)")
     return 0
 
 
@@ -269,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="store_true",
                    help="ONNX: dynamic batch, height and width (checked against PyTorch at a second size; "
                         "refused if wrong)")
+    p.add_argument("--int8-calibration-pairs", type=int, default=0, metavar="N",
+                   help="also write OUT_int8.onnx, static int8 calibrated on N synthetic pairs (0: no)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="write a synthetic data set in Middlebury layout")

@@ -253,6 +253,18 @@ def test_int8_quantisation_keeps_metadata_and_runs(exported, tmp_path):
     assert out.disparity.shape == (ODD_HEIGHT, ODD_WIDTH) and np.isfinite(out.disparity).all()
 
 
+def test_cli_export_records_the_checkpoint_hash_and_writes_int8(exported, tmp_path):
+    from stereo_kd_core.cli import main
+
+    out = tmp_path / "cli.onnx"
+    assert main(["export", "--model", str(exported["checkpoint"]), "--out", str(out), "--height", "40",
+                 "--width", "64", "--max-disparity", "64", "--device", "cpu", "--int8-calibration-pairs", "1"]) == 0
+    convention = InputConvention.from_metadata(read_onnx_metadata(out), "cli")
+    assert convention.source_sha256 == sha256_of_file(exported["checkpoint"]) and convention.model_name == "fast"
+    int8 = InputConvention.from_metadata(read_onnx_metadata(tmp_path / "cli_int8.onnx"), "cli")
+    assert int8.quantization == "int8-static" and int8.source_sha256 == convention.source_sha256
+
+
 def test_cpu_default_rule_takes_the_fastest_within_the_accuracy_bound():
     reference = BackendCandidate("pytorch", "fp32", 230.0, {"motorcycle": 2.00, "synthetic": 3.00})
     bf16 = BackendCandidate("pytorch", "bf16", 110.0, {"motorcycle": 2.03, "synthetic": 3.00})    # +0.03: out
