@@ -230,7 +230,7 @@ def test_corrupted_or_truncated_file_gets_a_clear_error(exported, tmp_path):
         StereoEstimator.load(str(tmp_path / "missing.onnx"))
 
 
-def test_cli_bench_reports_the_backend(exported, tmp_path):
+def test_cli_bench_reports_the_backend_and_eval_takes_onnx(exported, tmp_path):
     from stereo_kd_core.cli import main
 
     out = tmp_path / "bench.json"
@@ -239,6 +239,11 @@ def test_cli_bench_reports_the_backend(exported, tmp_path):
     result = json.loads(out.read_text())
     assert result["backend"] == f"onnxruntime ({CPU})" and "1 onnxruntime threads" in result["machine"]
     assert main(["predict", "--model", str(tmp_path / "missing.onnx"), "a.png", "b.png"]) == 2
+    scores = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(exported["onnx"]), "--device", "cpu", "--dataset", "synthetic", "--n", "1",
+                 "--height", str(ODD_HEIGHT), "--width", str(ODD_WIDTH), "--max-disparity", "64",
+                 "--json", str(scores)]) == 0
+    assert json.loads(scores.read_text())["model"] == "fast"
 
 
 def test_int8_quantisation_keeps_metadata_and_runs(exported, tmp_path):
