@@ -268,6 +268,8 @@ class OnnxEstimator(StereoEstimator):
         if len(sizes) != 1:
             raise OnnxModelError(f"{self.path}: inputs {conv.inputs} differ in size: {sorted(map(str, sizes))}")
         height, width = sizes.pop()
+        # float16 graphs (third-party exports) take float16 inputs; everything else float32
+        self._input_dtype = np.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else np.float32
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         for role, name in (("disparity_output", conv.disparity_output), ("confidence_output", conv.confidence_output)):
             if name is not None and name not in outputs:
@@ -308,7 +310,8 @@ class OnnxEstimator(StereoEstimator):
 
     def _feeds(self, left: np.ndarray, right: np.ndarray) -> dict[str, np.ndarray]:
         peak = pair_peak(left, right)
-        views = [self._normalise(self._fit(image), peak)[None] for image in (left, right)]  # (1, C, h, w)
+        views = [self._normalise(self._fit(image), peak)[None].astype(self._input_dtype, copy=False)
+                 for image in (left, right)]  # (1, C, h, w)
         if len(self.convention.inputs) == 1:
             return {self.convention.inputs[0]: np.concatenate(views, axis=1)}
         return dict(zip(self.convention.inputs, views, strict=True))

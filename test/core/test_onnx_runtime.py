@@ -167,6 +167,19 @@ def test_third_party_dynamic_stacked_model_is_padded_to_its_multiple(tmp_path):
     np.testing.assert_allclose(out.confidence, 0.5)
 
 
+def test_float16_model_gets_float16_inputs(tmp_path):
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT16, [1, 3, "h", "w"]) for name in ("l", "r")]
+    outputs = [helper.make_tensor_value_info("d", TensorProto.FLOAT16, [1, "h", "w"])]
+    nodes = [helper.make_node("Sub", ["l", "r"], ["diff"]),
+             helper.make_node("ReduceMean", ["diff"], ["d"], axes=[1], keepdims=0)]
+    path = tiny_model(tmp_path / "half.onnx", inputs, outputs, nodes)
+    (tmp_path / "half.yaml").write_text("value_range: 255\ninputs: [l, r]\ndisparity_output: d\n")
+    left, right = uniform_pair(9, 11, rgb=(30, 30, 30))
+    out = StereoEstimator.load(str(path), device="cpu").predict(left, right - 6)
+    assert out.disparity.dtype == np.float32
+    np.testing.assert_allclose(out.disparity, 6.0)
+
+
 def test_third_party_model_without_yaml_or_metadata_names_the_yaml(fixed_bgr_model):
     fixed_bgr_model.with_suffix(".yaml").unlink()
     with pytest.raises(OnnxModelError, match="no stereo-kd metadata and no hitnet_like.yaml"):
