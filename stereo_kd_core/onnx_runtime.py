@@ -184,21 +184,13 @@ class OnnxEstimator(StereoEstimator):
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", precision: str = "fp32",
                  max_disparity: int | None = None, threads: int | None = None,
-                 engine_cache_dir: str | os.PathLike | None = None, providers: list[str] | None = None):
+                 engine_cache_dir: str | os.PathLike | None = None):
         import onnxruntime as ort
 
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model does not exist: {path}")
-        available = ort.get_available_providers()
-        if providers is None:
-            providers = choose_providers(device, available)
-        else:
-            missing = [p for p in providers if p not in available]
-            if missing:
-                log.warning("onnxruntime has no %s (available: %s); falling back to the others",
-                            ", ".join(missing), ", ".join(available))
-            providers = [p for p in providers if p in available] or [CPU]
+        providers = choose_providers(device, ort.get_available_providers())
         device_id = int(device.split(":")[1]) if device.startswith("cuda:") else 0
         if precision == "fp16" and TENSORRT not in providers:
             log.warning("fp16 in onnxruntime needs the TensorRT provider; running '%s' as exported", path.name)
