@@ -24,7 +24,7 @@ NOT_GIVEN = ""  # default of the node parameter arguments: the params file (or t
 
 # Launch arguments that set the node parameter of the same name, with that parameter's type.
 NODE_PARAMETER_ARGUMENTS: dict[str, tuple[type, str]] = {
-    "model": (str, "Estimator: sgbm, a shipped model name or a checkpoint path."),
+    "model": (str, "Estimator: sgbm, a shipped model name, a checkpoint path or an ONNX model (*.onnx)."),
     "device": (str, "Inference device: auto, cpu, cuda or cuda:N."),
     "precision": (str, "Network precision: fp32, fp16 or bf16."),
     "max_disparity": (int, "Disparity search range in pixels (multiple of 16)."),

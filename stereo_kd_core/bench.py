@@ -13,45 +13,58 @@ import torch
 from stereo_kd_core.estimator import StereoEstimator
 
 
-def machine_description(device: str) -> str:
+def machine_description(device: str, estimator: StereoEstimator | None = None) -> str:
     if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.device(device))
+        return f"GPU {device}"
+    cpu = f"{platform.processor() or platform.machine()} CPU"
+    session = getattr(estimator, "session", None)
+    if session is not None:
+        threads = session.get_session_options().intra_op_num_threads
+        return f"{cpu}, {threads or 'default'} onnxruntime threads"
+    return f"{cpu}, {torch.get_num_threads()} torch threads"
 
 
 def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 50, warmup: int = 5,
               seed: int = 0) -> dict:
     """Median / p90 wall time per predict() of random real-size uint8 pairs (end to end: H2D and D2H
-    included), plus peak memory (peak_rss_mb is the process's lifetime peak resident set). On CUDA
+    included), the median CPU time of the process per predict() (median_cpu_ms: all threads,
+    spin-waiting included; on a machine shared with other work it varies far less than wall
+    time), plus peak memory (peak_rss_mb is the process's lifetime peak resident set). On CUDA
     the same span is also timed with CUDA events (median_cuda_event_ms) and the peak GPU
     memory allocated by torch is reported."""
     rng = np.random.default_rng(seed)
     left = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     right = np.roll(left, -8, axis=1)
     device = estimator.device
-    cuda = device.startswith("cuda")
+    cuda = device.startswith("cuda") and torch.cuda.is_available()  # ONNX on CUDA needs no torch CUDA
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         estimator.predict(left, right)
     times_ms = []
+    cpu_ms = []
     network_ms = []
     for _ in range(runs):
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         estimator.predict(left, right)
         times_ms.append((time.perf_counter() - start) * 1e3)
+        cpu_ms.append((time.process_time() - start_cpu) * 1e3)
         if cuda:
             end.record()
             end.synchronize()
             network_ms.append(begin.elapsed_time(end))
     result = {
-        "model": estimator.name, "device": device, "machine": machine_description(device),
+        "model": estimator.name, "backend": estimator.backend, "device": device,
+        "machine": machine_description(device, estimator),
         "precision": estimator.precision, "height": height, "width": width, "runs": runs,
         "median_ms": statistics.median(times_ms),
         "p90_ms": float(np.percentile(times_ms, 90)),
+        "median_cpu_ms": statistics.median(cpu_ms),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     if cuda:

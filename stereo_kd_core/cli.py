@@ -18,15 +18,18 @@ def _load_estimator(args: argparse.Namespace):
     from stereo_kd_core import StereoEstimator
 
     return StereoEstimator.load(args.model, device=args.device, precision=args.precision,
-                                max_disparity=args.max_disparity, compile=getattr(args, "compile", False))
+                                max_disparity=args.max_disparity, compile=getattr(args, "compile", False),
+                                threads=getattr(args, "threads", 0) or None)
 
 
 def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "--checkpoint", dest="model", default="sgbm",
-                        help="registry name (see `stereo-kd info --list`), checkpoint path, or 'sgbm'")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+                        help="registry name (see `stereo-kd info --list`), checkpoint path, ONNX model "
+                             "(*.onnx, run in onnxruntime), or 'sgbm'")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available; ONNX: TensorRT > CUDA > CPU), cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                        help="inference precision (fp16 needs CUDA)")
+                        help="inference precision (fp16 needs CUDA; ONNX: fp16 = TensorRT fp16 engine)")
     parser.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
 
 
@@ -141,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     estimator = _load_estimator(args)
     result = benchmark(estimator, args.height, args.width, runs=args.runs, warmup=args.warmup)
     result["compiled"] = bool(getattr(estimator, "compiled", False))
-    line = (f"{result['model']} {args.height}x{args.width} {result['precision']}"
+    line = (f"{result['model']} {args.height}x{args.width} {result['backend']} {result['precision']}"
             f"{' compiled' if result['compiled'] else ''} on {result['machine']}: "
             f"median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms")
     if "peak_gpu_mb" in result:
@@ -152,14 +155,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from stereo_kd_core import registry
+    from stereo_kd_core.checkpoint import sha256_of_file
     from stereo_kd_core.export import export_model
 
     estimator = _load_estimator(args)
     network = getattr(estimator, "network", None)
     if network is None:
         raise SystemExit(f"stereo-kd export: '{args.model}' is not a network; give a checkpoint or registry name")
-    path = export_model(network.float(), args.out, args.format, args.height, args.width, dynamic=args.dynamic)
+    source = Path(args.model) if Path(args.model).is_file() else registry.resolve_shipped(args.model)[0]
+    path = export_model(network.float(), args.out, args.format, args.height, args.width, dynamic=args.dynamic,
+                        model_name=estimator.name, source_sha256=sha256_of_file(source))
     print(f"wrote {path}")
+    if args.int8_calibration_pairs:
+        if args.format != "onnx" or args.dynamic:
+            raise ValueError("--int8-calibration-pairs needs a fixed-size ONNX export")
+        from stereo_kd_core.quantize import quantize_int8_static, synthetic_calibration_pairs
+
+        pairs = synthetic_calibration_pairs(args.int8_calibration_pairs, args.height, args.width,
+                                            network.max_disparity)
+        int8_path = quantize_int8_static(path, path.with_name(f"{path.stem}_int8.onnx"), pairs)
+        print(f"wrote {int8_path} (static int8; its EPE loss decides whether it is offered: "
+              "benchmarks/cpu_backends.py)")
     return 0
 
 
@@ -310,15 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bag)
 
     p = sub.add_parser("bench", help="median latency and peak memory")
-    p.add_argument("model", help="registry name, checkpoint path, or sgbm")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("model", help="registry name, checkpoint path, ONNX model (*.onnx), or sgbm")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (ONNX auto: TensorRT > CUDA > CPU)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="inference precision")
     p.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
     p.add_argument("--height", type=int, default=384, help="input height")
     p.add_argument("--width", type=int, default=640, help="input width")
     p.add_argument("--runs", type=int, default=50, help="timed runs (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads: torch's, or onnxruntime's intra-op threads for ONNX models (0 = default)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the network (CUDA graphs on CUDA); falls back to eager where unavailable")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
@@ -330,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--height", type=int, default=576, help="input height of the exported graph")
     p.add_argument("--width", type=int, default=960, help="input width of the exported graph")
-    p.add_argument("--dynamic", action="store_true", help="ONNX: dynamic batch, height and width")
+    p.add_argument("--dynamic", action="store_true",
+                   help="ONNX: dynamic batch, height and width (checked against PyTorch at a second size; "
+                        "refused if wrong)")
+    p.add_argument("--int8-calibration-pairs", type=int, default=0, metavar="N",
+                   help="also write OUT_int8.onnx, static int8 calibrated on N synthetic pairs (0: no)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("synth", help="write a synthetic data set in Middlebury layout")

@@ -70,6 +70,7 @@ class StereoEstimator:
     """Disparity (and confidence) for rectified stereo pairs, from a network or OpenCV SGBM."""
 
     name: str
+    backend: str = "python"  # "pytorch", "opencv", "onnxruntime (<execution provider>)"; subclasses say
     device: str
     precision: str
     max_disparity: int
@@ -78,11 +79,17 @@ class StereoEstimator:
 
     @classmethod
     def load(cls, model: str = "sgbm", device: str = "auto", precision: str = "fp32",
-             max_disparity: int = 192, compile: bool = False) -> StereoEstimator:
-        """A registry name ("dsnet", ...), a checkpoint path, or "sgbm".
+             max_disparity: int = 192, compile: bool = False, threads: int | None = None,
+             engine_cache_dir: str | None = None) -> StereoEstimator:
+        """A registry name ("dsnet", ...), a checkpoint path, an ONNX model path (*.onnx), or "sgbm".
 
         compile: torch.compile the network (CUDA graphs on CUDA); falls back to eager with a
         warning where compilation is unavailable.
+        ONNX models run in ONNX Runtime (stereo_kd_core.onnx_runtime): providers follow `device`
+        (auto: TensorRT > CUDA > CPU among those installed), `threads` sets the CPU provider's
+        intra-op threads (None: onnxruntime's default), `engine_cache_dir` TensorRT's engine
+        cache; precision "fp16" builds TensorRT engines in fp16. `max_disparity` is the model's
+        own for networks and ONNX models (a different request is logged and ignored).
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
@@ -90,6 +97,11 @@ class StereoEstimator:
             raise ValueError(f"max_disparity must be an integer >= 16, got {max_disparity!r}")
         if model == "sgbm":
             return SGBMEstimator(max_disparity=max_disparity)
+        if model.endswith(".onnx"):
+            from stereo_kd_core.onnx_runtime import OnnxEstimator
+
+            return OnnxEstimator(model, device=device, precision=precision, max_disparity=max_disparity,
+                                 threads=threads, engine_cache_dir=engine_cache_dir)
         if os.sep in model or model.endswith((".pt", ".pth", ".ckpt")) or Path(model).is_file():
             path, sha = Path(model).expanduser(), None
             if not path.is_file():
@@ -123,6 +135,7 @@ class SGBMEstimator(StereoEstimator):
 
     def __init__(self, max_disparity: int = 192, block_size: int = 5):
         self.name = "sgbm"
+        self.backend = "opencv"
         self.device = "cpu"
         self.precision = "fp32"
         self.max_disparity = int(max_disparity)
@@ -172,6 +185,7 @@ class NetworkEstimator(StereoEstimator):
     def __init__(self, network: torch.nn.Module, name: str, device: str, precision: str,
                  max_disparity: int, compile: bool = False):
         self.name = name
+        self.backend = "pytorch"
         self.device = device
         self.precision = precision
         model_max = int(getattr(network, "max_disparity", max_disparity))

@@ -81,7 +81,8 @@ class ParameterSpec:
 
 
 PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("model", "sgbm", "Estimator: 'sgbm' (OpenCV SGBM), a shipped model name, or a checkpoint path."),
+    ParameterSpec("model", "sgbm", "Estimator: 'sgbm' (OpenCV SGBM), a shipped model name, a checkpoint path, "
+                  "or an ONNX model path (*.onnx, run in onnxruntime)."),
     ParameterSpec("device", "auto", "Inference device: auto (CUDA when available), cpu, cuda or cuda:N."),
     ParameterSpec("precision", "fp32", "Network precision: fp32, fp16 or bf16."),
     ParameterSpec("max_disparity", 192, "Disparity search range in pixels (multiple of 16).",
@@ -369,7 +370,8 @@ class StereoNode(Node):
         self._logged_status: tuple[str, float] | None = None  # (state, monotonic s) of the last status log
         self.create_timer(self._period_s, self._report)
         self.get_logger().info(
-            f"model '{self.estimator.name}' on {self.estimator.device} ({self.estimator.precision}), "
+            f"model '{self.estimator.name}' ({self.estimator.backend}) on {self.estimator.device} "
+            f"({self.estimator.precision}), "
             f"max_disparity {self.estimator.max_disparity}, "
             f"{'approximate' if tolerance else 'exact'} sync"
             f"{' via message_filters' if self.image_sync.uses_message_filters else ''}"
