@@ -41,13 +41,11 @@ import numpy as np
 
 # scikit-image photographs that ship inside the wheel. stereo_motorcycle is an evaluation pair and
 # must never be a texture.
-# Left out: text, page, grass, brick and coins (one repetitive pattern over the whole frame is ambiguous for
-# any two-view matcher and is not a scene), hubble_deep_field and moon (mostly black), colorwheel
-# (synthetic), and images that need a download (pooch).
-BUILTIN_PHOTO_NAMES = (
-    "astronaut", "coffee", "chelsea", "rocket", "camera", "gravel", "immunohistochemistry",
-    "clock", "cell", "retina",
-)
+# Photographs of scenes only. Left out: text, page, grass, brick and coins (one repetitive pattern
+# over the whole frame is ambiguous for any two-view matcher and is not a scene), hubble_deep_field
+# and moon (mostly black), cell, immunohistochemistry and retina (microscopy and fundus images),
+# colorwheel (synthetic), and images that need a download (pooch).
+BUILTIN_PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "gravel", "clock")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MAX_PHOTO_SIDE = 1600  # photographs are stored downscaled to this (memory: ~7 MB each)
 MIN_PHOTO_SIDE = 96
