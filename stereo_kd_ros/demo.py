@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stereo_kd_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=30, help="Frames the player publishes.")
     parser.add_argument("--rate", type=float, default=10.0, help="Player rate in Hz.")
-    parser.add_argument("--model", default="sgbm", help="Node 'model' parameter.")
+    parser.add_argument("--model", default="dsnet-fast", help="Node 'model' parameter (default: the shipped student).")
     parser.add_argument("--device", default="auto", help="Node 'device' parameter.")
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="Output folder.")
     parser.add_argument("--domain-id", type=int, default=77, help="ROS_DOMAIN_ID used by all three processes.")

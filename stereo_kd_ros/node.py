@@ -81,7 +81,8 @@ class ParameterSpec:
 
 
 PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("model", "sgbm", "Estimator: 'sgbm' (OpenCV SGBM), a shipped model name, a checkpoint path, "
+    ParameterSpec("model", "dsnet-fast", "Estimator: a shipped model name (default dsnet-fast: the lean student "
+                  "network with the weights shipped in the package), 'sgbm' (OpenCV SGBM), a checkpoint path, "
                   "or an ONNX model path (*.onnx, run in onnxruntime)."),
     ParameterSpec("device", "auto", "Inference device: auto (CUDA when available), cpu, cuda or cuda:N."),
     ParameterSpec("precision", "fp32", "Network precision: fp32, fp16 or bf16."),

@@ -82,7 +82,7 @@ cases = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzz_rig(ros_context):
-    harness = StereoHarness(ros_context, max_disparity=MAX_DISPARITY, diagnostics_period_s=0.2)
+    harness = StereoHarness(ros_context, model="sgbm", max_disparity=MAX_DISPARITY, diagnostics_period_s=0.2)
     rig = {"harness": harness, "scene": make_scene(width=64, height=48, plane_disparity=4, box_disparity=8,
                                                       max_disparity=MAX_DISPARITY),
            "next_sec": 10, "expected": {}, "processed": 0, "last_accepted_ns": None, "time_resets": 0}
