@@ -26,7 +26,7 @@ NOT_GIVEN = ""  # default of the node parameter arguments: the params file (or t
 NODE_PARAMETER_ARGUMENTS: dict[str, tuple[type, str]] = {
     "model": (str, "Estimator: sgbm, a shipped model name, a checkpoint path or an ONNX model (*.onnx)."),
     "device": (str, "Inference device: auto, cpu, cuda or cuda:N."),
-    "precision": (str, "Network precision: fp32, fp16 or bf16."),
+    "precision": (str, "Network precision: auto, fp32, fp16 or bf16."),
     "max_disparity": (int, "Disparity search range in pixels (multiple of 16)."),
     "input_scale": (float, "Resize factor (0.1..1) applied to both images before the estimator."),
     "approximate_sync": (bool, "Pair left/right images by nearest stamps instead of equal stamps."),

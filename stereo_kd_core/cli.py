@@ -28,8 +28,9 @@ def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
                              "(*.onnx, run in onnxruntime), or 'sgbm'")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available; ONNX: TensorRT > CUDA > CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                        help="inference precision (fp16 needs CUDA; ONNX: fp16 = TensorRT fp16 engine)")
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"],
+                        help="inference precision (fp16 needs CUDA; ONNX: fp16 = TensorRT fp16 engine; auto: "
+                             "fp16 on CUDA, the shipped model's measured CPU default on the CPU)")
     parser.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
 
 
@@ -329,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="median latency and peak memory")
     p.add_argument("model", help="registry name, checkpoint path, ONNX model (*.onnx), or sgbm")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (ONNX auto: TensorRT > CUDA > CPU)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="inference precision")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"],
+                   help="inference precision (auto: as the node's precision parameter)")
     p.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
     p.add_argument("--height", type=int, default=384, help="input height")
     p.add_argument("--width", type=int, default=640, help="input width")

@@ -26,6 +26,31 @@ class StereoPrediction:
     points: np.ndarray | None = None  # float32 HxWx3 metres (left optical frame) when geometry was given
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AMX or AVX-512 BF16): elsewhere bf16 is
+    emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str, device: str, model: str) -> str:
+    """"auto" -> a concrete precision: fp16 on CUDA; on the CPU the shipped model's measured CPU
+    default (its manifest's cpu_default, chosen by stereo_kd_core.backend_choice's rule from
+    benchmarks/cpu_backends.py) where the CPU has native bf16, else fp32. Others pass through."""
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    entry = registry.shipped_models().get(model, {})
+    chosen = entry.get("cpu_default", {})
+    if chosen.get("backend") == "pytorch" and chosen.get("precision") == "bf16" and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
 def resolve_device(device: str) -> str:
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got '{device}'")
@@ -83,6 +108,9 @@ class StereoEstimator:
              engine_cache_dir: str | None = None) -> StereoEstimator:
         """A registry name ("dsnet", ...), a checkpoint path, an ONNX model path (*.onnx), or "sgbm".
 
+        precision: fp32, fp16, bf16, or auto (`resolve_precision`: fp16 on CUDA, the shipped
+        model's measured CPU default on the CPU).
+
         compile: torch.compile the network (CUDA graphs on CUDA); falls back to eager with a
         warning where compilation is unavailable.
         ONNX models run in ONNX Runtime (stereo_kd_core.onnx_runtime): providers follow `device`
@@ -91,12 +119,15 @@ class StereoEstimator:
         cache; precision "fp16" builds TensorRT engines in fp16. `max_disparity` is the model's
         own for networks and ONNX models (a different request is logged and ignored).
         """
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        if precision not in PRECISIONS and precision != "auto":
+            raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got '{precision}'")
         if not isinstance(max_disparity, int) or max_disparity < 16:
             raise ValueError(f"max_disparity must be an integer >= 16, got {max_disparity!r}")
         if model == "sgbm":
             return SGBMEstimator(max_disparity=max_disparity)
+        if precision == "auto":
+            precision = resolve_precision(precision, "cpu" if model.endswith(".onnx") else resolve_device(device),
+                                          model)
         if model.endswith(".onnx"):
             from stereo_kd_core.onnx_runtime import OnnxEstimator
 

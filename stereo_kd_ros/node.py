@@ -68,7 +68,7 @@ AWAIT_CAMERA_INFO_S = 1.0
 MIN_SHUTDOWN_WAIT_S = 5.0  # close() waits at least this long (and 2x the slowest inference) for the worker
 SGBM_RANGE_STEP = 16       # OpenCV SGBM's numDisparities is a multiple of 16
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-PRECISION_CHOICES = ("fp32", "fp16", "bf16")
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "network with the weights shipped in the package), 'sgbm' (OpenCV SGBM), a checkpoint path, "
                   "or an ONNX model path (*.onnx, run in onnxruntime)."),
     ParameterSpec("device", "auto", "Inference device: auto (CUDA when available), cpu, cuda or cuda:N."),
-    ParameterSpec("precision", "fp32", "Network precision: fp32, fp16 or bf16."),
+    ParameterSpec("precision", "auto", "Network precision: auto (fp16 on CUDA; on the CPU the shipped model's "
+                  "measured default, bf16 where the CPU has AMX/AVX-512 BF16, else fp32), fp32, fp16 or bf16."),
     ParameterSpec("max_disparity", 192, "Disparity search range in pixels (multiple of 16).",
                   value_range=(16, 1024, 16)),
     ParameterSpec("approximate_sync", False, "Pair left/right images by nearest stamps instead of equal stamps."),

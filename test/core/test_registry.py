@@ -43,3 +43,31 @@ def test_a_shipped_file_that_changed_is_refused(shipped):
 def test_an_architecture_without_weights_says_so(shipped):
     with pytest.raises(ValueError, match="no weights shipped"):
         StereoEstimator.load("acv-teacher")
+
+
+def test_auto_precision_follows_the_manifests_measured_cpu_default(shipped, monkeypatch):
+    from stereo_kd_core import estimator as estimator_module
+
+    manifest = json.loads(registry.MANIFEST_PATH.read_text())
+    manifest["models"]["tiny-fast"]["cpu_default"] = {"backend": "pytorch", "precision": "bf16"}
+    registry.MANIFEST_PATH.write_text(json.dumps(manifest))
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(estimator_module, "cpu_has_native_bf16", lambda native=native: native)
+        loaded = StereoEstimator.load("tiny-fast", device="cpu", precision="auto", max_disparity=64)
+        assert loaded.precision == expected
+    # a checkpoint path or a model without a measured default runs fp32; CUDA would take fp16
+    assert StereoEstimator.load(str(shipped), device="cpu", precision="auto").precision == "fp32"
+    assert estimator_module.resolve_precision("auto", "cuda:0", "tiny-fast") == "fp16"
+    assert estimator_module.resolve_precision("fp32", "cpu", "tiny-fast") == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of auto"):
+        StereoEstimator.load("tiny-fast", device="cpu", precision="int4")
+
+
+def test_the_shipped_default_student_verifies_and_names_its_cpu_default():
+    models = registry.shipped_models()
+    assert "dsnet-fast" in models
+    entry = models["dsnet-fast"]
+    assert entry["cpu_default"]["precision"] in ("fp32", "bf16")
+    path = registry.WEIGHTS_DIR / entry["file"]
+    assert sha256_of_file(path) == entry["sha256"] and path.stat().st_size < 10_000_000
+    assert entry["sha256"] in (registry.WEIGHTS_DIR / "MODEL_CARD.md").read_text()
