@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.stereo_kd_installed
 DEMO_FRAMES ?= 20
+DEMO_ARGS ?=
 
 .PHONY: install demo test lint bench clean
 
@@ -19,7 +20,7 @@ $(STAMP): setup.py setup.cfg
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m stereo_kd_ros.demo --frames $(DEMO_FRAMES) --out demo_out
+	$(PY) -m stereo_kd_ros.demo --frames $(DEMO_FRAMES) --out demo_out $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q test
