@@ -4,7 +4,7 @@ the deployment size, accuracy on Motorcycle and the synthetic test split, and th
 stereo_kd_core.backend_choice's rule picks. Writes benchmarks/results/<label>_cpu_backends.json.
 
     python benchmarks/cpu_backends.py runs/dsnet-fast/final.pt --threads 2
-    python benchmarks/cpu_backends.py dsnet-fast            # shipped weights, once they exist
+    python benchmarks/cpu_backends.py dsnet-fast            # the shipped weights
 
 ONNX graphs are exported at fixed sizes (the bench size and each evaluation size), so no pair is
 resized or padded beyond what the network does itself; int8 graphs are calibrated per size on

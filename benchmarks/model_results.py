@@ -6,7 +6,7 @@ For every model given (registry name, checkpoint path, or sgbm) it runs, through
   stereo-kd bench at 384x640 on the CPU,
 writes benchmarks/results/<label>_{synthetic,motorcycle,bench_cpu}.json and prints a Markdown table.
 
-    python benchmarks/model_results.py sgbm runs/cpu-dsnet-fast/final.pt --synthetic-n 200
+    python benchmarks/model_results.py sgbm dsnet-fast --synthetic-n 200
 """
 
 from __future__ import annotations
