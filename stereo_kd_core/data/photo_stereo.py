@@ -39,9 +39,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-# scikit-image photographs that ship inside the wheel. stereo_motorcycle is an evaluation pair and
-# must never be a texture.
-# Photographs of scenes only. Left out: text, page, grass, brick and coins (one repetitive pattern
+from .synthetic import _plane, virtual_rig_calib
+
+# scikit-image photographs that ship inside the wheel, of scenes only (stereo_motorcycle is an
+# evaluation pair and must never be a texture). Left out: text, page, grass, brick and coins (one repetitive pattern
 # over the whole frame is ambiguous for any two-view matcher and is not a scene), hubble_deep_field
 # and moon (mostly black), cell, immunohistochemistry and retina (microscopy and fundus images),
 # colorwheel (synthetic), and images that need a download (pooch).
@@ -206,17 +207,6 @@ def _surface_texture(rng: np.random.Generator, photos: tuple[np.ndarray, ...], h
     return np.clip(texture, 0, 255).astype(np.float32)
 
 
-def _affine(rng: np.random.Generator, centre: tuple[float, float], low: float, high: float,
-            max_slope: float, half_extent: tuple[float, float]) -> tuple[float, float, float]:
-    """(a, b, c) of d = a*x + b*y + c, within [low, high] over centre +- half_extent."""
-    d_centre = rng.uniform(low, high)
-    room = min(d_centre - low, high - d_centre)
-    share = rng.uniform(0, 1)
-    a = rng.uniform(-1, 1) * min(max_slope, share * room / max(half_extent[0], 1.0))
-    b = rng.uniform(-1, 1) * min(max_slope, (1 - share) * room / max(half_extent[1], 1.0))
-    return a, b, d_centre - a * centre[0] - b * centre[1]
-
-
 # --------------------------------------------------------------------------- generator
 
 
@@ -243,8 +233,6 @@ class PhotoStereoGenerator:
         self.scene_max_disparity = SCENE_FRACTION * self.max_disparity
         if self.scene_max_disparity <= 4 * MIN_DISPARITY:
             raise ValueError(f"max_disparity {max_disparity} is too small for a scene")
-        self.focal_px = float(self.width)
-        self.baseline_mm = 100.0
 
     @property
     def photos(self) -> tuple[np.ndarray, ...]:
@@ -262,8 +250,8 @@ class PhotoStereoGenerator:
         # back plane: anywhere from far to near (whole scene near happens: Motorcycle is 9-63 px)
         d_back = math.exp(rng.uniform(math.log(MIN_DISPARITY), math.log(0.75 * d_max)))
         span = rng.uniform(0, 0.5) * d_back
-        a, b, c = _affine(rng, (width / 2, height / 2), max(MIN_DISPARITY, d_back - span), d_back + span,
-                          0.3, (width / 2, height / 2))
+        a, b, c = _plane(rng, (width / 2, height / 2), (width / 2, height / 2),
+                         max(MIN_DISPARITY, d_back - span), d_back + span, max_slope=0.3)
         planes = [a * x + b * y + c]
         if rng.random() < 0.6:  # ground plane: disparity linear in the row below a horizon, with roll
             horizon = rng.uniform(-0.3, 0.7) * height
@@ -366,7 +354,7 @@ class PhotoStereoGenerator:
         # most objects stand near what is behind them (clutter), fewer float close to the camera
         high = behind + 1.0 + (d_max - behind - 1.0) * rng.random() ** 2
         yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
-        a, b, c = _affine(rng, (cx, cy), behind + 1.0, high, MAX_PLANE_SLOPE, (w / 2, h / 2))
+        a, b, c = _plane(rng, (cx, cy), (w / 2, h / 2), behind + 1.0, high, max_slope=MAX_PLANE_SLOPE)
         disparity = a * xx + b * yy + c
         if rng.random() < 0.3:  # curved: a dome or a bowl, staying within range
             bulge = rng.uniform(-0.15, 0.15) * min(radius, d_max)
@@ -500,15 +488,6 @@ class PhotoStereoGenerator:
             views.append(image)
         return views[0], views[1]
 
-    def calib(self) -> dict:
-        """Middlebury-style calibration of the virtual rig (same keys as `read_middlebury_calib`)."""
-        cx, cy = (self.width - 1) / 2, (self.height - 1) / 2
-        camera = np.array([[self.focal_px, 0, cx], [0, self.focal_px, cy], [0, 0, 1]], dtype=np.float64)
-        return {
-            "cam0": camera, "cam1": camera.copy(), "doffs": 0.0, "baseline": self.baseline_mm,
-            "width": float(self.width), "height": float(self.height), "ndisp": float(self.max_disparity),
-        }
-
     def sample(self, index: int) -> dict:
         """Sample dict: left/right uint8 HxWx3 RGB, disparity float32 HxW (dense), nocc bool HxW, name, calib."""
         layers = self.layers(index)
@@ -523,5 +502,5 @@ class PhotoStereoGenerator:
             "disparity": disparity.astype(np.float32),
             "nocc": nocc,
             "name": f"photo_{self.seed}_{int(index):06d}",
-            "calib": self.calib(),
+            "calib": virtual_rig_calib(self.width, self.height, self.max_disparity),
         }

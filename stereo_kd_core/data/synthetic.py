@@ -202,14 +202,15 @@ class _Surface:
 
 
 def _plane(rng: np.random.Generator, centre: tuple[float, float], half_extent: tuple[float, float],
-           low: float, high: float) -> tuple[float, float, float]:
-    """A random plane whose disparity stays within [low, high] over the box centre +- half_extent."""
+           low: float, high: float, max_slope: float = MAX_SLOPE) -> tuple[float, float, float]:
+    """A random plane whose disparity stays within [low, high] over the box centre +- half_extent,
+    each slope also capped at max_slope."""
     centre_disparity = rng.uniform(low, high)
     room = min(centre_disparity - low, high - centre_disparity)
     # split the allowed variation between the two slopes, each also capped at MAX_SLOPE
     share = rng.uniform(0, 1)
-    slope_x = rng.uniform(-1, 1) * min(MAX_SLOPE, share * room / max(half_extent[0], 1.0))
-    slope_y = rng.uniform(-1, 1) * min(MAX_SLOPE, (1 - share) * room / max(half_extent[1], 1.0))
+    slope_x = rng.uniform(-1, 1) * min(max_slope, share * room / max(half_extent[0], 1.0))
+    slope_y = rng.uniform(-1, 1) * min(max_slope, (1 - share) * room / max(half_extent[1], 1.0))
     offset = centre_disparity - slope_x * centre[0] - slope_y * centre[1]
     return slope_x, slope_y, offset
 
@@ -220,6 +221,21 @@ def _attach_texture(rng: np.random.Generator, x_min: float, x_max: float, y_min:
     width, height = math.ceil(x_max) + 2 - x0, math.ceil(y_max) + 2 - y0
     texture = torch.from_numpy(_texture(rng, height, width)).to(device)
     return texture, x0, y0
+
+
+VIRTUAL_BASELINE_MM = 100.0
+
+
+def virtual_rig_calib(width: int, height: int, max_disparity: int) -> dict:
+    """Middlebury-style calibration (same keys as `read_middlebury_calib`) of the generators' virtual
+    rig: focal length = image width (about 53 degrees field of view), principal point at the centre."""
+    focal_px = float(width)
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    camera = np.array([[focal_px, 0, cx], [0, focal_px, cy], [0, 0, 1]], dtype=np.float64)
+    return {
+        "cam0": camera, "cam1": camera.copy(), "doffs": 0.0, "baseline": VIRTUAL_BASELINE_MM,
+        "width": float(width), "height": float(height), "ndisp": float(max_disparity),
+    }
 
 
 # --------------------------------------------------------------------------- generator
@@ -247,9 +263,6 @@ class SyntheticStereoGenerator:
         self.scene_max_disparity = 0.8 * self.max_disparity
         if self.scene_max_disparity <= 2 * MIN_DISPARITY:
             raise ValueError(f"max_disparity {max_disparity} is too small for a scene")
-        # pinhole model for the calib dict: focal length = image width (about 53 degrees field of view)
-        self.focal_px = float(self.width)
-        self.baseline_mm = 100.0
 
     def _background(self, rng: np.random.Generator) -> _Surface:
         high = max(2 * MIN_DISPARITY, BACKGROUND_DISPARITY_FRACTION * self.scene_max_disparity)
@@ -361,13 +374,7 @@ class SyntheticStereoGenerator:
         return visible
 
     def calib(self) -> dict:
-        """Middlebury-style calibration of the virtual rig (same keys as `read_middlebury_calib`)."""
-        cx, cy = (self.width - 1) / 2, (self.height - 1) / 2
-        camera = np.array([[self.focal_px, 0, cx], [0, self.focal_px, cy], [0, 0, 1]], dtype=np.float64)
-        return {
-            "cam0": camera, "cam1": camera.copy(), "doffs": 0.0, "baseline": self.baseline_mm,
-            "width": float(self.width), "height": float(self.height), "ndisp": float(self.max_disparity),
-        }
+        return virtual_rig_calib(self.width, self.height, self.max_disparity)
 
     def sample(self, index: int) -> dict:
         """Sample dict: left/right uint8 HxWx3 RGB, disparity float32 HxW (dense), nocc bool HxW, name, calib."""

@@ -73,6 +73,15 @@ def _pair_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch
     return hint_loss(student, teacher, kind)
 
 
+def _weighted_total(weighting: LossWeighting, losses: dict[str, torch.Tensor], step: int
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+    """The weighted sum of a step's losses, and the log of every loss and its weight."""
+    total, weights = weighting.combine(losses, step)
+    logs: dict[str, torch.Tensor | float] = {f"loss.{name}": loss.detach() for name, loss in losses.items()}
+    logs.update({f"weight.{name}": weight for name, weight in weights.items()})
+    return total, logs
+
+
 class SupervisedObjective(nn.Module):
     """Ground-truth loss of a model's outputs; the supervised counterpart of `Distiller`."""
 
@@ -257,10 +266,7 @@ class Distiller(SupervisedObjective):
         if "ground_truth" in enabled and "ground_truth" in self.points:
             losses["ground_truth"] = self.label_loss(student_out, batch, self.student.num_outputs,
                                                      self.student.max_disparity)
-        total, weights = self.weighting.combine(losses, step)
-        logs: dict[str, torch.Tensor | float] = {f"loss.{name}": loss.detach() for name, loss in losses.items()}
-        logs.update({f"weight.{name}": weight for name, weight in weights.items()})
-        return total, logs
+        return _weighted_total(self.weighting, losses, step)
 
     def auxiliary_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the student: adapters, learned weights, and the teacher when it
@@ -326,17 +332,9 @@ class CachedTeacherDistiller(SupervisedObjective):
         if "ground_truth" in enabled and "ground_truth" in self.points:
             losses["ground_truth"] = self.label_loss(student_out, batch, self.student.num_outputs,
                                                      self.student.max_disparity)
-        total, weights = self.weighting.combine(losses, step)
-        logs: dict[str, torch.Tensor | float] = {f"loss.{name}": loss.detach() for name, loss in losses.items()}
-        logs.update({f"weight.{name}": weight for name, weight in weights.items()})
-        return total, logs
+        return _weighted_total(self.weighting, losses, step)
 
     def auxiliary_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("student.")}
 
-    def load_auxiliary_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        expected = set(self.auxiliary_state_dict())
-        if set(state) != expected:
-            raise ValueError(f"cached distiller state does not match its config: expected {sorted(expected)[:8]}, "
-                             f"got {sorted(state)[:8]}")
-        self.load_state_dict(dict(state), strict=False)
+    load_auxiliary_state_dict = Distiller.load_auxiliary_state_dict  # same check: keys must match the config
