@@ -73,11 +73,12 @@ def teacher_targets(teacher: nn.Module, left: np.ndarray, right: np.ndarray, top
     }
 
 
-def write_teacher_file(path: str | os.PathLike, targets: dict[str, np.ndarray]) -> None:
-    """Atomic write (a killed run leaves no half file that a resumed run would trust)."""
+def write_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Compressed .npz written atomically (a killed run leaves no half file that a resumed run
+    would trust); teacher caches here and in `stereo-kd adapt` use it."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial.npz")
-    np.savez_compressed(partial, **targets)
+    np.savez_compressed(partial, **arrays)
     os.replace(partial, path)
 
 
@@ -112,5 +113,5 @@ def cache_teacher(teacher_path: str | os.PathLike, data_root: str | os.PathLike,
     todo = [case for case in dataset.cases if not teacher_file(case.left.parent).is_file()]
     for case in tqdm(todo, desc="teacher cache", disable=not progress):
         targets = teacher_targets(teacher, read_image_rgb(case.left), read_image_rgb(case.right), top_k, precision)
-        write_teacher_file(teacher_file(case.left.parent), targets)
+        write_npz_atomic(teacher_file(case.left.parent), targets)
     return len(todo)

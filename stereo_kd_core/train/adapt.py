@@ -49,6 +49,7 @@ from stereo_kd_core.data.datasets import KITTI_LAYOUT, MiddleburyDataset, PairFo
 from stereo_kd_core.data.io import read_kitti_disparity, read_pfm, write_image_rgb
 from stereo_kd_core.distill import Distiller, SupervisedObjective, ground_truth_loss
 from stereo_kd_core.distill.losses import edge_aware_smoothness, photometric_loss
+from stereo_kd_core.distill.teacher_cache import write_npz_atomic
 from stereo_kd_core.estimator import NetworkEstimator, StereoEstimator, resolve_device
 from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, load_recipe
 from stereo_kd_core.train.trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, build_training_dataset
@@ -320,10 +321,8 @@ class LabelCache:
             disparity, confidence = self.teacher.label(frame, sample["left"], sample["right"])
             path = self.path(frame)
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(path.stem + ".partial.npz")
-            np.savez_compressed(partial, disparity=disparity.astype(np.float16),
-                                confidence=np.clip(confidence, 0, 1).astype(np.float16))
-            os.replace(partial, path)
+            write_npz_atomic(path, {"disparity": disparity.astype(np.float16),
+                                    "confidence": np.clip(confidence, 0, 1).astype(np.float16)})
             self.computed += 1
 
     def read(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
