@@ -31,6 +31,7 @@ NODE_PARAMETER_ARGUMENTS: dict[str, tuple[type, str]] = {
     "input_scale": (float, "Resize factor (0.1..1) applied to both images before the estimator."),
     "approximate_sync": (bool, "Pair left/right images by nearest stamps instead of equal stamps."),
     "rectify": (bool, "Take the cameras' raw images (image_raw) and rectify them in the node."),
+    "rectify_on": (str, "With rectify: auto (the estimator's GPU when on CUDA, else CPU), cpu or estimator."),
     "publish_depth": (bool, "Publish depth/image_rect + depth/camera_info (RGB-D consumers)."),
     "depth_encoding": (str, "Depth image encoding: 32FC1 (metres) or 16UC1 (millimetres)."),
     "publish_rgb": (bool, "Publish rgb/image_rect + rgb/camera_info at the depth image's resolution."),

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from stereo_kd_core import registry
+from stereo_kd_core.rectification import resize_pair
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,15 @@ class StereoPrediction:
     disparity: np.ndarray   # float32 HxW, pixels, NaN where invalid
     confidence: np.ndarray  # float32 HxW in [0, 1]
     points: np.ndarray | None = None  # float32 HxWx3 metres (left optical frame) when geometry was given
+
+
+@dataclass
+class RawPrediction:
+    """What `StereoEstimator.predict_raw` gives for a raw (unrectified) pair."""
+
+    prediction: StereoPrediction
+    left: np.ndarray                          # the left image the estimator saw: rectified, at its input size
+    rectified_left: np.ndarray | None = None  # the rectified left image at full size, when asked for
 
 
 def cpu_has_native_bf16() -> bool:
@@ -152,6 +162,24 @@ class StereoEstimator:
         the organized point cloud, computed on the estimator's device."""
         raise NotImplementedError
 
+    # Where predict_raw rectifies and resizes: False = OpenCV on the CPU; True = on the
+    # estimator's own device (networks only: torch grid_sample, no host round trip on a GPU).
+    rectifies_on_device: bool = False
+
+    def predict_raw(self, left: np.ndarray, right: np.ndarray, maps, size: tuple[int, int] | None = None,
+                    geometry=None, rectified_left: bool = False) -> RawPrediction:
+        """Rectify a raw pair with `maps` (left and right RectificationMaps), resize it to `size`
+        (W, H; area interpolation; None = full size) and predict, as `predict` would on the
+        rectified, resized pair; `geometry` is that of the resized pair (points as in `predict`).
+        This implementation rectifies with OpenCV on the CPU."""
+        left_maps, right_maps = maps
+        full_left, full_right = left_maps.remap(left), right_maps.remap(right)
+        if size is None:
+            size = (full_left.shape[1], full_left.shape[0])
+        small_left, small_right = resize_pair(full_left, full_right, size)
+        prediction = self.predict(small_left, small_right, geometry=geometry)
+        return RawPrediction(prediction, small_left, full_left if rectified_left else None)
+
     @staticmethod
     def _points(disparity: np.ndarray, geometry) -> np.ndarray | None:
         return None if geometry is None else geometry.points_from_disparity(disparity)
@@ -275,13 +303,50 @@ class NetworkEstimator(StereoEstimator):
 
     @torch.inference_mode()
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
-        from stereo_kd_core.geometry import points_from_disparity_torch
+        left, right = _check_pair(left, right)
+        scale = 1.0 / pair_peak(left, right)
+        images = self._stage(left, right).permute(0, 3, 1, 2).float().mul_(scale)  # (2, 3, H, W) in [0, 1]
+        prediction, _ = self._predict_images(images, geometry)
+        return prediction
 
+    @torch.inference_mode()
+    def predict_raw(self, left: np.ndarray, right: np.ndarray, maps, size: tuple[int, int] | None = None,
+                    geometry=None, rectified_left: bool = False) -> RawPrediction:
+        """As StereoEstimator.predict_raw; with `rectifies_on_device` the raw pair goes to the
+        device as it came and is rectified there (grid_sample, bilinear) and resized there
+        (area), and the images the host needs come back in the same copy as the outputs."""
+        if not self.rectifies_on_device:
+            return super().predict_raw(left, right, maps, size, geometry, rectified_left)
+        mono = left.ndim == 2
+        dtype = left.dtype
         left, right = _check_pair(left, right)
         height, width = left.shape[:2]
-        scale = 1.0 / pair_peak(left, right)
-        pair = self._stage(left, right)                                   # (2, H, W, 3) on device
-        images = pair.permute(0, 3, 1, 2).float().mul_(scale)              # (2, 3, H, W) in [0, 1]
+        for side_maps, side in zip(maps, ("left", "right"), strict=True):
+            side_maps.check_size(height, width, f"{side} raw image")
+        raw = self._stage(left, right).permute(0, 3, 1, 2).float()        # (2, 3, H, W) raw values
+        full = torch.cat([maps[0].grid_sample(raw[0:1]), maps[1].grid_sample(raw[1:2])])
+        full = full.round_()  # as OpenCV, which rounds to the image's integer type after each resampling
+        small = full
+        if size is not None and size != (width, height):
+            rows = _area_weights(height, size[1], full.device)                # (H', H)
+            columns = _area_weights(width, size[0], full.device)              # (W', W)
+            small = (rows @ full @ columns.T).round_()
+        peak = 255.0 if dtype == np.uint8 else max(float(small.amax()), 1.0)
+        maximum = float(np.iinfo(dtype).max)
+        prediction, left_plane = self._predict_images(small / peak, geometry, extra=small[0])
+        small_left = _host_image(left_plane, dtype, mono, maximum)
+        full_left = None
+        if rectified_left:
+            full_left = _host_image(full[0].permute(1, 2, 0).cpu().numpy(), dtype, mono, maximum)
+        return RawPrediction(prediction, small_left, full_left)
+
+    def _predict_images(self, images: torch.Tensor, geometry,
+                        extra: torch.Tensor | None = None) -> tuple[StereoPrediction, np.ndarray | None]:
+        """The network on a (2, 3, H, W) pair in [0, 1] on the device; `extra` (C, H, W) comes
+        back to the host in the same copy as the outputs (as H x W x C)."""
+        from stereo_kd_core.geometry import points_from_disparity_torch
+
+        height, width = images.shape[-2:]
         if self._cuda:
             padded_h = -(-height // SHAPE_BUCKET) * SHAPE_BUCKET
             padded_w = -(-width // SHAPE_BUCKET) * SHAPE_BUCKET
@@ -294,7 +359,25 @@ class NetworkEstimator(StereoEstimator):
         planes = [disparity[..., None], confidence[..., None]]
         if geometry is not None:
             planes.append(points_from_disparity_torch(geometry, disparity))
+        if extra is not None:
+            planes.append(extra.permute(1, 2, 0).float())
         packed = torch.cat(planes, dim=-1).cpu().numpy()                   # one device-to-host copy
-        return StereoPrediction(
+        prediction = StereoPrediction(
             disparity=np.ascontiguousarray(packed[..., 0]), confidence=np.ascontiguousarray(packed[..., 1]),
             points=np.ascontiguousarray(packed[..., 2:5]) if geometry is not None else None)
+        return prediction, (packed[..., -extra.shape[0]:] if extra is not None else None)
+
+
+def _area_weights(size_in: int, size_out: int, device) -> torch.Tensor:
+    """(size_out, size_in) weights of area interpolation (OpenCV's INTER_AREA when shrinking):
+    output pixel j averages input [j, j + 1) * size_in / size_out, partial pixels by overlap."""
+    edges = torch.arange(size_out + 1, dtype=torch.float64) * (size_in / size_out)
+    pixel = torch.arange(size_in, dtype=torch.float64)
+    overlap = (torch.minimum(edges[1:, None], pixel + 1) - torch.maximum(edges[:-1, None], pixel)).clamp_(min=0)
+    return (overlap / overlap.sum(dim=1, keepdim=True)).float().to(device)
+
+
+def _host_image(plane: np.ndarray, dtype, mono: bool, maximum: float) -> np.ndarray:
+    """A float H x W x 3 image from the device as the caller's image type (mono: H x W)."""
+    image = np.clip(np.rint(plane), 0, maximum).astype(dtype)
+    return np.ascontiguousarray(image[..., 0] if mono else image)

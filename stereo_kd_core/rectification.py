@@ -156,11 +156,15 @@ class RectificationMaps:
     def build(cls, calibration: CameraCalibration) -> RectificationMaps:
         return cls(calibration, *raw_coordinates(calibration))
 
+    def check_size(self, height: int, width: int, what: str = "raw image") -> None:
+        """ValueError unless a raw image of height x width is the size these maps were built for."""
+        if (height, width) != (self.calibration.height, self.calibration.width):
+            raise ValueError(f"{what} is {width}x{height} but its calibration is for "
+                             f"{self.calibration.width}x{self.calibration.height}")
+
     def remap(self, raw: np.ndarray) -> np.ndarray:
         """Rectify a raw (h, w[, C]) image on the CPU (bilinear, 0 outside the raw image)."""
-        if raw.shape[:2] != (self.calibration.height, self.calibration.width):
-            raise ValueError(f"raw image is {raw.shape[1]}x{raw.shape[0]} but its calibration is for "
-                             f"{self.calibration.width}x{self.calibration.height}")
+        self.check_size(*raw.shape[:2])
         return cv2.remap(raw, *self._fixed_point, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
     def grid_sample(self, raw):
@@ -178,6 +182,19 @@ class RectificationMaps:
             self._grids[raw.device] = grid
         return torch.nn.functional.grid_sample(raw, grid.expand(raw.shape[0], -1, -1, -1).to(raw.dtype),
                                                mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def input_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(W', H') of an image resized by `scale` (rounded, at least 1 px): the estimator's input size."""
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize_pair(left: np.ndarray, right: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Both images at `size` (W, H) by area interpolation (unchanged when already that size)."""
+    if size == (left.shape[1], left.shape[0]):
+        return left, right
+    return (cv2.resize(left, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(right, size, interpolation=cv2.INTER_AREA))
 
 
 class StereoRectifier:

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -48,8 +47,16 @@ from stereo_msgs.msg import DisparityImage
 
 from stereo_kd_core import StereoEstimator, StereoPrediction
 from stereo_kd_core.checkpoint import CheckpointError
+from stereo_kd_core.estimator import NetworkEstimator
 from stereo_kd_core.geometry import StereoGeometry
-from stereo_kd_core.rectification import CalibrationError, CameraCalibration, RectificationMaps, StereoRectifier
+from stereo_kd_core.rectification import (
+    CalibrationError,
+    CameraCalibration,
+    RectificationMaps,
+    StereoRectifier,
+    input_size,
+    resize_pair,
+)
 from stereo_kd_ros import conversions
 from stereo_kd_ros.sync import subscribe_synchronized
 
@@ -69,6 +76,7 @@ MIN_SHUTDOWN_WAIT_S = 5.0  # close() waits at least this long (and 2x the slowes
 SGBM_RANGE_STEP = 16       # OpenCV SGBM's numDisparities is a multiple of 16
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+RECTIFY_ON_CHOICES = ("auto", "cpu", "estimator")
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,11 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "Subscribe left/image_raw and right/image_raw and rectify them with the camera_infos' K, D, "
                   "R, P (plumb_bob, rational_polynomial or equidistant; maps rebuilt only when a camera_info "
                   "changes) instead of taking left/image_rect and right/image_rect."),
+    ParameterSpec("rectify_on", "auto",
+                  "With rectify: where raw images are rectified and resized. auto: on the estimator's GPU when "
+                  "the model is a network on CUDA (torch grid_sample; the raw pair is copied to the GPU as it "
+                  "came), else the CPU; cpu: OpenCV remap on the CPU; estimator: on the estimator's device "
+                  "(networks only; others rectify on the CPU)."),
     ParameterSpec("use_color", True, "Add packed rgb from the left image to points2.", read_only=False),
     ParameterSpec("publish_depth", False,
                   "Publish 'depth/image_rect' and 'depth/camera_info' (and the deprecated 'depth', 32FC1)."),
@@ -166,6 +179,9 @@ def validate_parameters(values: dict[str, Any]) -> None:
         raise ParameterError(f"device: expected one of {', '.join(DEVICE_CHOICES)} or cuda:N, got '{device}'")
     if values["precision"] not in PRECISION_CHOICES:
         raise ParameterError(f"precision: expected one of {', '.join(PRECISION_CHOICES)}, got '{values['precision']}'")
+    if values["rectify_on"] not in RECTIFY_ON_CHOICES:
+        raise ParameterError(f"rectify_on: expected one of {', '.join(RECTIFY_ON_CHOICES)}, "
+                             f"got '{values['rectify_on']}'")
     if values["depth_encoding"] not in conversions.DEPTH_ENCODINGS:
         raise ParameterError(f"depth_encoding: expected one of {', '.join(conversions.DEPTH_ENCODINGS)}, "
                              f"got '{values['depth_encoding']}'")
@@ -209,24 +225,13 @@ class StereoPair:
     prepare_s: float = 0.0      # node time spent validating and decoding
     rectification: tuple[RectificationMaps, RectificationMaps] | None = None  # raw input: left, right maps
 
-    def rectified(self) -> tuple[np.ndarray, np.ndarray]:
-        """The rectified images: remapped raw ones, or the input as it came."""
-        if self.rectification is None:
-            return self.left, self.right
-        left_maps, right_maps = self.rectification
-        return left_maps.remap(self.left), right_maps.remap(self.right)
 
-
-def scale_pair(left: np.ndarray, right: np.ndarray, geometry: StereoGeometry,
-               scale: float) -> tuple[np.ndarray, np.ndarray, StereoGeometry]:
-    """Both images resized by `scale` (area interpolation, at least 1 px) and the geometry of the
-    resized pair; the per-axis factors are those of the rounded sizes, so pixels stay consistent."""
-    height, width = left.shape[:2]
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # (W', H')
+def scaled_geometry(geometry: StereoGeometry, width: int, height: int, size: tuple[int, int]) -> StereoGeometry:
+    """The geometry of a width x height pair resized to `size` (W', H'): the per-axis factors are
+    those of the rounded sizes, so pixels stay consistent."""
     if size == (width, height):
-        return left, right, geometry
-    resized = [cv2.resize(image, size, interpolation=cv2.INTER_AREA) for image in (left, right)]
-    return resized[0], resized[1], geometry.scaled(size[0] / width, size[1] / height)
+        return geometry
+    return geometry.scaled(size[0] / width, size[1] / height)
 
 
 @dataclass
@@ -291,6 +296,8 @@ class StereoNode(Node):
                                                   max_disparity=values["max_disparity"])
         # Reprojection runs where the estimator runs when that is a GPU (one copy back for all).
         self._points_on_estimator = self.estimator.device.startswith("cuda")
+        if values["rectify"]:
+            self._choose_rectification_device(values["rectify_on"])
         # Output messages rewritten in place frame after frame (worker thread only).
         self._disparity_msg = DisparityImage()
         self._cloud_msg = PointCloud2()
@@ -411,6 +418,18 @@ class StereoNode(Node):
         if self._sgbm_max_disparity is not None and settings.input_scale != self.settings.input_scale:
             self.estimator = self._sgbm_for(settings.input_scale)  # the worker reads it once per frame
         self.settings = settings
+
+    def _choose_rectification_device(self, rectify_on: str) -> None:
+        """Raw input is rectified on the estimator's device (`predict_raw`) where that is asked
+        for, or by auto where the estimator is a network on CUDA; otherwise with OpenCV."""
+        on_device = isinstance(self.estimator, NetworkEstimator) and (
+            rectify_on == "estimator" or (rectify_on == "auto" and self.estimator.device.startswith("cuda")))
+        if rectify_on == "estimator" and not on_device:
+            self.get_logger().warning(f"rectify_on 'estimator': '{self.estimator.name}' is not a PyTorch "
+                                      "network; rectifying on the CPU (OpenCV)")
+        if isinstance(self.estimator, NetworkEstimator):
+            self.estimator.rectifies_on_device = on_device
+        self._rectification_device = self.estimator.device if on_device else "cpu"
 
     def _sgbm_for(self, input_scale: float) -> StereoEstimator:
         return StereoEstimator.load("sgbm", max_disparity=scaled_search_range(self._sgbm_max_disparity,
@@ -560,9 +579,10 @@ class StereoNode(Node):
         """Estimator and outputs for one pair (worker thread)."""
         start = time.perf_counter()
         settings, estimator = self.settings, self.estimator  # one of each for the whole frame
-        rectified_left, rectified_right = pair.rectified()
-        left, right, geometry = scale_pair(rectified_left, rectified_right, pair.geometry, settings.input_scale)
-        height, width = left.shape[:2]
+        full_height, full_width = pair.left.shape[:2]  # rectified images have the raw images' size
+        size = input_size(full_width, full_height, settings.input_scale)
+        geometry = scaled_geometry(pair.geometry, full_width, full_height, size)
+        width, height = size
         # OpenCV's SGBM fails, or crashes the process, on images no wider than its search range.
         min_width = getattr(estimator, "min_input_width", 2)
         if height < MIN_IMAGE_SIZE or width < max(min_width, MIN_IMAGE_SIZE):
@@ -575,16 +595,25 @@ class StereoNode(Node):
                 return
             wants_points = (self.points_pub.get_subscription_count() > 0
                             or _subscribed(self.depth_pub) or _subscribed(self.depth_alias_pub))
-        scaled = time.perf_counter()
-        prediction = estimator.predict(
-            left, right, geometry=geometry if wants_points and self._points_on_estimator else None)
+            wants_rectified_left = _subscribed(self.rect_color_pub)
+        points_geometry = geometry if wants_points and self._points_on_estimator else None
+        rectified_left = None
+        if pair.rectification is None:
+            left, right = resize_pair(pair.left, pair.right, size)
+            scaled = time.perf_counter()
+            prediction = estimator.predict(left, right, geometry=points_geometry)
+        else:  # raw input: rectified and resized where the estimator says (CPU or its device), timed with it
+            scaled = time.perf_counter()
+            raw = estimator.predict_raw(pair.left, pair.right, pair.rectification, size, geometry=points_geometry,
+                                        rectified_left=wants_rectified_left)
+            prediction, left, rectified_left = raw.prediction, raw.left, raw.rectified_left
         inferred = time.perf_counter()
         with self.stats.lock:
             self.stats.longest_inference_s = max(self.stats.longest_inference_s, inferred - scaled)
         with self._output_lock:
             if self._discard_if_stopping():
                 return
-            if _subscribed(self.rect_color_pub):
+            if rectified_left is not None and _subscribed(self.rect_color_pub):
                 self.rect_color_pub.publish(conversions.numpy_to_image(
                     rectified_left, conversions.estimator_image_encoding(rectified_left), pair.header,
                     msg=self._rect_color_msg))
@@ -710,6 +739,7 @@ class StereoNode(Node):
             values["unmatched_images"] = str(evicted)
         if self._rectifier is not None:
             values["rectification_map_builds"] = str(self._rectifier.builds)
+            values["rectification_device"] = self._rectification_device
         values.update(model=self.estimator.name, device=self.estimator.device,
                       input_scale=f"{self.settings.input_scale:g}",
                       max_disparity=str(self.estimator.max_disparity))

@@ -138,3 +138,69 @@ def test_maps_are_rebuilt_only_when_a_calibration_changes():
     assert rectifier.builds == 2 and again[0] is first[0] and again[1] is first[1]
     moved = make_calibration(r=rotation(0.8, -1.4, 0.3))
     assert rectifier.maps("left", moved) is not first[0] and rectifier.builds == 3
+
+
+def raw_stereo_pair(dtype=np.uint8, mono=False, shift=8):
+    """A fronto-parallel textured plane at `shift` px disparity, as two raw cameras with
+    different distortion and rotation see it; returns the raw images and both cameras' maps."""
+    full = 255.0 if dtype == np.uint8 else 4095.0  # 12-bit data in mono16
+    scene = cv2.resize(texture(3), (WIDTH + shift, HEIGHT)) * (full / 255.0)
+    rectified = (scene[:, :-shift], scene[:, shift:])  # right[x - shift] = left[x]
+    calibrations = (make_calibration(), make_calibration(r=rotation(-0.6, 1.2, -0.4), k=(112.0, 0, 79.0, 0, 109.0,
+                                                                                         60.5, 0, 0, 1)))
+    raws = []
+    for image, calibration in zip(rectified, calibrations, strict=True):
+        raw = np.rint(distort(image.astype(np.float32), calibration)).astype(dtype)
+        raws.append(raw if mono else np.repeat(raw[..., None], 3, axis=2))
+    return raws, tuple(RectificationMaps.build(c) for c in calibrations)
+
+
+@pytest.mark.parametrize("dtype, mono, size", [(np.uint8, False, None), (np.uint8, False, (80, 60)),
+                                               (np.uint16, True, (120, 90))])
+def test_rectifying_on_the_estimator_device_matches_opencv(dtype, mono, size):
+    """The device path (grid_sample + area resize in torch, run here on the CPU: on a GPU only the
+    device differs) gives the images and disparity of the OpenCV path."""
+    from stereo_kd_core import StereoEstimator
+
+    (left, right), maps = raw_stereo_pair(dtype, mono)
+    estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
+    reference = estimator.predict_raw(left, right, maps, size, rectified_left=True)
+    estimator.rectifies_on_device = True
+    result = estimator.predict_raw(left, right, maps, size, rectified_left=True)
+
+    expected_shape = (HEIGHT, WIDTH) if size is None else (size[1], size[0])
+    for name in ("left", "rectified_left"):
+        got, want = getattr(result, name), getattr(reference, name)
+        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+        assert got.ndim == (2 if mono else 3)
+    assert result.left.shape[:2] == result.prediction.disparity.shape == expected_shape
+    # OpenCV's maps are fixed point (1/32 px) and its area resize differs from torch's at
+    # fractional scales by rounding: a few grey levels at most, none on average.
+    unit = 1 if dtype == np.uint8 else 4095 / 255
+    difference = np.abs(result.rectified_left.astype(float) - reference.rectified_left)
+    assert difference.max() <= 3 * unit and difference.mean() < 0.3 * unit
+    difference = np.abs(result.left.astype(float) - reference.left)
+    assert difference.max() <= 3 * unit and difference.mean() < 0.3 * unit
+    # Disparity: the same, up to those resampling differences (border pixels see outside the raw image).
+    scale = 1.0 if size is None else size[0] / WIDTH
+    margin = max(2, round(12 * scale))
+    inner = (slice(margin, -margin), slice(margin, -margin))
+    error = np.abs(result.prediction.disparity - reference.prediction.disparity)[inner]
+    assert np.median(error) < 0.05 and np.percentile(error, 95) < 0.3, (np.median(error), np.percentile(error, 95))
+    truth = 8 * scale
+    assert abs(np.median(result.prediction.disparity[inner]) - truth) < 0.5
+
+
+def test_predict_raw_on_the_cpu_is_remap_resize_predict():
+    from stereo_kd_core import StereoEstimator
+
+    (left, right), maps = raw_stereo_pair()
+    sgbm = StereoEstimator.load("sgbm", max_disparity=32)
+    result = sgbm.predict_raw(left, right, maps, (120, 90))
+    small = [cv2.resize(m.remap(image), (120, 90), interpolation=cv2.INTER_AREA)
+             for m, image in zip(maps, (left, right), strict=True)]
+    np.testing.assert_array_equal(result.left, small[0])
+    np.testing.assert_array_equal(result.prediction.disparity, sgbm.predict(*small).disparity)
+    assert result.rectified_left is None
+    with pytest.raises(ValueError, match="calibration is for 160x120"):
+        sgbm.predict_raw(left[:-2], right[:-2], maps)
