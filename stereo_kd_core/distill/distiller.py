@@ -240,7 +240,7 @@ class Distiller(SupervisedObjective):
             losses["volume"] = _pair_loss(self.volume_loss, student, teacher)
         if "cost" in enabled and "cost" in self.points:
             # the student's K aggregated costs against the teacher's last K
-            student_k, teacher_k = self.student.num_outputs, self.teacher.num_outputs
+            student_k, teacher_k = self.student.num_costs, self.teacher.num_costs
             per_output = [disparity_kl_loss(student_out[f"cost.{i}"],
                                             teacher_out[f"cost.{i + teacher_k - student_k}"],
                                             self.temperature)
@@ -324,7 +324,7 @@ class CachedTeacherDistiller(SupervisedObjective):
         losses: dict[str, torch.Tensor] = {}
         if "cost" in enabled and "cost" in self.points:
             per_output = [cached_distribution_kl_loss(student_out[f"cost.{i}"], batch["teacher_prob"])
-                          for i in range(self.student.num_outputs)]
+                          for i in range(self.student.num_costs)]
             losses["cost"] = torch.stack(per_output).mean()
         if "disparity" in enabled and "disparity" in self.points:
             losses["disparity"] = teacher_disparity_loss(student_out["disp"], batch["teacher_disparity"],

@@ -54,7 +54,7 @@ def teacher_targets(teacher: nn.Module, left: np.ndarray, right: np.ndarray, top
     autocast = precision == "bf16"
     with frozen_layers(teacher), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         outputs = teacher(tensor(left), tensor(right))
-    last = teacher.num_outputs - 1
+    last = teacher.num_costs - 1
     cost = outputs[f"cost.{last}"].float()[0]  # (D/s, H/s, W/s) logits
     levels = cost.shape[0]
     if levels > 256:

@@ -423,7 +423,8 @@ class StereoNetwork(nn.Module):
         self.cost_stride = self.COST_STRIDE
         self.num_disparities = max_disparity // self.cost_stride
         self.stride = disparity_multiple
-        self.num_outputs = self.NUM_HOURGLASSES + 1
+        self.num_costs = self.NUM_HOURGLASSES + 1  # aggregated cost volumes (cost.0 .. cost.K-1)
+        self.num_outputs = self.num_costs  # full-resolution disparities (disp.0 ..); + 1 with a refinement
         self.config = {
             "arch": self.arch,
             "max_disparity": max_disparity,
@@ -453,6 +454,11 @@ class StereoNetwork(nn.Module):
         -> disparity in pixels at padded size (B, h * cost_stride, w * cost_stride)."""
         raise NotImplementedError
 
+    def refine(self, disparity: Tensor, stages: dict[str, Tensor]) -> Tensor | None:
+        """The final disparity (B, Hp, Wp) refined with the image (`stages`: both views' backbone
+        features, left then right along the batch), or None for networks without a refinement."""
+        return None
+
     def forward(self, left: Tensor, right: Tensor) -> dict[str, Tensor] | tuple[Tensor, Tensor]:
         """left, right: (B, 3, H, W) RGB in [0, 1]."""
         batch, _, height, width = left.shape
@@ -467,6 +473,8 @@ class StereoNetwork(nn.Module):
         if not self.training:
             levels = soft_argmin(logits[-1])
             disparity = self.full_resolution_disparity(logits[-1], levels, mask)
+            refined = self.refine(disparity, stages)
+            disparity = disparity if refined is None else refined
             confidence = distribution_confidence(logits[-1], levels)
             confidence = F.interpolate(confidence.unsqueeze(1), size=disparity.shape[-2:], mode="bilinear").squeeze(1)
             return (
@@ -485,19 +493,73 @@ class StereoNetwork(nn.Module):
             outputs[f"cost.{index}"] = cost  # (B, D, h, w), padded size
             disparity = self.full_resolution_disparity(cost, soft_argmin(cost), mask)
             outputs[f"disp.{index}"] = disparity[:, :height, :width]  # (B, H, W)
-        outputs["disp"] = outputs[f"disp.{len(logits) - 1}"]
+        refined = self.refine(disparity, stages)
+        if refined is not None:
+            outputs[f"disp.{len(logits)}"] = refined[:, :height, :width]
+        outputs["disp"] = outputs[f"disp.{self.num_outputs - 1}"]
         return outputs
+
+
+class DisparityRefinement(nn.Module):
+    """Image-guided residual refinement of the full-resolution disparity (StereoNet's idea), at
+    half resolution from the stem features: input the left stem features, their difference to
+    the right ones warped by the disparity (where the match fails) and the disparity; dilated
+    residual blocks; a sub-pixel (pixel-shuffle x2) residual in pixels, so edges can move at
+    full-resolution granularity. The last layer starts at zero: a network gains the module as an
+    identity and keeps its outputs until training changes them."""
+
+    DILATIONS = (1, 2, 4)
+    DISPARITY_SCALE = 1.0 / 16.0  # input scaling of the disparity (pixels at half resolution)
+
+    def __init__(self, feature_channels: int, channels: int):
+        super().__init__()
+        self.head = conv2d_bn_relu(2 * feature_channels + 1, channels)
+        self.blocks = nn.Sequential(*[ResidualBlock(channels, channels, dilation=d) for d in self.DILATIONS])
+        self.residual = nn.Conv2d(channels, 4, 3, padding=1)  # 2 x 2 sub-pixels per half-resolution pixel
+        self.start_as_identity()
+
+    def start_as_identity(self) -> None:
+        """Zero the last layer (call again after a whole-network weight init)."""
+        nn.init.zeros_(self.residual.weight)
+        nn.init.zeros_(self.residual.bias)
+
+    def forward(self, disparity: Tensor, left_features: Tensor, right_features: Tensor) -> Tensor:
+        """disparity (B, H, W) pixels; features (B, C, H/2, W/2) -> refined (B, H, W) pixels."""
+        half = F.avg_pool2d(disparity.unsqueeze(1).float(), 2) * 0.5  # (B, 1, H/2, W/2) half-res pixels
+        height, width = half.shape[-2:]
+        xs = torch.arange(width, device=half.device, dtype=half.dtype).view(1, 1, width) - half[:, 0]
+        ys = torch.arange(height, device=half.device, dtype=half.dtype).view(1, height, 1).expand_as(xs)
+        grid = torch.stack([xs * (2.0 / max(width - 1, 1)) - 1.0, ys * (2.0 / max(height - 1, 1)) - 1.0], dim=-1)
+        warped = F.grid_sample(right_features.float(), grid, mode="bilinear", padding_mode="border",
+                               align_corners=True).to(left_features.dtype)
+        x = torch.cat([left_features, left_features - warped, (half * self.DISPARITY_SCALE).to(left_features.dtype)],
+                      dim=1)
+        residual = F.pixel_shuffle(self.residual(self.blocks(self.head(x))), 2)  # (B, 1, H, W)
+        return disparity + residual[:, 0].float()
 
 
 class ConvexUpsamplingStereoNetwork(StereoNetwork):
     """Student frame (`dsnet`, `dsnet-fast`): soft argmin at cost resolution, then learned
     convex upsampling of the disparity by the cost stride, the mask predicted from the left
-    correlation features with `mask_channels` hidden channels."""
+    correlation features with `mask_channels` hidden channels; with `refine_channels` > 0 an
+    image-guided refinement (DisparityRefinement) of the final disparity, one more output."""
 
-    def __init__(self, *, mask_channels: int, **network_args):
+    def __init__(self, *, mask_channels: int, refine_channels: int = 0, **network_args):
         super().__init__(**network_args)
         self.config["mask_channels"] = mask_channels
+        self.config["refine_channels"] = refine_channels
         self.upsampler = ConvexUpsampler(self.features.correlation_channels, mask_channels, factor=self.cost_stride)
+        self.refinement: DisparityRefinement | None = None
+        if refine_channels:  # the stem is at half resolution in every network
+            self.refinement = DisparityRefinement(self.config["stem_channels"], refine_channels)
+            self.num_outputs = self.num_costs + 1
+
+    def refine(self, disparity: Tensor, stages: dict[str, Tensor]) -> Tensor | None:
+        if self.refinement is None:
+            return None
+        batch = disparity.shape[0]
+        stem = stages["stem"]
+        return self.refinement(disparity, stem[:batch], stem[batch:])
 
     def upsample_mask(self, left_correlation: Tensor) -> Tensor:
         return self.upsampler.mask_logits(left_correlation)  # (B, 9 * stride^2, h, w)

@@ -31,6 +31,7 @@ class DSNet(ConvexUpsamplingStereoNetwork):
         attention_channels: int = 8,
         aggregation_channels: int = 16,
         mask_channels: int = 64,
+        refine_channels: int = 0,
     ):
         super().__init__(
             max_disparity=max_disparity,
@@ -42,5 +43,8 @@ class DSNet(ConvexUpsamplingStereoNetwork):
             attention_channels=attention_channels,
             aggregation_channels=aggregation_channels,
             mask_channels=mask_channels,
+            refine_channels=refine_channels,
         )
         init_weights(self)
+        if self.refinement is not None:
+            self.refinement.start_as_identity()

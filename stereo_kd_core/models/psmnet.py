@@ -178,6 +178,7 @@ class PSMNet(nn.Module):
     stride = PAD_MULTIPLE
     cost_stride = COST_STRIDE
     num_outputs = 3
+    num_costs = 3
     feature_stages = FEATURE_STAGES  # firstconv is "stem", layer1..layer4 keep their names
 
     def __init__(self, max_disparity: int = 192) -> None:

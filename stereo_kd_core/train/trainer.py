@@ -228,7 +228,8 @@ class Trainer:
 
     def _init_student(self, source: str) -> None:
         """Warm start: the student's weights from a checkpoint path or a registry name. The
-        architecture must match the recipe's (strict keys); optimizer state starts fresh."""
+        architecture must match the recipe's (strict keys; a refinement the checkpoint lacks
+        starts as the identity); optimizer state starts fresh."""
         from stereo_kd_core.registry import resolve_shipped
 
         path, sha256 = (Path(source), None) if Path(source).is_file() else resolve_shipped(source)
@@ -237,7 +238,14 @@ class Trainer:
         if stored_arch != self.config.get("arch"):
             raise RecipeError(f"train.init_from {source}: a {stored_arch} checkpoint cannot start a "
                               f"{self.config.get('arch')} student")
-        load_state_dict_strict(self.student, checkpoint["state_dict"], source=f"train.init_from {source}")
+        state = checkpoint["state_dict"]
+        refinement = getattr(self.student, "refinement", None)
+        if refinement is not None and not checkpoint["config"].get("refine_channels"):
+            # A refinement added to a network trained without one starts as the identity (its
+            # last layer is zero): every other key still loads strictly.
+            state = {**state, **{f"refinement.{key}": value for key, value in refinement.state_dict().items()}}
+            print(f"train.init_from {source}: the refinement is new and starts as the identity", file=sys.stderr)
+        load_state_dict_strict(self.student, state, source=f"train.init_from {source}")
 
     def build_objective(self, student: nn.Module) -> SupervisedObjective:
         """The loss the run minimises: distillation when the recipe has a teacher, else supervised

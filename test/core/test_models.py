@@ -24,11 +24,24 @@ from stereo_kd_core.models.profile import count_flops, count_parameters
 HEIGHT, WIDTH = 37, 61  # odd on purpose: exercises padding and cropping
 MAX_DISPARITY = 32  # the smallest every architecture accepts (dsnet-fast: multiple of 32)
 OWN_ARCHITECTURES = ("acv-teacher", "dsnet", "dsnet-fast")  # psmnet has its own tests
+REFINED = "dsnet-fast+refine"  # dsnet-fast with the image-guided refinement (one more output)
 
 
-@pytest.fixture(scope="module", params=OWN_ARCHITECTURES)
+def refined_config(max_disparity: int = MAX_DISPARITY, channels: int = 8) -> dict:
+    return default_config("dsnet-fast", max_disparity) | {"refine_channels": channels}
+
+
+def perturb_refinement(network: nn.Module) -> nn.Module:
+    """The refinement starts as the identity; give its last layer weights so that it acts."""
+    nn.init.normal_(network.refinement.residual.weight, std=0.05)
+    return network
+
+
+@pytest.fixture(scope="module", params=(*OWN_ARCHITECTURES, REFINED))
 def model(request) -> nn.Module:
     torch.manual_seed(0)
+    if request.param == REFINED:
+        return perturb_refinement(build_model(refined_config()))
     return build_model(default_config(request.param, MAX_DISPARITY))
 
 
@@ -62,8 +75,9 @@ def test_training_outputs_every_contract_key_with_its_shape(model):
     expected["feat.gwc.left"] = expected["feat.gwc.right"] = (2, correlation_channels, h, w)
     expected["volume.gwc"] = (2, groups, levels, h, w)
     expected["volume.attention"] = (2, 1, levels, h, w)
-    for index in range(model.num_outputs):
+    for index in range(model.num_costs):
         expected[f"cost.{index}"] = (2, levels, h, w)
+    for index in range(model.num_outputs):
         expected[f"disp.{index}"] = (2, HEIGHT, WIDTH)
     expected["disp"] = (2, HEIGHT, WIDTH)
 
@@ -118,21 +132,22 @@ def test_eval_runs_only_the_final_cost_head(model):
     finally:
         for hook in hooks:
             hook.remove()
-    assert calls == [model.num_outputs - 1]
+    assert calls == [model.num_costs - 1]
 
 
 def test_contract_attributes():
-    expected = {  # arch: (cost_stride, num_outputs)
-        "acv-teacher": (4, 3),
-        "dsnet": (4, 3),
-        "dsnet-fast": (8, 2),
+    expected = {  # arch: (cost_stride, num_costs, num_outputs)
+        "acv-teacher": (4, 3, 3),
+        "dsnet": (4, 3, 3),
+        "dsnet-fast": (8, 2, 2),
+        REFINED: (8, 2, 3),
     }
-    for arch, (cost_stride, num_outputs) in expected.items():
-        network = build_model(default_config(arch, 64))
+    for arch, (cost_stride, num_costs, num_outputs) in expected.items():
+        network = build_model(refined_config(64) if arch == REFINED else default_config(arch, 64))
         assert network.max_disparity == 64
         assert network.cost_stride == cost_stride
         assert network.stride == 4 * cost_stride
-        assert network.num_outputs == num_outputs
+        assert (network.num_costs, network.num_outputs) == (num_costs, num_outputs)
         assert network.feature_stages == FEATURE_STAGES
 
 
@@ -178,10 +193,14 @@ def test_parameter_counts():
     assert teacher > 3 * students
 
 
-def test_gradient_reaches_every_parameter():
+@pytest.mark.parametrize("config", [default_config("dsnet", MAX_DISPARITY), refined_config()],
+                         ids=["dsnet", REFINED])
+def test_gradient_reaches_every_parameter(config):
     torch.manual_seed(0)
-    network = build_model(default_config("dsnet", MAX_DISPARITY)).train()
-    outputs = network(*stereo_pair(batch=1, height=32, width=48))
+    network = build_model(config).train()
+    if config.get("refine_channels"):
+        perturb_refinement(network)
+    outputs = network(*stereo_pair(batch=1, height=32, width=64))
     loss = sum(outputs[f"disp.{i}"].mean() for i in range(network.num_outputs))
     loss = loss + outputs["feat.stem.left"].mean() + outputs["volume.attention"].std()
     loss.backward()
@@ -189,6 +208,23 @@ def test_gradient_reaches_every_parameter():
         assert parameter.grad is not None, name
         assert torch.isfinite(parameter.grad).all(), name
         assert parameter.grad.abs().sum() > 0, name
+
+
+def test_a_new_refinement_is_the_identity_and_acts_at_full_resolution():
+    torch.manual_seed(0)
+    plain = build_model(default_config("dsnet-fast", MAX_DISPARITY)).eval()
+    refined = build_model(refined_config()).eval()
+    missing = refined.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(key.startswith("refinement.") for key in missing)
+    left, right = stereo_pair(batch=1, height=64, width=96)
+    with torch.no_grad():
+        torch.testing.assert_close(refined(left, right), plain(left, right), rtol=0, atol=0)
+        # The residual is predicted per 2 x 2 block of full-resolution pixels (pixel shuffle):
+        # a bias of (1, 2, 3, 4) adds 1 at even rows/even columns, 2 at even/odd, 3 at odd/even, 4 at odd/odd.
+        refined.refinement.residual.bias.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        difference = refined(left, right)[0] - plain(left, right)[0]
+    pattern = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).repeat(32, 48)
+    torch.testing.assert_close(difference[0], pattern, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------- blocks

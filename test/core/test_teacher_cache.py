@@ -166,3 +166,20 @@ def test_init_from_warm_starts_the_student(cached_folder, tmp_path):
     recipe["train"]["init_from"] = str(tmp_path / "acv.pt")
     with pytest.raises(RecipeError, match="cannot start a dsnet-fast"):
         Trainer(recipe, tmp_path / "other")
+
+
+def test_init_from_adds_a_refinement_as_the_identity(cached_folder, tmp_path):
+    """A student with the refinement warm-starts from one trained without it: every trained key
+    loads, the refinement starts as the identity, so the outputs are the checkpoint's."""
+    recipe = _cached_recipe(cached_folder)
+    recipe["model"]["refine_channels"] = 8
+    recipe["train"]["init_from"] = str(cached_folder / "teacher.pt")  # a dsnet-fast checkpoint, no refinement
+    trainer = Trainer(recipe, tmp_path)
+    student = trainer.student.eval()
+    plain = load_model(cached_folder / "teacher.pt")
+    left, right = torch.rand(1, 3, 32, 64), torch.rand(1, 3, 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(student(left, right), plain(left, right), rtol=0, atol=0)
+    assert trainer.run() is not None  # and it trains: the refinement's last layer moves
+    trained = load_checkpoint(tmp_path / "final.pt")["state_dict"]["refinement.residual.weight"]
+    assert trained.abs().sum() > 0
