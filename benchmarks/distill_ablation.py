@@ -14,14 +14,12 @@ and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from model_results import RESULTS, evaluate
 
 from stereo_kd_core.cli import main as cli
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SYNTHETIC_SPLIT = ["--dataset", "synthetic", "--seed", "2026", "--height", "256", "--width", "512",
-                   "--max-disparity", "128"]
 VARIANTS = {
     "ground_truth_only": ["distill.cost.weight.initial=0", "distill.disparity.weight.initial=0"],
     "teacher_only": ["distill.ground_truth.weight.initial=0"],
@@ -49,14 +47,8 @@ def main() -> None:
             command += ["--init-from", args.init_from]
         if not (out / "final.pt").is_file():
             assert cli(command) == 0
-        row = {"variant": variant}
-        for name, dataset in (("motorcycle", ["--dataset", "motorcycle"]),
-                              ("synthetic", [*SYNTHETIC_SPLIT, "--n", str(args.synthetic_n)])):
-            result = RESULTS / f"ablation_{variant}_{name}.json"
-            assert cli(["eval", "--model", str(out / "final.pt"), "--device", "cpu", *dataset,
-                        "--json", str(result)]) == 0
-            row[name] = json.loads(result.read_text())["mean"]
-        rows.append(row)
+        rows.append({"variant": variant,
+                     **evaluate(str(out / "final.pt"), args.synthetic_n, RESULTS / f"ablation_{variant}")})
     print(f"| variant ({args.steps} steps each) | Motorcycle EPE | Motorcycle bad-2 % | synthetic EPE "
           "| synthetic bad-2 % |")
     print("|---|---|---|---|---|")

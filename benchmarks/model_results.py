@@ -29,18 +29,25 @@ def label_of(model: str) -> str:
     return path.parent.name if path.name in ("final.pt", "last.pt") else path.stem
 
 
+def evaluate(model: str, synthetic_n: int | None, prefix: Path) -> dict:
+    """`stereo-kd eval` on the first `synthetic_n` pairs of the synthetic split (None: skipped) and
+    on Motorcycle, writing <prefix>_synthetic.json and <prefix>_motorcycle.json; their means."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    means = {}
+    datasets = {"synthetic": [*SYNTHETIC_SPLIT, "--n", str(synthetic_n)], "motorcycle": ["--dataset", "motorcycle"]}
+    for name, dataset in datasets.items():
+        if name == "synthetic" and synthetic_n is None:
+            continue
+        out = prefix.parent / f"{prefix.name}_{name}.json"
+        assert cli(["eval", "--model", model, "--device", "cpu", *dataset, "--json", str(out)]) == 0
+        means[name] = json.loads(out.read_text())["mean"]
+    return means
+
+
 def run(model: str, synthetic_n: int, bench_runs: int, threads: int, skip_synthetic: bool) -> dict:
     label = label_of(model)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    row = {"model": model, "label": label}
-    if not skip_synthetic:
-        out = RESULTS / f"{label}_synthetic.json"
-        assert cli(["eval", "--model", model, "--device", "cpu", *SYNTHETIC_SPLIT, "--n", str(synthetic_n),
-                    "--json", str(out)]) == 0
-        row["synthetic"] = json.loads(out.read_text())["mean"]
-    out = RESULTS / f"{label}_motorcycle.json"
-    assert cli(["eval", "--model", model, "--device", "cpu", "--dataset", "motorcycle", "--json", str(out)]) == 0
-    row["motorcycle"] = json.loads(out.read_text())["mean"]
+    row = {"model": model, "label": label, **evaluate(model, None if skip_synthetic else synthetic_n, RESULTS / label)}
     if bench_runs:
         out = RESULTS / f"{label}_bench_cpu.json"
         assert cli(["bench", model, "--device", "cpu", "--height", "384", "--width", "640", "--runs",

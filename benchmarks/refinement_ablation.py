@@ -14,11 +14,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from stereo_kd_core.cli import main as cli
+from model_results import RESULTS, evaluate
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SYNTHETIC_SPLIT = ["--dataset", "synthetic", "--seed", "2026", "--height", "256", "--width", "512",
-                   "--max-disparity", "128"]
+from stereo_kd_core.cli import main as cli
 
 
 def main() -> None:
@@ -40,14 +38,7 @@ def main() -> None:
                    *sum((["--set", o] for o in overrides), [])]
         if not (out / "final.pt").is_file():
             assert cli(command) == 0
-        row = {"refine_channels": channels}
-        for name, dataset in (("motorcycle", ["--dataset", "motorcycle"]),
-                              ("synthetic", [*SYNTHETIC_SPLIT, "--n", str(args.synthetic_n)])):
-            result = out / f"eval_{name}.json"
-            assert cli(["eval", "--model", str(out / "final.pt"), "--device", "cpu", *dataset,
-                        "--json", str(result)]) == 0
-            row[name] = json.loads(result.read_text())["mean"]
-        rows.append(row)
+        rows.append({"refine_channels": channels, **evaluate(str(out / "final.pt"), args.synthetic_n, out / "eval")})
     summary = {"recipe": args.recipe, "steps": args.steps, "init_from_sha256": init_sha,
                "synthetic_n": args.synthetic_n, "runs": rows}
     (RESULTS / "refinement_ablation.json").write_text(json.dumps(summary, indent=2) + "\n")
