@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -328,8 +329,8 @@ class NetworkEstimator(StereoEstimator):
         full = full.round_()  # as OpenCV, which rounds to the image's integer type after each resampling
         small = full
         if size is not None and size != (width, height):
-            rows = _area_weights(height, size[1], full.device)                # (H', H)
-            columns = _area_weights(width, size[0], full.device)              # (W', W)
+            rows = _area_weights(height, size[1], str(full.device))           # (H', H)
+            columns = _area_weights(width, size[0], str(full.device))         # (W', W)
             small = (rows @ full @ columns.T).round_()
         peak = 255.0 if dtype == np.uint8 else max(float(small.amax()), 1.0)
         maximum = float(np.iinfo(dtype).max)
@@ -368,7 +369,8 @@ class NetworkEstimator(StereoEstimator):
         return prediction, (packed[..., -extra.shape[0]:] if extra is not None else None)
 
 
-def _area_weights(size_in: int, size_out: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=8)  # a camera's sizes: built once, not per frame
+def _area_weights(size_in: int, size_out: int, device: str) -> torch.Tensor:
     """(size_out, size_in) weights of area interpolation (OpenCV's INTER_AREA when shrinking):
     output pixel j averages input [j, j + 1) * size_in / size_out, partial pixels by overlap."""
     edges = torch.arange(size_out + 1, dtype=torch.float64) * (size_in / size_out)
