@@ -25,6 +25,7 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.time import Time as RosTime  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
 from stereo_msgs.msg import DisparityImage  # noqa: E402
 
@@ -155,11 +156,30 @@ class StereoHarness:
         self.pubs["left/image"].publish(left)
         self.pubs["right/image"].publish(right)
 
-    def diagnostics(self) -> dict[str, str]:
-        """Latest /diagnostics values of the node (waits for the next report)."""
-        start = self.count("/diagnostics")
-        assert wait_until(lambda: self.count("/diagnostics") > start, timeout_s=5.0)
-        return {kv.key: kv.value for kv in self.last("/diagnostics").status[0].values}
+    def diagnostics(self, until=None, timeout_s: float = 10.0) -> dict[str, str]:
+        """Values of the node's first /diagnostics report made after this call (a report already
+        in flight when it is called does not count: its stamp is older). With `until`, the first
+        such report whose values satisfy it: the node counts a pair as processed just after it
+        publishes its outputs, so a report made in between may not count a pair seen already."""
+        since = self.node.get_clock().now().nanoseconds
+
+        def fresh_values():
+            with self._lock:
+                reports = [msg for msg in self.received["/diagnostics"]
+                           if RosTime.from_msg(msg.header.stamp).nanoseconds >= since]
+            if not reports:
+                return None
+            values = {kv.key: kv.value for kv in reports[-1].status[0].values}
+            return values if until is None or until(values) else None
+
+        assert wait_until(lambda: fresh_values() is not None, timeout_s=timeout_s), (
+            f"no /diagnostics report satisfying the condition; the last: {self.last_values()}")
+        return fresh_values()
+
+    def last_values(self) -> dict[str, str] | None:
+        with self._lock:
+            reports = self.received["/diagnostics"]
+            return {kv.key: kv.value for kv in reports[-1].status[0].values} if reports else None
 
     def close(self) -> None:
         """Stop spinning and destroy both nodes, completely, before returning (idempotent).
@@ -181,13 +201,13 @@ class StereoHarness:
 
 @pytest.fixture
 def make_harness(ros_context):
-    """Factory: make_harness(**node_parameters) -> StereoHarness, closed after the test."""
+    """Factory: make_harness(estimator=None, **node_parameters) -> StereoHarness, closed after the test."""
     harnesses = []
 
-    def make(record: tuple[str, ...] = DEFAULT_RECORDED, **parameters) -> StereoHarness:
+    def make(record: tuple[str, ...] = DEFAULT_RECORDED, estimator=None, **parameters) -> StereoHarness:
         # The analytic scenes and thresholds of these tests are SGBM's (exact integer shifts, its
         # valid window and search range): pin it. The shipped default model has its own test.
-        harness = StereoHarness(ros_context, record=record, **{"model": "sgbm", "diagnostics_period_s": 0.2,
+        harness = StereoHarness(ros_context, estimator=estimator, record=record, **{"model": "sgbm", "diagnostics_period_s": 0.2,
                                                                "max_disparity": 32,
                                                                **parameters})
         harnesses.append(harness)
