@@ -207,9 +207,8 @@ def make_harness(ros_context):
     def make(record: tuple[str, ...] = DEFAULT_RECORDED, estimator=None, **parameters) -> StereoHarness:
         # The analytic scenes and thresholds of these tests are SGBM's (exact integer shifts, its
         # valid window and search range): pin it. The shipped default model has its own test.
-        harness = StereoHarness(ros_context, estimator=estimator, record=record, **{"model": "sgbm", "diagnostics_period_s": 0.2,
-                                                               "max_disparity": 32,
-                                                               **parameters})
+        defaults = {"model": "sgbm", "diagnostics_period_s": 0.2, "max_disparity": 32}
+        harness = StereoHarness(ros_context, estimator=estimator, record=record, **{**defaults, **parameters})
         harnesses.append(harness)
         return harness
 
