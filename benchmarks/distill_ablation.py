@@ -1,12 +1,14 @@
 """What distillation buys: the paper's ablation at equal student budget (steps, data, seed, init).
 
-Three runs of the cached-distillation recipe that differ only in loss weights:
+Runs of the cached-distillation recipe that differ only in their loss:
   ground truth only      (cost and disparity weights 0)
   teacher only           (ground-truth weight 0)
   teacher + ground truth (the recipe as shipped)
+  agreeing teacher + ground truth (the teacher's points only where it is within 1 px of the
+                         label: distill.teacher_agreement_px)
 each evaluated with `stereo-kd eval` on the scikit-image Motorcycle pair (zero-shot) and the fixed
 synthetic test split (seed 2026). Writes benchmarks/results/ablation_<variant>_{motorcycle,synthetic}.json
-and prints a Markdown table.
+(or ablation_<label>_<variant>_... with --label) and prints a Markdown table.
 
     python benchmarks/distill_ablation.py --steps 300 --out runs/ablation
 """
@@ -24,6 +26,7 @@ VARIANTS = {
     "ground_truth_only": ["distill.cost.weight.initial=0", "distill.disparity.weight.initial=0"],
     "teacher_only": ["distill.ground_truth.weight.initial=0"],
     "teacher_and_ground_truth": [],
+    "agreeing_teacher_and_ground_truth": ["distill.teacher_agreement_px=1.0"],
 }
 
 
@@ -35,7 +38,8 @@ def main() -> None:
     parser.add_argument("--synthetic-n", type=int, default=50, help="pairs of the synthetic test split")
     parser.add_argument("--out", default="runs/ablation", help="folder for the three runs")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help="which runs (default all three)")
+                        help="which runs (default all)")
+    parser.add_argument("--label", default="", help="prefix of the result files (e.g. the warm start's name)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -48,7 +52,8 @@ def main() -> None:
         if not (out / "final.pt").is_file():
             assert cli(command) == 0
         rows.append({"variant": variant,
-                     **evaluate(str(out / "final.pt"), args.synthetic_n, RESULTS / f"ablation_{variant}")})
+                     **evaluate(str(out / "final.pt"), args.synthetic_n,
+                                RESULTS / f"ablation_{args.label + '_' if args.label else ''}{variant}")})
     print(f"| variant ({args.steps} steps each) | Motorcycle EPE | Motorcycle bad-2 % | synthetic EPE "
           "| synthetic bad-2 % |")
     print("|---|---|---|---|---|")

@@ -8,6 +8,8 @@ from stereo_kd_core.distill.losses import (
     disparity_kl_loss,
     ground_truth_loss,
     hint_loss,
+    pool_mask,
+    teacher_agreement_mask,
     teacher_disparity_loss,
     teacher_valid_mask,
 )
@@ -32,8 +34,10 @@ __all__ = [
     "frozen_layers",
     "ground_truth_loss",
     "hint_loss",
+    "pool_mask",
     "resample_feature",
     "resample_volume",
+    "teacher_agreement_mask",
     "teacher_disparity_loss",
     "teacher_valid_mask",
 ]

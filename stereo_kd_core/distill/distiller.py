@@ -13,6 +13,9 @@ Config (the recipe's `distill:` section; every point optional, at least one give
     weighting: schedule | uncertainty
     stages:    [{until_step: N | null, terms: [...]}, ...]   # terms no stage names: always on
     co_training: {start_step: N, lr: LR}            # teacher unfrozen from start_step on
+    teacher_agreement_px: PX                        # cost and disparity points only where the
+                                                    # teacher is within PX of the label (unlabelled
+                                                    # pixels: everywhere); absent: everywhere
 
 WEIGHT is {initial, decay, every} (step decay); it must be absent with `weighting: uncertainty`.
 """
@@ -33,6 +36,8 @@ from stereo_kd_core.distill.losses import (
     disparity_kl_loss,
     ground_truth_loss,
     hint_loss,
+    pool_mask,
+    teacher_agreement_mask,
     teacher_disparity_loss,
 )
 from stereo_kd_core.distill.weighting import LossWeighting, ProgressiveStages, StepDecay
@@ -71,6 +76,23 @@ def _pair_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor) -> torch
     if kind == "cosine":
         return cosine_feature_loss(student, teacher)
     return hint_loss(student, teacher, kind)
+
+
+def _agreement_px(config: Mapping) -> float | None:
+    value = config.get("teacher_agreement_px")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"distill.teacher_agreement_px must be a number of pixels > 0, got {value!r}")
+    return float(value)
+
+
+def _agreement(max_error_px: float | None, teacher_disparity: torch.Tensor,
+               batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """Where the teacher's points count (B, H, W), or None for everywhere."""
+    if max_error_px is None:
+        return None
+    return teacher_agreement_mask(teacher_disparity.detach(), batch["disparity"], batch["valid"], max_error_px)
 
 
 def _weighted_total(weighting: LossWeighting, losses: dict[str, torch.Tensor], step: int
@@ -153,6 +175,7 @@ class Distiller(SupervisedObjective):
         self.volume_keys = (volume.get("student", "volume.gwc"), volume.get("teacher", "volume.gwc"))
         self.volume_loss = volume.get("loss", "mse")
         self.temperature = float(self.points.get("cost", {}).get("temperature", 1.0))
+        self.agreement_px = _agreement_px(self.config)
         for term, kind in (("features", self.feature_loss), ("volume", self.volume_loss)):
             if kind not in ("cosine", "mse", "smooth_l1"):
                 raise ValueError(f"distill.{term}.loss: unknown {kind!r}; known: cosine, mse, smooth_l1")
@@ -221,8 +244,10 @@ class Distiller(SupervisedObjective):
     # --- loss ----------------------------------------------------------------------------
     def distillation_losses(self, student_out: Mapping[str, torch.Tensor],
                             teacher_out: Mapping[str, torch.Tensor],
-                            enabled: frozenset[str]) -> dict[str, torch.Tensor]:
-        """Unweighted loss of each enabled distillation point."""
+                            enabled: frozenset[str], agreement: torch.Tensor | None = None
+                            ) -> dict[str, torch.Tensor]:
+        """Unweighted loss of each enabled distillation point; `agreement` (B, H, W): the pixels
+        where the cost and disparity points count (None: all)."""
         losses: dict[str, torch.Tensor] = {}
         if "features" in enabled and "features" in self.points:
             per_stage = []
@@ -243,12 +268,14 @@ class Distiller(SupervisedObjective):
             student_k, teacher_k = self.student.num_costs, self.teacher.num_costs
             per_output = [disparity_kl_loss(student_out[f"cost.{i}"],
                                             teacher_out[f"cost.{i + teacher_k - student_k}"],
-                                            self.temperature)
+                                            self.temperature,
+                                            None if agreement is None
+                                            else pool_mask(agreement, student_out[f"cost.{i}"].shape[-2:]))
                           for i in range(student_k)]
             losses["cost"] = torch.stack(per_output).mean()
         if "disparity" in enabled and "disparity" in self.points:
             losses["disparity"] = teacher_disparity_loss(student_out["disp"], teacher_out["disp"],
-                                                         self.student.max_disparity)
+                                                         self.student.max_disparity, agreement)
         return losses
 
     def forward(self, batch: Mapping[str, torch.Tensor], step: int
@@ -259,7 +286,8 @@ class Distiller(SupervisedObjective):
         losses: dict[str, torch.Tensor] = {}
         if enabled & set(DISTILLATION_TERMS):
             teacher_out = self.teacher_outputs(batch["left"], batch["right"], step)
-            losses.update(self.distillation_losses(student_out, teacher_out, enabled))
+            agreement = _agreement(self.agreement_px, teacher_out["disp"], batch)
+            losses.update(self.distillation_losses(student_out, teacher_out, enabled, agreement))
             if self.co_training_active(step):
                 losses[TEACHER_GROUND_TRUTH] = self.label_loss(
                     teacher_out, batch, self.teacher.num_outputs, self.teacher.max_disparity)
@@ -309,6 +337,7 @@ class CachedTeacherDistiller(SupervisedObjective):
         if not set(self.points) & set(CACHED_TERMS):
             raise ValueError(f"distill: configure at least one of {', '.join(CACHED_TERMS)}")
         self.terms = tuple(self.points)
+        self.agreement_px = _agreement_px(self.config)
         stages = self.config.get("stages")
         schedules = {term: _weight_schedule(cfg, weighting, term) for term, cfg in self.points.items()}
         self.weighting = LossWeighting(schedules, weighting, None if stages is None else ProgressiveStages(stages))
@@ -322,13 +351,16 @@ class CachedTeacherDistiller(SupervisedObjective):
         enabled = self.weighting.enabled(step)
         student_out = self.student(batch["left"], batch["right"])
         losses: dict[str, torch.Tensor] = {}
+        agreement = _agreement(self.agreement_px, batch["teacher_disparity"], batch)
         if "cost" in enabled and "cost" in self.points:
-            per_output = [cached_distribution_kl_loss(student_out[f"cost.{i}"], batch["teacher_prob"])
-                          for i in range(self.student.num_costs)]
+            per_output = [cached_distribution_kl_loss(
+                student_out[f"cost.{i}"], batch["teacher_prob"],
+                None if agreement is None else pool_mask(agreement, student_out[f"cost.{i}"].shape[-2:]))
+                for i in range(self.student.num_costs)]
             losses["cost"] = torch.stack(per_output).mean()
         if "disparity" in enabled and "disparity" in self.points:
             losses["disparity"] = teacher_disparity_loss(student_out["disp"], batch["teacher_disparity"],
-                                                         self.student.max_disparity)
+                                                         self.student.max_disparity, agreement)
         if "ground_truth" in enabled and "ground_truth" in self.points:
             losses["ground_truth"] = self.label_loss(student_out, batch, self.student.num_outputs,
                                                      self.student.max_disparity)

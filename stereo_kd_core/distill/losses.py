@@ -130,10 +130,31 @@ def teacher_valid_mask(teacher_disparity: torch.Tensor, max_disparity: float) ->
     return torch.isfinite(teacher_disparity) & (teacher_disparity >= 0) & (teacher_disparity < max_disparity)
 
 
+def teacher_agreement_mask(teacher_disparity: torch.Tensor, ground_truth: torch.Tensor, valid: torch.Tensor,
+                           max_error_px: float) -> torch.Tensor:
+    """Pixels where the teacher may teach (B, H, W): where a label exists, only if the teacher's
+    disparity is within `max_error_px` of it (a teacher that is wrong there would teach its error);
+    every pixel without a label (sparse labels, or none: what distillation is for)."""
+    labelled = valid & torch.isfinite(ground_truth)
+    agrees = (teacher_disparity.float() - ground_truth.float()).abs() <= max_error_px  # NaN: False
+    return ~labelled | agrees
+
+
+def pool_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (B, H, W) pixel mask on a coarser (h, w) grid: a cell is kept only if all its pixels are."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    rejected = F.adaptive_max_pool2d((~mask).float().unsqueeze(1), size).squeeze(1)
+    return rejected < 0.5
+
+
 def teacher_disparity_loss(student_disparity: torch.Tensor, teacher_disparity: torch.Tensor,
-                           max_disparity: float) -> torch.Tensor:
-    """Smooth L1 between student and teacher disparity (B, H, W) on teacher-valid pixels."""
+                           max_disparity: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Smooth L1 between student and teacher disparity (B, H, W) on teacher-valid pixels (and
+    within `mask`, when given)."""
     valid = teacher_valid_mask(teacher_disparity, max_disparity)
+    if mask is not None:
+        valid = valid & mask
     target = torch.where(valid, teacher_disparity, torch.zeros_like(teacher_disparity))
     values = F.smooth_l1_loss(student_disparity.float(), target.float(), reduction="none")
     return _masked_mean(values, valid)

@@ -38,6 +38,7 @@ SCHEMA: dict[str, Any] = {
         "weighting": ANY,
         "stages": ANY,
         "co_training": {"start_step": ANY, "lr": ANY},
+        "teacher_agreement_px": ANY,
     },
     # `stereo-kd adapt` (stereo_kd_core/train/adapt.py checks the values)
     "adapt": {

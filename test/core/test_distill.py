@@ -20,8 +20,10 @@ from stereo_kd_core.distill import (
     frozen_layers,
     ground_truth_loss,
     hint_loss,
+    pool_mask,
     resample_feature,
     resample_volume,
+    teacher_agreement_mask,
     teacher_disparity_loss,
 )
 from stereo_kd_core.models import build_model, default_config
@@ -135,6 +137,49 @@ def test_teacher_disparity_loss_ignores_invalid_teacher_pixels():
     expected = (0.5 * 0.5**2 + (2.0 - 0.5)) / 2
     assert teacher_disparity_loss(student, teacher, max_disparity=32).item() == pytest.approx(expected)
     assert teacher_disparity_loss(teacher.nan_to_num(), teacher.nan_to_num(), 32).item() == 0.0
+
+
+def test_teacher_agreement_keeps_agreeing_or_unlabelled_pixels_only():
+    teacher = torch.tensor([[[3.0, 3.9, 5.5, float("nan"), 9.0, 1.0]]])
+    label = torch.tensor([[[3.5, 3.0, 3.0, 4.0, float("nan"), 7.0]]])
+    valid = torch.tensor([[[True, True, True, True, True, False]]])
+    # within 1 px | 0.9 px | 2.5 px off | no teacher | label not finite | not labelled
+    assert teacher_agreement_mask(teacher, label, valid, 1.0).tolist() == [[[True, True, False, False, True, True]]]
+    assert teacher_agreement_mask(teacher, label, valid, 0.5).tolist() == [[[True, False, False, False, True, True]]]
+    # the disparity point counts only those pixels
+    student = torch.tensor([[[4.0, 3.9, 0.0, 4.0, 9.0, 3.0]]])
+    mask = teacher_agreement_mask(teacher, label, valid, 1.0)
+    expected = (0.5 * 1.0**2 + 0.0 + 0.0 + (2.0 - 0.5)) / 4  # pixels 0, 1, 4, 5 (smooth L1)
+    assert teacher_disparity_loss(student, teacher, 32, mask).item() == pytest.approx(expected)
+
+
+def test_pool_mask_drops_every_coarse_cell_with_a_rejected_pixel():
+    mask = torch.ones(1, 4, 6, dtype=torch.bool)
+    mask[0, 3, 1] = False
+    assert pool_mask(mask, (2, 3)).tolist() == [[[True, True, True], [False, True, True]]]
+    assert pool_mask(mask, (4, 6)) is mask
+
+
+def test_agreement_gate_silences_a_teacher_that_contradicts_the_labels():
+    """distill.teacher_agreement_px: with the labels moved 5 px from what the teacher says, its
+    cost and disparity points count nowhere; with the labels unmoved they count as without it."""
+    batch = fixed_batch()
+    student, teacher = tiny("dsnet-fast"), tiny("acv-teacher")
+    points = {"cost": {}, "disparity": {}, "ground_truth": {}}
+    open_gate = Distiller(student, teacher, points)
+    gated = Distiller(student, teacher, {**points, "teacher_agreement_px": 1.0})
+    with torch.no_grad():
+        said = gated.teacher_outputs(batch["left"], batch["right"], step=0)["disp"]
+        _, logs = open_gate({**batch, "disparity": said}, step=0)
+        _, agreeing = gated({**batch, "disparity": said}, step=0)
+        _, contradicted = gated({**batch, "disparity": said + 5.0}, step=0)
+    for term in ("cost", "disparity"):
+        assert float(agreeing[f"loss.{term}"]) == pytest.approx(float(logs[f"loss.{term}"]), rel=1e-5)
+        assert float(logs[f"loss.{term}"]) > 0 and float(contradicted[f"loss.{term}"]) == 0.0
+    assert float(contradicted["loss.ground_truth"]) > 0
+    for bad in (0, -1.0, "one", True):
+        with pytest.raises(ValueError, match="teacher_agreement_px"):
+            Distiller(student, teacher, {**points, "teacher_agreement_px": bad})
 
 
 def test_ground_truth_loss_weights_align_to_the_last_outputs():

@@ -133,6 +133,24 @@ def test_cached_distillation_trains_in_bf16_on_the_cpu(cached_folder, tmp_path):
             assert np.isfinite(float(row[f"loss.{term}"])) and float(row[f"loss.{term}"]) > 0
 
 
+def test_cached_distillation_gates_the_teacher_by_its_agreement_with_the_labels(cached_folder, tmp_path):
+    recipe = _cached_recipe(cached_folder, cost={}, disparity={}, ground_truth={}, teacher_agreement_px=1.0)
+    trainer = Trainer(recipe, tmp_path)
+    assert trainer.objective.agreement_px == 1.0
+    training = TrainingDataset(open_dataset("teacher-cache", cached_folder / "data"), crop_size=(32, 64),
+                               max_disparity=192)
+    batch = {k: torch.as_tensor(v).unsqueeze(0) for k, v in training[0].items() if k != "name"}
+    agreeing = {**batch, "disparity": batch["teacher_disparity"].clone(),
+                "valid": torch.ones_like(batch["valid"])}
+    contradicted = {**agreeing, "disparity": agreeing["disparity"] + 5.0}
+    with torch.no_grad():
+        _, agree_logs = trainer.objective(agreeing, step=0)
+        _, contradicted_logs = trainer.objective(contradicted, step=0)
+    assert float(agree_logs["loss.cost"]) > 0 and float(contradicted_logs["loss.cost"]) == 0.0
+    assert float(contradicted_logs["loss.disparity"]) == 0.0
+    assert trainer.run().is_file()
+
+
 def test_cached_distillation_refuses_live_only_points_and_uncached_data(cached_folder, tmp_path):
     with pytest.raises(ValueError, match="internal tensors"):
         Trainer(_cached_recipe(cached_folder, features={"stages": ["layer1"]}, disparity={}), tmp_path)
