@@ -5,7 +5,8 @@ Runs of the cached-distillation recipe that differ only in their loss:
   teacher only           (ground-truth weight 0)
   teacher + ground truth (the recipe as shipped)
   agreeing teacher + ground truth (the teacher's points only where it is within 1 px of the
-                         label: distill.teacher_agreement_px)
+                         label: distill.teacher_agreement_px), at the ground truth's weight
+                         and at a fifth of it (light)
 each evaluated with `stereo-kd eval` on the scikit-image Motorcycle pair (zero-shot) and the fixed
 synthetic test split (seed 2026). Writes benchmarks/results/ablation_<variant>_{motorcycle,synthetic}.json
 (or ablation_<label>_<variant>_... with --label) and prints a Markdown table.
@@ -27,6 +28,9 @@ VARIANTS = {
     "teacher_only": ["distill.ground_truth.weight.initial=0"],
     "teacher_and_ground_truth": [],
     "agreeing_teacher_and_ground_truth": ["distill.teacher_agreement_px=1.0"],
+    "agreeing_teacher_light_and_ground_truth": ["distill.teacher_agreement_px=1.0",
+                                                "distill.cost.weight.initial=0.2",
+                                                "distill.disparity.weight.initial=0.2"],
 }
 
 
