@@ -47,14 +47,6 @@ def checkpoint_path(model: str) -> Path:
     return Path(model) if Path(model).is_file() else registry.resolve_shipped(model)[0]
 
 
-def to_channels_last(estimator: StereoEstimator) -> StereoEstimator:
-    """2D convolution weights in channels_last: oneDNN then keeps 2D activations in NHWC."""
-    for module in estimator.network.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-    return estimator
-
-
 class Variants:
     """Estimators per (backend, precision) and input size; ONNX graphs exported/quantised once per size."""
 
@@ -82,9 +74,9 @@ class Variants:
         if backend == "onnxruntime":
             return StereoEstimator.load(str(self.onnx_path(precision, height, width)), device="cpu",
                                         max_disparity=self.network.max_disparity, threads=self.threads)
-        estimator = StereoEstimator.load(str(self.checkpoint), device="cpu", precision=precision,
-                                         max_disparity=self.network.max_disparity)
-        return to_channels_last(estimator) if backend == "pytorch-channels-last" else estimator
+        return StereoEstimator.load(str(self.checkpoint), device="cpu", precision=precision,
+                                    max_disparity=self.network.max_disparity,
+                                    channels_last=backend == "pytorch-channels-last")
 
 
 def measure_latency(variants: Variants, height: int, width: int, runs: int, repeats: int) -> dict:

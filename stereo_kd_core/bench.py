@@ -60,6 +60,7 @@ def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 5
             network_ms.append(begin.elapsed_time(end))
     result = {
         "model": estimator.name, "backend": estimator.backend, "device": device,
+        "channels_last": bool(getattr(estimator, "channels_last", False)),
         "machine": machine_description(device, estimator),
         "precision": estimator.precision, "height": height, "width": width, "runs": runs,
         "median_ms": statistics.median(times_ms),

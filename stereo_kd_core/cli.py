@@ -145,7 +145,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     estimator = _load_estimator(args)
     result = benchmark(estimator, args.height, args.width, runs=args.runs, warmup=args.warmup)
     result["compiled"] = bool(getattr(estimator, "compiled", False))
-    line = (f"{result['model']} {args.height}x{args.width} {result['backend']} {result['precision']}"
+    layout = " channels_last" if result["channels_last"] else ""
+    line = (f"{result['model']} {args.height}x{args.width} {result['backend']}{layout} {result['precision']}"
             f"{' compiled' if result['compiled'] else ''} on {result['machine']}: "
             f"median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms")
     if "peak_gpu_mb" in result:

@@ -55,11 +55,24 @@ def resolve_precision(precision: str, device: str, model: str) -> str:
         return precision
     if device.startswith("cuda"):
         return "fp16"
-    entry = registry.shipped_models().get(model, {})
-    chosen = entry.get("cpu_default", {})
-    if chosen.get("backend") == "pytorch" and chosen.get("precision") == "bf16" and cpu_has_native_bf16():
+    chosen = registry.shipped_models().get(model, {}).get("cpu_default", {})
+    if chosen.get("backend") in PYTORCH_CPU_BACKENDS and chosen.get("precision") == "bf16" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
+
+
+# The PyTorch variants benchmarks/cpu_backends.py measures on the CPU: plain, and 2D convolution
+# weights in channels_last (oneDNN then keeps 2D activations in NHWC; same results).
+PYTORCH_CPU_BACKENDS = ("pytorch", "pytorch-channels-last")
+
+
+def resolve_channels_last(channels_last: bool | None, model: str) -> bool:
+    """None -> the shipped model's measured CPU default layout (channels_last when its manifest's
+    cpu_default backend is pytorch-channels-last; False for checkpoint paths)."""
+    if channels_last is not None:
+        return bool(channels_last)
+    chosen = registry.shipped_models().get(model, {}).get("cpu_default", {})
+    return chosen.get("backend") == "pytorch-channels-last"
 
 
 def resolve_device(device: str) -> str:
@@ -116,14 +129,15 @@ class StereoEstimator:
     @classmethod
     def load(cls, model: str = "sgbm", device: str = "auto", precision: str = "fp32",
              max_disparity: int = 192, compile: bool = False, threads: int | None = None,
-             engine_cache_dir: str | None = None) -> StereoEstimator:
+             engine_cache_dir: str | None = None, channels_last: bool | None = None) -> StereoEstimator:
         """A registry name ("dsnet", ...), a checkpoint path, an ONNX model path (*.onnx), or "sgbm".
 
         precision: fp32, fp16, bf16, or auto (`resolve_precision`: fp16 on CUDA, the shipped
         model's measured CPU default on the CPU).
 
         compile: torch.compile the network (CUDA graphs on CUDA); falls back to eager with a
-        warning where compilation is unavailable.
+        warning where compilation is unavailable. channels_last (networks on the CPU; CUDA always
+        uses it): None = the shipped model's measured CPU default (`resolve_channels_last`).
         ONNX models run in ONNX Runtime (stereo_kd_core.onnx_runtime): providers follow `device`
         (auto: TensorRT > CUDA > CPU among those installed), `threads` sets the CPU provider's
         intra-op threads (None: onnxruntime's default), `engine_cache_dir` TensorRT's engine
@@ -156,7 +170,8 @@ class StereoEstimator:
 
         network = load_model(path, expected_sha256=sha)
         return NetworkEstimator(network, name=name, device=resolve_device(device),
-                                precision=precision, max_disparity=max_disparity, compile=compile)
+                                precision=precision, max_disparity=max_disparity, compile=compile,
+                                channels_last=resolve_channels_last(channels_last, model))
 
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
         """Disparity and confidence of a rectified pair; with `geometry` (a StereoGeometry) also
@@ -243,7 +258,7 @@ class NetworkEstimator(StereoEstimator):
     """
 
     def __init__(self, network: torch.nn.Module, name: str, device: str, precision: str,
-                 max_disparity: int, compile: bool = False):
+                 max_disparity: int, compile: bool = False, channels_last: bool = False):
         self.name = name
         self.backend = "pytorch"
         self.device = device
@@ -260,9 +275,14 @@ class NetworkEstimator(StereoEstimator):
             self.precision = "fp32"
         self.network = network.to(device).eval()
         self._host_buffer: torch.Tensor | None = None
+        self.channels_last = self._cuda or channels_last
         if self._cuda:
             torch.backends.cudnn.benchmark = True
             self.network = self.network.to(memory_format=torch.channels_last)
+        elif channels_last:  # the 2D convolutions' weights: oneDNN follows them with NHWC activations
+            for module in self.network.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
         self._forward = self.network
         self.compiled = False
         if compile:

@@ -97,6 +97,22 @@ def test_network_estimator_points_uint16_and_compile_fallback(tmp_path, monkeypa
     np.testing.assert_array_equal(fallback.predict(left, right).disparity, out.disparity)
 
 
+def test_channels_last_on_the_cpu_changes_the_layout_not_the_result():
+    """The shipped model's measured CPU default may be channels_last weights: the same numbers."""
+    import torch
+
+    left, right = textured_pair(height=64, width=96, shift=5, seed=3)
+    plain = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", channels_last=False)
+    nhwc = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", channels_last=True)
+    assert not plain.channels_last and nhwc.channels_last
+    convolutions = [m for m in nhwc.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
+    expected, got = plain.predict(left, right), nhwc.predict(left, right)
+    np.testing.assert_allclose(got.disparity, expected.disparity, atol=1e-3)
+    np.testing.assert_allclose(got.confidence, expected.confidence, atol=1e-4)
+    assert np.median(np.abs(expected.disparity[:, 20:] - 5)) < 0.5  # and the shipped network finds the shift
+
+
 def test_twelve_bit_mono16_matches_eight_bit():
     left, right = textured_pair()
     est = StereoEstimator.load("sgbm", max_disparity=32)

@@ -55,8 +55,18 @@ def test_auto_precision_follows_the_manifests_measured_cpu_default(shipped, monk
         monkeypatch.setattr(estimator_module, "cpu_has_native_bf16", lambda native=native: native)
         loaded = StereoEstimator.load("tiny-fast", device="cpu", precision="auto", max_disparity=64)
         assert loaded.precision == expected
+    assert not loaded.channels_last
+    # the measured layout comes with it (and any precision: the layout does not change results)
+    manifest["models"]["tiny-fast"]["cpu_default"] = {"backend": "pytorch-channels-last", "precision": "bf16"}
+    registry.MANIFEST_PATH.write_text(json.dumps(manifest))
+    monkeypatch.setattr(estimator_module, "cpu_has_native_bf16", lambda: True)
+    for precision in ("auto", "fp32"):
+        loaded = StereoEstimator.load("tiny-fast", device="cpu", precision=precision, max_disparity=64)
+        assert loaded.channels_last and loaded.precision == ("bf16" if precision == "auto" else "fp32")
+    assert not StereoEstimator.load("tiny-fast", device="cpu", channels_last=False).channels_last
     # a checkpoint path or a model without a measured default runs fp32; CUDA would take fp16
-    assert StereoEstimator.load(str(shipped), device="cpu", precision="auto").precision == "fp32"
+    from_path = StereoEstimator.load(str(shipped), device="cpu", precision="auto")
+    assert from_path.precision == "fp32" and not from_path.channels_last
     assert estimator_module.resolve_precision("auto", "cuda:0", "tiny-fast") == "fp16"
     assert estimator_module.resolve_precision("fp32", "cpu", "tiny-fast") == "fp32"
     with pytest.raises(ValueError, match="precision must be one of auto"):
@@ -68,6 +78,7 @@ def test_the_shipped_default_student_verifies_and_names_its_cpu_default():
     assert "dsnet-fast" in models
     entry = models["dsnet-fast"]
     assert entry["cpu_default"]["precision"] in ("fp32", "bf16")
+    assert entry["cpu_default"]["backend"] in ("pytorch", "pytorch-channels-last")
     path = registry.WEIGHTS_DIR / entry["file"]
     assert sha256_of_file(path) == entry["sha256"] and path.stat().st_size < 10_000_000
     assert entry["sha256"] in (registry.WEIGHTS_DIR / "MODEL_CARD.md").read_text()
