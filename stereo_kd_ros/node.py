@@ -833,6 +833,11 @@ def run(node_factory: Callable[[], Node], argv: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        # A signal that shuts the context down between the spin's check of it and its next wait
+        # set makes rclpy raise "the given context is not valid": that is a stop, not a failure.
+        if rclpy.ok():
+            raise
     finally:
         for stop_signal in (signal.SIGINT, signal.SIGTERM):
             signal.signal(stop_signal, signal.SIG_IGN)

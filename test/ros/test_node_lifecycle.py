@@ -22,6 +22,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from stereo_msgs.msg import DisparityImage
 
+import stereo_kd_ros.node as node_module
 from stereo_kd_core import StereoEstimator
 from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.conversions import numpy_to_image
@@ -197,3 +198,29 @@ def test_a_result_after_close_is_dropped_without_touching_the_node(ros_context):
     finally:
         threading.excepthook = previous_hook
         estimator.release.set()
+
+
+def test_a_signal_between_the_spins_check_and_its_wait_set_is_a_clean_stop(monkeypatch):
+    """A clean-clone CI run saw SIGTERM land between rclpy's check of the context and its next
+    wait set: rclpy raised "the given context is not valid" and the player exited 1 with a
+    traceback. Here the context is shut down at exactly that point (as the signal handler does)."""
+    raised = []
+
+    class ShutdownUnderSpin(SingleThreadedExecutor):
+        def spin(self):
+            assert self.context.ok()
+            self.context.try_shutdown()  # what rclpy's SIGTERM handler does
+            try:
+                self.spin_once(timeout_sec=0)  # the next wait set, on the shut-down context
+            except Exception as error:
+                raised.append(error)
+                raise
+
+    monkeypatch.setattr(node_module, "SingleThreadedExecutor", ShutdownUnderSpin)
+    handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert node_module.run(lambda: Node("shutdown_race_probe")) == 0
+    finally:
+        for stop, handler in handlers.items():
+            signal.signal(stop, handler)
+    assert raised and "context is not valid" in str(raised[0])  # rclpy's real error was raised, and absorbed
