@@ -55,7 +55,7 @@ def resolve_precision(precision: str, device: str, model: str) -> str:
         return precision
     if device.startswith("cuda"):
         return "fp16"
-    chosen = registry.shipped_models().get(model, {}).get("cpu_default", {})
+    chosen = _measured_cpu_default(model)
     if chosen.get("backend") in PYTORCH_CPU_BACKENDS and chosen.get("precision") == "bf16" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
@@ -66,13 +66,17 @@ def resolve_precision(precision: str, device: str, model: str) -> str:
 PYTORCH_CPU_BACKENDS = ("pytorch", "pytorch-channels-last")
 
 
+def _measured_cpu_default(model: str) -> dict:
+    """The shipped model's manifest `cpu_default` ({} for checkpoint paths and unmeasured models)."""
+    return registry.shipped_models().get(model, {}).get("cpu_default", {})
+
+
 def resolve_channels_last(channels_last: bool | None, model: str) -> bool:
     """None -> the shipped model's measured CPU default layout (channels_last when its manifest's
     cpu_default backend is pytorch-channels-last; False for checkpoint paths)."""
     if channels_last is not None:
         return bool(channels_last)
-    chosen = registry.shipped_models().get(model, {}).get("cpu_default", {})
-    return chosen.get("backend") == "pytorch-channels-last"
+    return _measured_cpu_default(model).get("backend") == "pytorch-channels-last"
 
 
 def resolve_device(device: str) -> str:

@@ -269,8 +269,7 @@ class Distiller(SupervisedObjective):
             per_output = [disparity_kl_loss(student_out[f"cost.{i}"],
                                             teacher_out[f"cost.{i + teacher_k - student_k}"],
                                             self.temperature,
-                                            None if agreement is None
-                                            else pool_mask(agreement, student_out[f"cost.{i}"].shape[-2:]))
+                                            pool_mask(agreement, student_out[f"cost.{i}"].shape[-2:]))
                           for i in range(student_k)]
             losses["cost"] = torch.stack(per_output).mean()
         if "disparity" in enabled and "disparity" in self.points:
@@ -353,10 +352,9 @@ class CachedTeacherDistiller(SupervisedObjective):
         losses: dict[str, torch.Tensor] = {}
         agreement = _agreement(self.agreement_px, batch["teacher_disparity"], batch)
         if "cost" in enabled and "cost" in self.points:
-            per_output = [cached_distribution_kl_loss(
-                student_out[f"cost.{i}"], batch["teacher_prob"],
-                None if agreement is None else pool_mask(agreement, student_out[f"cost.{i}"].shape[-2:]))
-                for i in range(self.student.num_costs)]
+            per_output = [cached_distribution_kl_loss(student_out[f"cost.{i}"], batch["teacher_prob"],
+                                                      pool_mask(agreement, student_out[f"cost.{i}"].shape[-2:]))
+                          for i in range(self.student.num_costs)]
             losses["cost"] = torch.stack(per_output).mean()
         if "disparity" in enabled and "disparity" in self.points:
             losses["disparity"] = teacher_disparity_loss(student_out["disp"], batch["teacher_disparity"],

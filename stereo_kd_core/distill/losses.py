@@ -140,9 +140,10 @@ def teacher_agreement_mask(teacher_disparity: torch.Tensor, ground_truth: torch.
     return ~labelled | agrees
 
 
-def pool_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A (B, H, W) pixel mask on a coarser (h, w) grid: a cell is kept only if all its pixels are."""
-    if tuple(mask.shape[-2:]) == tuple(size):
+def pool_mask(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor | None:
+    """A (B, H, W) pixel mask on a coarser (h, w) grid: a cell is kept only if all its pixels are
+    (None, meaning everywhere, stays None)."""
+    if mask is None or tuple(mask.shape[-2:]) == tuple(size):
         return mask
     rejected = F.adaptive_max_pool2d((~mask).float().unsqueeze(1), size).squeeze(1)
     return rejected < 0.5

@@ -157,7 +157,7 @@ def test_pool_mask_drops_every_coarse_cell_with_a_rejected_pixel():
     mask = torch.ones(1, 4, 6, dtype=torch.bool)
     mask[0, 3, 1] = False
     assert pool_mask(mask, (2, 3)).tolist() == [[[True, True, True], [False, True, True]]]
-    assert pool_mask(mask, (4, 6)) is mask
+    assert pool_mask(mask, (4, 6)) is mask and pool_mask(None, (2, 3)) is None
 
 
 def test_agreement_gate_silences_a_teacher_that_contradicts_the_labels():
