@@ -44,6 +44,11 @@ OUTPUT_TYPES = {"disparity": DisparityImage, "points2": PointCloud2,
 DEFAULT_RECORDED = tuple(topic for topic in OUTPUT_TYPES if topic not in ("depth", "confidence"))
 
 
+# Added to every module's ROS_DOMAIN_ID: lets two checkouts run the DDS tests at once without
+# hearing each other (domain ids stay below Fast DDS's limit of 232 for offsets up to 60).
+TEST_DOMAIN_OFFSET = int(os.environ.get("STEREO_KD_TEST_DOMAIN_OFFSET", "0"))
+
+
 @pytest.fixture(scope="module")
 def ros_context(request):
     """An initialised rclpy context on the module's own ROS_DOMAIN_ID (module constant)."""

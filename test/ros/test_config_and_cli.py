@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 from builtin_interfaces.msg import Time
-from conftest import RELIABLE, REPO_ROOT, wait_until
+from conftest import RELIABLE, REPO_ROOT, TEST_DOMAIN_OFFSET, wait_until
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter_client import AsyncParameterClient
@@ -21,7 +21,7 @@ from stereo_scene import make_scene
 
 from stereo_kd_ros.node import NODE_NAME, PARAMETER_NAMES, StereoNode
 
-ROS_DOMAIN_ID = 144
+ROS_DOMAIN_ID = 144 + TEST_DOMAIN_OFFSET
 CONFIG_FILE = REPO_ROOT / "config" / "stereo.yaml"
 CONFIG_KEY = f"/**/{NODE_NAME}"  # any namespace: the launch file's namespace:=X must not lose the file
 

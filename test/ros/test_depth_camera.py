@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import RosoutRecorder, wait_until
+from conftest import TEST_DOMAIN_OFFSET, RosoutRecorder, wait_until
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, Image
 from stereo_scene import make_scene
@@ -17,7 +17,7 @@ from stereo_kd_ros.conversions import image_to_numpy, point_cloud_to_numpy, stam
 from stereo_kd_ros.node import PARAMETERS, ParameterError, validate_parameters
 from stereo_kd_ros.sync import ExactTimeSynchronizer
 
-ROS_DOMAIN_ID = 149
+ROS_DOMAIN_ID = 149 + TEST_DOMAIN_OFFSET
 CX_OFFSET = 2.0  # cx_left - cx_right: the depth camera is the left one, whose cx is not the right's
 WIDTH, HEIGHT = 192, 128
 FRAMES = 4

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TEST_DOMAIN_OFFSET
 from rclpy.exceptions import InvalidParameterTypeException
 
 from stereo_kd_ros.node import PARAMETER_NAMES, PARAMETERS, StereoNode
 
-ROS_DOMAIN_ID = 149
+ROS_DOMAIN_ID = 149 + TEST_DOMAIN_OFFSET
 LAUNCH_FILE = REPO_ROOT / "launch" / "stereo.launch.py"
 
 

@@ -5,7 +5,7 @@ independent rule predicts, and a valid pair after each case is processed correct
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import StereoHarness, wait_until
+from conftest import TEST_DOMAIN_OFFSET, StereoHarness, wait_until
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sensor_msgs.msg import Image
@@ -15,7 +15,7 @@ from stereo_scene import make_scene
 from stereo_kd_ros.conversions import disparity_from_msg, stamp_to_ns
 from stereo_kd_ros.node import TIME_RESET_THRESHOLD_S
 
-ROS_DOMAIN_ID = 146
+ROS_DOMAIN_ID = 146 + TEST_DOMAIN_OFFSET
 MAX_DISPARITY = 16
 BYTES_PER_PIXEL = {"mono8": 1, "8UC1": 1, "mono16": 2, "16UC1": 2, "rgb8": 3, "bgr8": 3, "8UC3": 3,
                    "rgba8": 4, "bgra8": 4}

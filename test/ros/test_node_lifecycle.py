@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import RELIABLE, REPO_ROOT, StereoHarness, wait_until
+from conftest import RELIABLE, REPO_ROOT, TEST_DOMAIN_OFFSET, StereoHarness, wait_until
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
@@ -28,7 +28,7 @@ from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.conversions import numpy_to_image
 from stereo_kd_ros.node import MIN_SHUTDOWN_WAIT_S
 
-ROS_DOMAIN_ID = 147
+ROS_DOMAIN_ID = 147 + TEST_DOMAIN_OFFSET
 
 
 def env() -> dict[str, str]:

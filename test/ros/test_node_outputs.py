@@ -4,7 +4,7 @@ against truth, point cloud against the pinhole model, optional depth/confidence 
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import StereoHarness, wait_until
+from conftest import TEST_DOMAIN_OFFSET, StereoHarness, wait_until
 from rclpy.parameter import Parameter
 from stereo_scene import make_scene
 
@@ -13,7 +13,7 @@ from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.conversions import disparity_from_msg, point_cloud_to_numpy, unpack_rgb
 from stereo_kd_ros.node import scaled_search_range
 
-ROS_DOMAIN_ID = 141
+ROS_DOMAIN_ID = 141 + TEST_DOMAIN_OFFSET
 CX_OFFSET = 2.0  # cx_left - cx_right: exercises the Q term stereo_image_proc also applies
 
 

@@ -6,14 +6,14 @@ import time
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import RosoutRecorder, wait_until
+from conftest import TEST_DOMAIN_OFFSET, RosoutRecorder, wait_until
 from stereo_scene import make_scene
 
 import stereo_kd_ros.node as node_module
 from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.node import TIME_RESET_THRESHOLD_S, WARNING_INTERVAL_S
 
-ROS_DOMAIN_ID = 142
+ROS_DOMAIN_ID = 142 + TEST_DOMAIN_OFFSET
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ROS_DOMAIN_ID = 167
-SIGNAL_TEST_DOMAIN_ID = 168
+TEST_DOMAIN_OFFSET = int(os.environ.get("STEREO_KD_TEST_DOMAIN_OFFSET", "0"))  # as conftest's
+ROS_DOMAIN_ID = 167 + TEST_DOMAIN_OFFSET
+SIGNAL_TEST_DOMAIN_ID = 168 + TEST_DOMAIN_OFFSET
 os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO_ROOT / "config" / "fastdds_localhost.xml")
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ["ROS_DOMAIN_ID"] = str(ROS_DOMAIN_ID)

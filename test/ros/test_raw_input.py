@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
-from conftest import RosoutRecorder, wait_until
+from conftest import TEST_DOMAIN_OFFSET, RosoutRecorder, wait_until
 from sensor_msgs.msg import CameraInfo
 from stereo_scene import make_scene
 
@@ -15,7 +15,7 @@ from stereo_kd_core.rectification import CameraCalibration, RectificationMaps, d
 from stereo_kd_ros.conversions import disparity_from_msg, image_to_numpy, point_cloud_to_numpy
 from stereo_kd_ros.node import PARAMETERS, ParameterError, validate_parameters
 
-ROS_DOMAIN_ID = 150
+ROS_DOMAIN_ID = 150 + TEST_DOMAIN_OFFSET
 WIDTH, HEIGHT = 192, 128
 MARGIN = 16  # rectified pixels near the border see outside the raw image
 RAW_CAMERAS = {  # side: (K fx, fy, cx shift, cy shift, D (plumb_bob), R as degrees about x, y, z)

@@ -3,13 +3,13 @@ memory stays flat after warm-up, frames keep flowing, and every pair is accounte
 
 import sys
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TEST_DOMAIN_OFFSET
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 from soak import soak  # noqa: E402
 
-ROS_DOMAIN_ID = 148
+ROS_DOMAIN_ID = 148 + TEST_DOMAIN_OFFSET
 
 
 def test_twenty_second_soak():
