@@ -1,0 +1,83 @@
+"""Score estimators on real pairs with ground truth: ../shared/realval per dataset (Middlebury
+2001/2005/2006, KITTI 2012) and scikit-image's Motorcycle. Validation only: these pairs are never
+trained on, and no recipe reads them.
+
+    python benchmarks/realval.py dsnet-fast runs/faster-gt/final.pt --json benchmarks/results/x.json
+
+Prints one Markdown table (mean EPE / bad-2 per dataset, the mean over the 16 pairs, Motorcycle)
+and writes every case with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from stereo_kd_core import StereoEstimator
+from stereo_kd_core.evaluate import evaluate, open_eval_dataset
+
+REALVAL = Path(__file__).resolve().parents[2] / "shared" / "realval"
+DATASET_NAMES = {"mb2001": "Middlebury 2001", "mb2005": "Middlebury 2005", "mb2006": "Middlebury 2006",
+                 "kitti2012": "KITTI 2012"}
+
+
+def dataset_of(case_name: str) -> str:
+    """'mb2006_Baby1' -> 'mb2006' (the realval folder naming: <dataset>_<scene>)."""
+    return Path(case_name).name.split("_", 1)[0]
+
+
+def score(model: str, realval: Path, precision: str = "auto") -> dict:
+    """{"realval": {dataset: mean metrics}, "realval_mean": ..., "motorcycle": ..., "cases": [...]}"""
+    estimator = StereoEstimator.load(model, device="cpu", precision=precision)
+    real = evaluate(estimator, open_eval_dataset("middlebury", str(realval)))
+    by_dataset: dict[str, list[dict]] = defaultdict(list)
+    for case in real["cases"]:
+        by_dataset[dataset_of(case["name"])].append(case)
+    means = {name: {key: sum(c[key] for c in cases) / len(cases) for key in ("epe", "bad2", "d1")}
+             for name, cases in sorted(by_dataset.items())}
+    moto = evaluate(estimator, open_eval_dataset("motorcycle"))
+    return {"model": model, "precision": precision, "realval": means,
+            "realval_mean": {key: real["mean"][key] for key in ("epe", "bad2", "d1")},
+            "motorcycle": {key: moto["mean"][key] for key in ("epe", "bad2", "d1")},
+            "cases": real["cases"]}
+
+
+def table(rows: list[dict]) -> str:
+    datasets = sorted({name for row in rows for name in row["realval"]})
+    header = ["model", *[f"{DATASET_NAMES.get(d, d)} EPE / bad-2" for d in datasets],
+              "realval mean EPE / bad-2", "Motorcycle EPE / bad-2"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row.get("label", row["model"])]
+        cells += [f"{row['realval'][d]['epe']:.2f} / {row['realval'][d]['bad2']:.1f} %" for d in datasets]
+        for key in ("realval_mean", "motorcycle"):
+            cells.append(f"{row[key]['epe']:.2f} / {row[key]['bad2']:.1f} %")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="registry names, checkpoint paths or sgbm")
+    parser.add_argument("--realval", default=str(REALVAL), help="folder of real pairs in Middlebury layout")
+    parser.add_argument("--precision", default="auto", help="inference precision (auto: the measured CPU default)")
+    parser.add_argument("--label", action="append", help="row label per model (default: the model string)")
+    parser.add_argument("--json", help="write every row (with its cases) to this file")
+    args = parser.parse_args()
+    rows = []
+    for index, model in enumerate(args.models):
+        row = score(model, Path(args.realval), args.precision)
+        if args.label and index < len(args.label):
+            row["label"] = args.label[index]
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+    print(table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    main()
