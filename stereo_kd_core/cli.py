@@ -111,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(estimator, samples, max_disparity=args.max_disparity, use_nocc=args.nocc, progress=show)
     result.update(ran, dataset=args.dataset, per_pair_ms=statistics.mean(case["ms"] for case in result["cases"]))
     mean = result["mean"]
-    print(f"{describe_line(ran)} on {args.dataset} ({len(result['cases'])} cases): EPE {mean['epe']:.3f} px, "
+    print(f"{args.dataset} ({len(result['cases'])} cases), {describe_line(ran)}: EPE {mean['epe']:.3f} px, "
           f"bad-1 {mean['bad1']:.2f}%, bad-2 {mean['bad2']:.2f}%, bad-3 {mean['bad3']:.2f}%, D1 {mean['d1']:.2f}%; "
           f"mean {result['per_pair_ms']:.0f} ms per pair")
     _write_json(args.json, result)
