@@ -66,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
+    from stereo_kd_core.registry import describe_line
     from stereo_kd_core.train.adapt import run_adapt
 
     overrides: dict = dict(item.split("=", 1) for item in args.set or [])
@@ -79,8 +80,6 @@ def cmd_adapt(args: argparse.Namespace) -> int:
               "left_info": args.left_info_topic, "right_info": args.right_info_topic}
     report = run_adapt(args.data, args.out, teacher=args.teacher, init=args.init, recipe=args.recipe,
                        overrides=overrides, device=args.device, topics=topics)
-    from stereo_kd_core.registry import describe_line
-
     seconds = report["seconds"]
     print(f"student {describe_line(report['student'])}: labels {seconds['labels']:.1f} s, "
           f"training {seconds['training']:.1f} s")
@@ -193,19 +192,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from stereo_kd_core import registry
-    from stereo_kd_core.checkpoint import sha256_of_file
     from stereo_kd_core.export import export_model
+    from stereo_kd_core.registry import describe_line
 
-    estimator, _ = _load_estimator(args)
-    model = _model(args)
+    estimator, ran = _load_estimator(args)
     network = getattr(estimator, "network", None)
     if network is None:
-        raise SystemExit(f"stereo-kd export: '{model}' is not a network; give a checkpoint or registry name")
-    source = Path(model) if Path(model).is_file() else registry.resolve_shipped(model)[0]
+        raise SystemExit(f"stereo-kd export: '{_model(args)}' is not a network; give a checkpoint or registry name")
     path = export_model(network.float(), args.out, args.format, args.height, args.width, dynamic=args.dynamic,
-                        model_name=estimator.name, source_sha256=sha256_of_file(source))
-    print(f"wrote {path}")
+                        model_name=estimator.name, source_sha256=ran["model_sha256"])
+    print(f"wrote {path} from {describe_line(ran)}")
     if args.int8_calibration_pairs:
         if args.format != "onnx" or args.dynamic:
             raise ValueError("--int8-calibration-pairs needs a fixed-size ONNX export")
