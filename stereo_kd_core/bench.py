@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from stereo_kd_core.estimator import StereoEstimator
+from stereo_kd_core.registry import describe_estimator
 
 
 def machine_description(device: str, estimator: StereoEstimator | None = None) -> str:
@@ -27,13 +28,14 @@ def machine_description(device: str, estimator: StereoEstimator | None = None) -
 
 
 def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 50, warmup: int = 5,
-              seed: int = 0) -> dict:
+              seed: int = 0, model: str | None = None) -> dict:
     """Median / p90 wall time per predict() of random real-size uint8 pairs (end to end: H2D and D2H
     included), the median CPU time of the process per predict() (median_cpu_ms: all threads,
     spin-waiting included; on a machine shared with other work it varies far less than wall
     time), plus peak memory (peak_rss_mb is the process's lifetime peak resident set). On CUDA
     the same span is also timed with CUDA events (median_cuda_event_ms) and the peak GPU
-    memory allocated by torch is reported."""
+    memory allocated by torch is reported. What ran: `registry.describe_estimator(estimator, model)`
+    (`model`: the spec the estimator was loaded from; None leaves its file and SHA-256 out)."""
     rng = np.random.default_rng(seed)
     left = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
     right = np.roll(left, -8, axis=1)
@@ -59,10 +61,9 @@ def benchmark(estimator: StereoEstimator, height: int, width: int, runs: int = 5
             end.synchronize()
             network_ms.append(begin.elapsed_time(end))
     result = {
-        "model": estimator.name, "backend": estimator.backend, "device": device,
-        "channels_last": bool(getattr(estimator, "channels_last", False)),
+        **describe_estimator(estimator, model),
         "machine": machine_description(device, estimator),
-        "precision": estimator.precision, "height": height, "width": width, "runs": runs,
+        "height": height, "width": width, "runs": runs,
         "median_ms": statistics.median(times_ms),
         "p90_ms": float(np.percentile(times_ms, 90)),
         "median_cpu_ms": statistics.median(cpu_ms),

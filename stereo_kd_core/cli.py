@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 
@@ -14,23 +16,40 @@ def _write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
 
 
-def _load_estimator(args: argparse.Namespace):
-    from stereo_kd_core import StereoEstimator
+def _model(args: argparse.Namespace) -> str:
+    """--model as given, or the registry's default student (the one default of every command)."""
+    from stereo_kd_core import registry
 
-    return StereoEstimator.load(args.model, device=args.device, precision=args.precision,
-                                max_disparity=args.max_disparity, compile=getattr(args, "compile", False),
-                                threads=getattr(args, "threads", 0) or None)
+    return registry.default_model() if args.model is None else args.model
 
 
-def _add_estimator_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "--checkpoint", dest="model", default="sgbm",
-                        help="registry name (see `stereo-kd info --list`), checkpoint path, ONNX model "
-                             "(*.onnx, run in onnxruntime), or 'sgbm'")
+def _load_estimator(args: argparse.Namespace) -> tuple:
+    """(estimator, registry.describe_estimator of it): what runs, and what every output says ran."""
+    from stereo_kd_core import StereoEstimator, registry
+
+    model = _model(args)
+    estimator = StereoEstimator.load(model, device=args.device, precision=args.precision,
+                                     max_disparity=args.max_disparity, compile=getattr(args, "compile", False),
+                                     threads=getattr(args, "threads", 0) or None)
+    return estimator, registry.describe_estimator(estimator, model)
+
+
+MODEL_HELP = ("registry name (see `stereo-kd info --list`), checkpoint path, ONNX model (*.onnx, run in "
+              "onnxruntime), or 'sgbm' (OpenCV SGBM); default: the shipped default student")
+PRECISION_HELP = ("inference precision (default auto: fp16 on CUDA, the shipped model's measured CPU default on "
+                  "the CPU; fp16 needs CUDA; ONNX: fp16 = TensorRT fp16 engine)")
+
+
+def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    """--model (or, for bench, a positional model), --device, --precision, --max-disparity."""
+    if model_flag:
+        parser.add_argument("--model", "--checkpoint", dest="model", default=None, help=MODEL_HELP)
+    else:
+        parser.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available; ONNX: TensorRT > CUDA > CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"],
-                        help="inference precision (fp16 needs CUDA; ONNX: fp16 = TensorRT fp16 engine; auto: "
-                             "fp16 on CUDA, the shipped model's measured CPU default on the CPU)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                        help=PRECISION_HELP)
     parser.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
 
 
@@ -47,6 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
+    from stereo_kd_core.registry import describe_line
     from stereo_kd_core.train.adapt import run_adapt
 
     overrides: dict = dict(item.split("=", 1) for item in args.set or [])
@@ -60,6 +80,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
               "left_info": args.left_info_topic, "right_info": args.right_info_topic}
     report = run_adapt(args.data, args.out, teacher=args.teacher, init=args.init, recipe=args.recipe,
                        overrides=overrides, device=args.device, topics=topics)
+    seconds = report["seconds"]
+    print(f"student {describe_line(report['student'])}: labels {seconds['labels']:.1f} s, "
+          f"training {seconds['training']:.1f} s")
     for key in ("holdout_vs_teacher", "holdout_vs_ground_truth", "synthetic_test"):
         if report.get(key):
             before, after = report[key]["before"]["mean"], report[key]["after"]["mean"]
@@ -71,12 +94,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from stereo_kd_core.evaluate import evaluate, open_eval_dataset
+    from stereo_kd_core.registry import describe_line
 
     kwargs = {}
     if args.dataset == "synthetic":
         kwargs = {"n": args.n, "seed": args.seed, "height": args.height, "width": args.width,
                   "max_disparity": args.max_disparity, "kind": args.kind}
-    estimator = _load_estimator(args)
+    estimator, ran = _load_estimator(args)
     samples = open_eval_dataset(args.dataset, args.data_root, **kwargs)
 
     def show(case: dict) -> None:
@@ -84,10 +108,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{case['name']:>24}  EPE {case['epe']:.3f}  bad2 {case['bad2']:.2f}%  D1 {case['d1']:.2f}%")
 
     result = evaluate(estimator, samples, max_disparity=args.max_disparity, use_nocc=args.nocc, progress=show)
-    result["dataset"] = args.dataset
+    result.update(ran, dataset=args.dataset, per_pair_ms=statistics.mean(case["ms"] for case in result["cases"]))
     mean = result["mean"]
-    print(f"{estimator.name} on {args.dataset} ({len(result['cases'])} cases): EPE {mean['epe']:.3f} px, "
-          f"bad-1 {mean['bad1']:.2f}%, bad-2 {mean['bad2']:.2f}%, bad-3 {mean['bad3']:.2f}%, D1 {mean['d1']:.2f}%")
+    print(f"{args.dataset} ({len(result['cases'])} cases), {describe_line(ran)}: EPE {mean['epe']:.3f} px, "
+          f"bad-1 {mean['bad1']:.2f}%, bad-2 {mean['bad2']:.2f}%, bad-3 {mean['bad3']:.2f}%, D1 {mean['d1']:.2f}%; "
+          f"mean {result['per_pair_ms']:.0f} ms per pair")
     _write_json(args.json, result)
     return 0
 
@@ -97,11 +122,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from stereo_kd_core.data.io import read_image_rgb, write_image_rgb, write_pfm
     from stereo_kd_core.geometry import StereoGeometry
+    from stereo_kd_core.registry import SHA256_SHOWN, describe_line
     from stereo_kd_core.viz import colorize_disparity, stereo_panel
 
-    estimator = _load_estimator(args)
-    left = read_image_rgb(args.left)
-    prediction = estimator.predict(left, read_image_rgb(args.right))
+    estimator, ran = _load_estimator(args)
+    left, right = read_image_rgb(args.left), read_image_rgb(args.right)
+    start = time.perf_counter()
+    prediction = estimator.predict(left, right)
+    ran["per_pair_ms"] = (time.perf_counter() - start) * 1e3  # a first run: includes one-time set-up
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_pfm(out / "disparity.pfm", prediction.disparity)
@@ -111,25 +139,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # shape of the scene up to scale.
     height, width = left.shape[:2]
     nominal = StereoGeometry.from_intrinsics(float(width), (width - 1) / 2, (height - 1) / 2, 1.0)
+    sha = f" {ran['model_sha256'][:SHA256_SHOWN]}" if ran["model_sha256"] else ""
+    title = f"{ran['model']}{sha} {ran['precision']} on {ran['device']}: {ran['per_pair_ms']:.0f} ms (first run)"
     panel = stereo_panel(left, prediction.disparity, prediction.confidence,
-                         nominal.points_from_disparity(prediction.disparity), max_disparity=estimator.max_disparity)
+                         nominal.points_from_disparity(prediction.disparity), max_disparity=estimator.max_disparity,
+                         title=title)
     write_image_rgb(out / "panel.png", panel)
+    print(f"{describe_line(ran)}: {ran['per_pair_ms']:.0f} ms for this pair (a first run, one-time set-up "
+          "included; `stereo-kd bench` measures steady latency)")
     print(f"wrote {out / 'disparity.pfm'}, {out / 'disparity.png'} and {out / 'panel.png'}")
+    _write_json(args.json, ran)
     return 0
 
 
 def cmd_bag(args: argparse.Namespace) -> int:
+    from stereo_kd_core.registry import describe_line
     from stereo_kd_ros.bag import run_bag  # rosbags only: no ROS install needed
 
-    summary = run_bag(args.input, args.out, model=args.model, device=args.device, precision=args.precision,
+    summary = run_bag(args.input, args.out, model=_model(args), device=args.device, precision=args.precision,
                       max_disparity=args.max_disparity, left_image_topic=args.left_image_topic,
                       right_image_topic=args.right_image_topic, left_info_topic=args.left_info_topic,
                       right_info_topic=args.right_info_topic, disparity_topic=args.disparity_topic,
                       points_topic=args.points_topic, use_color=not args.no_color, max_pairs=args.max_pairs,
                       storage=args.storage, animation=args.animation)
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items()) or "none"
+    per_pair = f", {summary['per_pair_ms']:.0f} ms per pair" if summary["per_pair_ms"] is not None else ""
     print(f"wrote {summary['output']} ({summary['storage']}): {summary['pairs_processed']} pairs with "
-          f"{summary['model']} on {summary['device']}, {summary['messages_copied']} input messages copied; "
+          f"{describe_line(summary)}{per_pair}, {summary['messages_copied']} input messages copied; "
           f"skipped: {skipped}")
     _write_json(args.json, summary)
     return 0
@@ -139,16 +175,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from stereo_kd_core.bench import benchmark
+    from stereo_kd_core.registry import describe_line
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    estimator = _load_estimator(args)
-    result = benchmark(estimator, args.height, args.width, runs=args.runs, warmup=args.warmup)
+    estimator, _ = _load_estimator(args)
+    result = benchmark(estimator, args.height, args.width, runs=args.runs, warmup=args.warmup, model=_model(args))
     result["compiled"] = bool(getattr(estimator, "compiled", False))
-    layout = " channels_last" if result["channels_last"] else ""
-    line = (f"{result['model']} {args.height}x{args.width} {result['backend']}{layout} {result['precision']}"
-            f"{' compiled' if result['compiled'] else ''} on {result['machine']}: "
-            f"median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms")
+    line = (f"{describe_line(result)}{' compiled' if result['compiled'] else ''}, {args.height}x{args.width} "
+            f"({result['machine']}): median {result['median_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms")
     if "peak_gpu_mb" in result:
         line += f", peak GPU {result['peak_gpu_mb']:.0f} MiB"
     print(line)
@@ -157,18 +192,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from stereo_kd_core import registry
-    from stereo_kd_core.checkpoint import sha256_of_file
     from stereo_kd_core.export import export_model
+    from stereo_kd_core.registry import describe_line
 
-    estimator = _load_estimator(args)
+    estimator, ran = _load_estimator(args)
     network = getattr(estimator, "network", None)
     if network is None:
-        raise SystemExit(f"stereo-kd export: '{args.model}' is not a network; give a checkpoint or registry name")
-    source = Path(args.model) if Path(args.model).is_file() else registry.resolve_shipped(args.model)[0]
+        raise SystemExit(f"stereo-kd export: '{_model(args)}' is not a network; give a checkpoint or registry name")
     path = export_model(network.float(), args.out, args.format, args.height, args.width, dynamic=args.dynamic,
-                        model_name=estimator.name, source_sha256=sha256_of_file(source))
-    print(f"wrote {path}")
+                        model_name=estimator.name, source_sha256=ran["model_sha256"])
+    print(f"wrote {path} from {describe_line(ran)}")
     if args.int8_calibration_pairs:
         if args.format != "onnx" or args.dynamic:
             raise ValueError("--int8-calibration-pairs needs a fixed-size ONNX export")
@@ -208,6 +241,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.list or not args.model:
         print("architectures:", ", ".join(sorted(ARCHITECTURES)))
         print("registry (shipped weights and classical backends):", ", ".join(registry.known_model_names()))
+        print("default (run when no model is given):", registry.default_model())
         return 0
     if args.model in ARCHITECTURES:
         model = build_model(default_config(args.model, max_disparity=args.max_disparity))
@@ -307,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("left", help="left image")
     p.add_argument("right", help="right image")
     p.add_argument("--out", default="predict_out", help="output folder")
+    p.add_argument("--json", default=None, help="write what ran (model, file, SHA-256, backend, device, "
+                   "precision) and the time per pair to this JSON file")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bag", help="estimate a recorded ROS 2 bag offline: a new bag with disparity and points2")
@@ -329,11 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bag)
 
     p = sub.add_parser("bench", help="median latency and peak memory")
-    p.add_argument("model", help="registry name, checkpoint path, ONNX model (*.onnx), or sgbm")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (ONNX auto: TensorRT > CUDA > CPU)")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="inference precision (auto: as the node's precision parameter)")
-    p.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
+    _add_estimator_args(p, model_flag=False)
     p.add_argument("--height", type=int, default=384, help="input height")
     p.add_argument("--width", type=int, default=640, help="input width")
     p.add_argument("--runs", type=int, default=50, help="timed runs (median reported)")

@@ -131,10 +131,11 @@ class StereoEstimator:
     min_input_width: int = 2  # narrower pairs are refused with a ValueError
 
     @classmethod
-    def load(cls, model: str = "sgbm", device: str = "auto", precision: str = "fp32",
+    def load(cls, model: str | None = None, device: str = "auto", precision: str = "auto",
              max_disparity: int = 192, compile: bool = False, threads: int | None = None,
              engine_cache_dir: str | None = None, channels_last: bool | None = None) -> StereoEstimator:
-        """A registry name ("dsnet", ...), a checkpoint path, an ONNX model path (*.onnx), or "sgbm".
+        """A registry name ("dsnet", ...), a checkpoint path, an ONNX model path (*.onnx), or "sgbm";
+        None = the registry's default student (`registry.default_model()`).
 
         precision: fp32, fp16, bf16, or auto (`resolve_precision`: fp16 on CUDA, the shipped
         model's measured CPU default on the CPU).
@@ -148,6 +149,7 @@ class StereoEstimator:
         cache; precision "fp16" builds TensorRT engines in fp16. `max_disparity` is the model's
         own for networks and ONNX models (a different request is logged and ignored).
         """
+        model = registry.default_model() if model is None else model
         if precision not in PRECISIONS and precision != "auto":
             raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got '{precision}'")
         if not isinstance(max_disparity, int) or max_disparity < 16:

@@ -1,21 +1,40 @@
-"""Model names -> shipped weights (inside the package) or classical backends."""
+"""Model names -> shipped weights (inside the package) or classical backends; the one default
+model every caller runs when it names none; what ran, for consoles and JSON."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_PATH = WEIGHTS_DIR / "manifest.json"
 CLASSICAL_BACKENDS = ("sgbm",)
+SHA256_SHOWN = 12  # hex digits of a SHA-256 shown in console lines and pictures (JSON has all 64)
+
+
+def _manifest() -> dict:
+    if not MANIFEST_PATH.is_file():
+        return {}
+    with open(MANIFEST_PATH) as f:
+        return json.load(f)
 
 
 def shipped_models() -> dict[str, dict]:
     """{registry name: {"file": ..., "sha256": ..., ...}} for the weights inside this install."""
-    if not MANIFEST_PATH.is_file():
-        return {}
-    with open(MANIFEST_PATH) as f:
-        return json.load(f)["models"]
+    return _manifest().get("models", {})
+
+
+def default_model() -> str:
+    """The registry name run wherever none is given (the node, the launch file, config/stereo.yaml,
+    every `stereo-kd` command, StereoEstimator.load()): the manifest's "default", a shipped
+    model. Shipping a new default = changing that one key. ValueError when none ships."""
+    name = _manifest().get("default")
+    if name is None or name not in shipped_models():
+        raise ValueError(f"no trained default student ships with this install ({MANIFEST_PATH} names "
+                         f"{name!r} as its default, shipped: {', '.join(shipped_models()) or 'none'}); "
+                         "name a model explicitly: a registry name or a checkpoint path")
+    return name
 
 
 def known_model_names() -> list[str]:
@@ -36,3 +55,45 @@ def resolve_shipped(name: str) -> tuple[Path, str]:
                          "or give a path to a checkpoint file")
     entry = models[name]
     return WEIGHTS_DIR / entry["file"], entry["sha256"]
+
+
+def model_source(model: str | None) -> dict[str, str | None]:
+    """{"model_file", "model_sha256"} of what `model` (as given to StereoEstimator.load) names: a
+    registry name's shipped file and manifest hash (verified at load), a file's path and hash;
+    None for both for classical backends and for None (source not known)."""
+    if model is None or model in CLASSICAL_BACKENDS:
+        return {"model_file": None, "model_sha256": None}
+    if model in shipped_models():
+        path, sha = resolve_shipped(model)
+        return {"model_file": str(path), "model_sha256": sha}
+    from stereo_kd_core.checkpoint import sha256_of_file
+
+    path = Path(model).expanduser()
+    return {"model_file": str(path), "model_sha256": sha256_of_file(path) if path.is_file() else None}
+
+
+def describe_estimator(estimator: Any, model: str | None) -> dict[str, Any]:
+    """What ran, as every command's JSON carries it (`describe` of a loaded estimator; `model`
+    is the spec it was loaded from)."""
+    return describe(model, estimator.name, estimator.backend, estimator.device, estimator.precision,
+                    channels_last=bool(getattr(estimator, "channels_last", False)))
+
+
+def describe(model: str | None, name: str, backend: str, device: str, precision: str,
+             channels_last: bool = False) -> dict[str, Any]:
+    """What ran: the name, the file and SHA-256 `model` came from (`model_source`), backend,
+    layout, device and precision."""
+    return {"model": name, **model_source(model), "backend": backend, "channels_last": channels_last,
+            "device": device, "precision": precision}
+
+
+def describe_line(description: dict[str, Any]) -> str:
+    """A `describe_estimator` dict as console text, e.g. 'dsnet-fast (dsnet-fast.pt, sha256
+    d473f2311e4b) pytorch channels_last bf16 on cpu'."""
+    source = ""
+    if description.get("model_file"):
+        sha = description.get("model_sha256")
+        source = f" ({Path(description['model_file']).name}" + (f", sha256 {sha[:SHA256_SHOWN]})" if sha else ")")
+    layout = " channels_last" if description.get("channels_last") else ""
+    return (f"{description['model']}{source} {description['backend']}{layout} {description['precision']} "
+            f"on {description['device']}")

@@ -125,12 +125,15 @@ def render_points(points: np.ndarray, colors: np.ndarray, height: int, width: in
 
 
 def stereo_panel(left_rgb: np.ndarray, disparity: np.ndarray, confidence: np.ndarray | None = None,
-                 points: np.ndarray | None = None, max_disparity: float | None = None) -> np.ndarray:
-    """One picture of a stereo result: uint8 (2 * (H + CAPTION_PX), 2 * W, 3) RGB.
+                 points: np.ndarray | None = None, max_disparity: float | None = None,
+                 title: str | None = None) -> np.ndarray:
+    """One picture of a stereo result: uint8 (2 * (H + CAPTION_PX), 2 * W, 3) RGB, plus CAPTION_PX
+    rows with a `title`.
 
     Tiles: left image | colorize_disparity(disparity, max_disparity) with a scale bar in pixels
-    underneath; confidence (grey, 1 = white) | the point cloud (H, W, 3 metres, NaN invalid)
-    rendered from the side, coloured by the left image. A missing input leaves its tile blank.
+    underneath, and under that the `title` (what produced the disparity: model, time); confidence
+    (grey, 1 = white) | the point cloud (H, W, 3 metres, NaN invalid) rendered from the side,
+    coloured by the left image. A missing input leaves its tile blank.
     """
     left = _to_rgb8(left_rgb)
     height, width = left.shape[:2]
@@ -149,9 +152,12 @@ def stereo_panel(left_rgb: np.ndarray, disparity: np.ndarray, confidence: np.nda
     else:
         points_tile = render_points(points, left, height, width)
         points_title = f"points ({int(np.isfinite(np.asarray(points)[..., 2]).sum())}), side view"
-    top = np.concatenate([np.concatenate([left, _caption(width, "left")]),
-                          np.concatenate([colorize_disparity(disparity, max_disparity),
-                                          disparity_scale_bar(width, max_disparity)])], axis=1)
+    left_column = [left, _caption(width, "left")]
+    disparity_column = [colorize_disparity(disparity, max_disparity), disparity_scale_bar(width, max_disparity)]
+    if title is not None:
+        left_column.append(_caption(width, ""))
+        disparity_column.append(_caption(width, title))
+    top = np.concatenate([np.concatenate(left_column), np.concatenate(disparity_column)], axis=1)
     bottom = np.concatenate([np.concatenate([confidence_tile, _caption(width, confidence_title)]),
                              np.concatenate([points_tile, _caption(width, points_title)])], axis=1)
     return np.concatenate([top, bottom], axis=0)

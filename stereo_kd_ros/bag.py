@@ -28,7 +28,7 @@ from rosbags.rosbag2.storage_mcap import McapReader
 from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
-from stereo_kd_core import StereoEstimator
+from stereo_kd_core import StereoEstimator, registry
 from stereo_kd_core.data.bag import SkippedPairError, StereoPairing
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_core.viz import stereo_panel, write_animation
@@ -89,7 +89,7 @@ class _OutputBuilder:
 def run_bag(
     input_path: str | Path,
     output_path: str | Path,
-    model: str = "sgbm",
+    model: str | None = None,
     device: str = "auto",
     left_image_topic: str = "/left/image_rect",
     right_image_topic: str = "/right/image_rect",
@@ -100,13 +100,14 @@ def run_bag(
     use_color: bool = True,
     max_pairs: int | None = None,
     storage: str | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     max_disparity: int = 192,
     animation: str | Path | None = None,
     animation_fps: float = 5.0,
     animation_frames: int = 60,
 ) -> dict:
-    """Run the estimator over a bag's stereo pairs; write `output_path` (a new bag) and return a summary.
+    """Run the estimator over a bag's stereo pairs; write `output_path` (a new bag) and return a summary
+    (with what ran: registry.describe_estimator). model: as StereoEstimator.load (None: the default).
 
     storage: 'sqlite3' or 'mcap' for the output; None = the input's format.
     max_pairs: estimate at most this many pairs (every input message is still copied).
@@ -123,6 +124,7 @@ def run_bag(
     image_topics = {left_image_topic: "left", right_image_topic: "right"}
     info_topics = {left_info_topic: "left", right_info_topic: "right"}
     typestore = get_typestore(Stores.ROS2_KILTED)
+    model = registry.default_model() if model is None else model
     estimator = StereoEstimator.load(model, device=device, precision=precision, max_disparity=max_disparity)
     builder = _OutputBuilder(typestore, estimator, use_color)
     skipped: Counter = Counter()
@@ -209,8 +211,7 @@ def run_bag(
         "input": str(input_path),
         "output": str(output_path),
         "storage": out_storage,
-        "model": estimator.name,
-        "device": estimator.device,
+        **registry.describe_estimator(estimator, model),
         "pairs_processed": processed,
         "skipped": {reason: count for reason, count in sorted(skipped.items()) if count},
         "messages_copied": copied,

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stereo_kd_core.registry import default_model
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "stereo_kd_ros"
 NODE_STOP_WAIT_S = 30.0
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stereo_kd_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=30, help="Frames the player publishes.")
     parser.add_argument("--rate", type=float, default=10.0, help="Player rate in Hz.")
-    parser.add_argument("--model", default="dsnet-fast", help="Node 'model' parameter (default: the shipped student).")
+    parser.add_argument("--model", default=default_model(),
+                        help="Node 'model' parameter (default: the shipped default student).")
     parser.add_argument("--device", default="auto", help="Node 'device' parameter.")
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="Output folder.")
     parser.add_argument("--domain-id", type=int, default=77, help="ROS_DOMAIN_ID used by all three processes.")

@@ -57,6 +57,7 @@ from stereo_kd_core.rectification import (
     input_size,
     resize_pair,
 )
+from stereo_kd_core.registry import default_model
 from stereo_kd_ros import conversions
 from stereo_kd_ros.sync import subscribe_synchronized
 
@@ -89,8 +90,8 @@ class ParameterSpec:
 
 
 PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("model", "dsnet-fast", "Estimator: a shipped model name (default dsnet-fast: the lean student "
-                  "network with the weights shipped in the package), 'sgbm' (OpenCV SGBM), a checkpoint path, "
+    ParameterSpec("model", default_model(), f"Estimator: a shipped model name (default {default_model()}: the "
+                  "registry's default student, weights in the package), 'sgbm' (OpenCV SGBM), a checkpoint path, "
                   "or an ONNX model path (*.onnx, run in onnxruntime)."),
     ParameterSpec("device", "auto", "Inference device: auto (CUDA when available), cpu, cuda or cuda:N."),
     ParameterSpec("precision", "auto", "Network precision: auto (fp16 on CUDA; on the CPU the shipped model's "

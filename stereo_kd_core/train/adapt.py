@@ -55,7 +55,6 @@ from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, load_recip
 from stereo_kd_core.train.trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, build_training_dataset
 
 DEFAULT_RECIPE = "adapt"
-DEFAULT_STUDENT = "dsnet-fast"  # the shipped default student, once its weights ship
 LABELS_PREFIX = "labels:"
 NO_TEACHER = "none"
 LABEL_SUFFIXES = (".pfm", ".png", ".npy")
@@ -276,10 +275,10 @@ def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0) -> T
         return FileTeacher(spec[len(LABELS_PREFIX):])
     if spec == "psmnet" and "psmnet" not in registry.shipped_models():
         path = psmnet_checkpoint()
-        return EstimatorTeacher(StereoEstimator.load(str(path), device=device), {"teacher": "psmnet",
-                                "sha256": sha256_of_file(path)}, lr_check_px)
+        return EstimatorTeacher(StereoEstimator.load(str(path), device=device, precision="fp32"),
+                                {"teacher": "psmnet", "sha256": sha256_of_file(path)}, lr_check_px)
     try:
-        estimator = StereoEstimator.load(spec, device=device)
+        estimator = StereoEstimator.load(spec, device=device, precision="fp32")
     except CheckpointError as error:
         if spec.endswith(".onnx"):  # StereoEstimator.load runs ONNX files where its ONNX Runtime backend exists
             raise ValueError(f"--teacher {spec}: this install's StereoEstimator cannot run ONNX models "
@@ -494,11 +493,7 @@ def load_student(spec: str | None) -> tuple[nn.Module, str]:
     """(network, description) of --init: a registry name or a checkpoint; None = the shipped
     default student, with a clear error while no trained default ships."""
     if spec is None:
-        if DEFAULT_STUDENT not in registry.shipped_models():
-            raise ValueError(f"no trained default student ships with this install ('{DEFAULT_STUDENT}' is not in "
-                             f"{registry.MANIFEST_PATH}); give --init CHECKPOINT (e.g. final.pt of "
-                             "`stereo-kd train cpu-dsnet-fast`) or a registry name")
-        spec = DEFAULT_STUDENT
+        spec = registry.default_model()
     if Path(spec).is_file():
         return load_model(spec), spec
     path, sha = registry.resolve_shipped(spec)
@@ -623,6 +618,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     report: dict[str, Any] = {
         "teacher": teacher_obj.name if teacher_obj is not None else NO_TEACHER,
         "init": init_name, "final": str(final), "device": device,
+        "student": registry.describe(init_name, init_name, "pytorch", device, "fp32"),  # as _evaluate runs it
         "frames": {"train": len(train_frames), "holdout": len(holdout_frames),
                    "holdout_names": [frame.key for frame in holdout_frames]},
         "internal_distillation": teacher_network is not None,

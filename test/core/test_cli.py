@@ -60,11 +60,15 @@ def test_predict_writes_pfm_and_png(tmp_path):
     write_image_rgb(tmp_path / "l.png", base[:, :100])
     write_image_rgb(tmp_path / "r.png", base[:, 8:108])
     assert main(["predict", "--model", "sgbm", "--max-disparity", "16", str(tmp_path / "l.png"),
-                 str(tmp_path / "r.png"), "--out", str(tmp_path / "out")]) == 0
+                 str(tmp_path / "r.png"), "--out", str(tmp_path / "out"), "--json", str(tmp_path / "ran.json")]) == 0
     disparity = read_pfm(tmp_path / "out" / "disparity.pfm")
     assert disparity.shape == (48, 100)
     assert np.nanmedian(disparity) == pytest.approx(8.0, abs=0.5)
     assert (tmp_path / "out" / "disparity.png").stat().st_size > 0
+    # SGBM is one flag away, and says so
+    ran = json.loads((tmp_path / "ran.json").read_text())
+    assert ran["model"] == "sgbm" and ran["backend"] == "opencv" and ran["model_sha256"] is None
+    assert ran["per_pair_ms"] > 0
 
 
 def test_info_and_bench_on_a_checkpoint(tmp_path, capsys):
@@ -86,3 +90,97 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert "Known models" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing.pt"), "--dataset", "motorcycle"]) == 2
     assert "missing.pt" in capsys.readouterr().err
+
+
+# --- one default everywhere ----------------------------------------------------------------
+def write_stereo_bag(path, left: np.ndarray, right: np.ndarray) -> None:
+    """One rectified rgb8 pair with its camera_infos on the default topics (what `stereo-kd bag` reads)."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    msg = store.types
+    height, width = left.shape[:2]
+    header = msg["std_msgs/msg/Header"](stamp=msg["builtin_interfaces/msg/Time"](sec=1, nanosec=0), frame_id="cam")
+    roi = msg["sensor_msgs/msg/RegionOfInterest"](x_offset=0, y_offset=0, height=0, width=0, do_rectify=False)
+    with Writer(path, version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
+        for side, image, baseline_px in (("left", left, 0.0), ("right", right, 10.0)):
+            projection = np.array([[100.0, 0, width / 2, -baseline_px], [0, 100.0, height / 2, 0], [0, 0, 1, 0]])
+            info = msg["sensor_msgs/msg/CameraInfo"](
+                header=header, height=height, width=width, distortion_model="plumb_bob", d=np.zeros(5),
+                k=projection[:, :3].ravel(), r=np.eye(3).ravel(), p=projection.ravel(), binning_x=0, binning_y=0,
+                roi=roi)
+            rgb = msg["sensor_msgs/msg/Image"](header=header, height=height, width=width, encoding="rgb8",
+                                               is_bigendian=0, step=width * 3, data=image.reshape(-1).copy())
+            for topic, message in ((f"/{side}/camera_info", info), (f"/{side}/image_rect", rgb)):
+                connection = writer.add_connection(topic, message.__msgtype__, typestore=store)
+                writer.write(connection, 1, bytes(store.serialize_cdr(message, message.__msgtype__)))
+
+
+def test_estimator_commands_default_to_the_shipped_student_at_auto_precision(tmp_path, monkeypatch, capsys):
+    """predict, eval, bench and bag without --model, --device or --precision run the registry's default
+    student at precision auto; their JSON and console lines say what ran."""
+    from stereo_kd_core import estimator as estimator_module
+    from stereo_kd_core import registry
+
+    # auto = bf16 on the CPU (fp16 on CUDA): never the fp32 a forgotten default would give
+    monkeypatch.setattr(estimator_module, "cpu_has_native_bf16", lambda: True)
+    default = registry.default_model()
+    entry = registry.shipped_models()[default]
+    device = estimator_module.resolve_device("auto")
+    expected = {"model": default, "model_sha256": entry["sha256"], "backend": "pytorch", "device": device,
+                "precision": estimator_module.resolve_precision("auto", device, default)}
+    assert expected["precision"] != "fp32"
+    line = registry.describe_line({**expected, "model_file": entry["file"], "channels_last": device == "cuda"
+                                   or entry["cpu_default"]["backend"] == "pytorch-channels-last"})
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, size=(64, 136, 3), dtype=np.uint8)
+    left, right = base[:, 8:], base[:, :128]  # disparity 8
+    write_image_rgb(tmp_path / "l.png", left)
+    write_image_rgb(tmp_path / "r.png", right)
+    write_stereo_bag(tmp_path / "in", left, right)
+    commands = {
+        "predict": ["predict", str(tmp_path / "l.png"), str(tmp_path / "r.png"), "--out", str(tmp_path / "p")],
+        "eval": ["eval", "--dataset", "synthetic", "--n", "1", "--height", "64", "--width", "128"],
+        "bench": ["bench", "--height", "64", "--width", "128", "--runs", "1", "--warmup", "0"],
+        "bag": ["bag", str(tmp_path / "in"), "--out", str(tmp_path / "out")],
+    }
+    for name, command in commands.items():
+        report = tmp_path / f"{name}.json"
+        assert main([*command, "--json", str(report)]) == 0, name
+        result = json.loads(report.read_text())
+        assert {key: result[key] for key in expected} == expected, name
+        assert result["model_file"] == str(registry.WEIGHTS_DIR / entry["file"]), name
+        assert line in capsys.readouterr().out, name
+        timing = {"predict": "per_pair_ms", "eval": "per_pair_ms", "bench": "median_ms", "bag": "per_pair_ms"}[name]
+        assert result[timing] > 0, name
+    # the student's dense disparity, not SGBM's holes
+    disparity = read_pfm(tmp_path / "p" / "disparity.pfm")
+    assert np.isfinite(disparity).all()
+
+
+def test_adapt_starts_from_the_default_student_and_says_so(tmp_path, capsys):
+    from stereo_kd_core import registry
+    from stereo_kd_core.data.synthetic import write_middlebury_dataset
+
+    cases = write_middlebury_dataset(tmp_path / "frames", 2, seed=3, height=64, width=128, max_disparity=32,
+                                     kind="planes")
+    (tmp_path / "labels").mkdir()
+    for case in cases:  # the ground truth as the teacher's labels: no teacher network to run
+        name = case.rsplit("/", 1)[-1]
+        (tmp_path / "labels" / f"{name}.pfm").write_bytes((tmp_path / "frames" / name / "disp0GT.pfm").read_bytes())
+    fast = {"data.crop": [64, 128], "train.batch_size": 1, "train.log_every": 1,
+            "data.train": {"name": "synthetic", "n": 2, "seed": 21, "height": 64, "width": 128, "max_disparity": 32},
+            "adapt.replay_synthetic": 0.0,
+            "adapt.evaluation": {"synthetic_n": 1, "synthetic_height": 64, "synthetic_width": 128}}
+    command = ["adapt", "--data", str(tmp_path / "frames"), "--out", str(tmp_path / "run"), "--teacher",
+               f"labels:{tmp_path / 'labels'}", "--device", "cpu", "--steps", "1", "--holdout", "0"]
+    for key, value in fast.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    assert main(command) == 0
+    report = json.loads((tmp_path / "run" / "before_after.json").read_text())
+    default = registry.default_model()
+    assert report["init"] == default
+    assert report["student"]["model_sha256"] == registry.shipped_models()[default]["sha256"]
+    assert f"student {registry.describe_line(report['student'])}: labels" in capsys.readouterr().out

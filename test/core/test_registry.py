@@ -1,6 +1,7 @@
 """Registry names resolve to shipped weights, verified against their SHA-256 at load."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,61 @@ def test_the_shipped_default_student_verifies_and_names_its_cpu_default():
     path = registry.WEIGHTS_DIR / entry["file"]
     assert sha256_of_file(path) == entry["sha256"] and path.stat().st_size < 10_000_000
     assert entry["sha256"] in (registry.WEIGHTS_DIR / "MODEL_CARD.md").read_text()
+
+
+def test_the_manifests_default_is_what_load_and_the_cli_run_when_no_model_is_named(shipped, tmp_path, capsys):
+    """One place: the manifest's "default" key decides StereoEstimator.load() and every command."""
+    manifest = json.loads(registry.MANIFEST_PATH.read_text())
+    with pytest.raises(ValueError, match="no trained default student ships"):
+        registry.default_model()  # a manifest without a default
+    registry.MANIFEST_PATH.write_text(json.dumps({**manifest, "default": "no-such-model"}))
+    with pytest.raises(ValueError, match="no trained default student ships"):
+        StereoEstimator.load()
+    registry.MANIFEST_PATH.write_text(json.dumps({**manifest, "default": "tiny-fast"}))
+    assert registry.default_model() == "tiny-fast"
+    loaded = StereoEstimator.load()
+    assert loaded.name == "tiny-fast" and loaded.max_disparity == 64
+    from stereo_kd_core.cli import main
+    from stereo_kd_core.data.io import write_image_rgb
+
+    image = np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    write_image_rgb(tmp_path / "l.png", image)
+    assert main(["predict", str(tmp_path / "l.png"), str(tmp_path / "l.png"), "--out", str(tmp_path / "out"),
+                 "--json", str(tmp_path / "ran.json")]) == 0
+    ran = json.loads((tmp_path / "ran.json").read_text())
+    assert ran["model"] == "tiny-fast" and ran["model_sha256"] == sha256_of_file(shipped)
+    assert f"tiny-fast (tiny-fast.pt, sha256 {ran['model_sha256'][:12]})" in capsys.readouterr().out
+
+
+def test_load_without_arguments_runs_the_shipped_default_student_at_auto_precision():
+    from stereo_kd_core import estimator as estimator_module
+
+    default = registry.default_model()
+    assert default in registry.shipped_models()
+    estimator = StereoEstimator.load()
+    assert estimator.name == default and estimator.backend == "pytorch"
+    assert estimator.device == estimator_module.resolve_device("auto")
+    assert estimator.precision == estimator_module.resolve_precision("auto", estimator.device, default)
+    # the node's shipped parameter file names the same default (the node's own defaults are checked
+    # against this file in test/ros/test_config_and_cli.py)
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "config" / "stereo.yaml").read_text())
+    parameters = next(iter(config.values()))["ros__parameters"]
+    assert (parameters["model"], parameters["device"], parameters["precision"]) == (default, "auto", "auto")
+
+
+def test_describe_names_the_source_file_and_hash(tmp_path):
+    sgbm = StereoEstimator.load("sgbm", max_disparity=32)
+    assert registry.describe_estimator(sgbm, "sgbm") == {
+        "model": "sgbm", "model_file": None, "model_sha256": None, "backend": "opencv", "channels_last": False,
+        "device": "cpu", "precision": "fp32"}
+    assert registry.describe_line(registry.describe_estimator(sgbm, "sgbm")) == "sgbm opencv fp32 on cpu"
+    config = default_config("dsnet-fast", max_disparity=64)
+    path = save_checkpoint(tmp_path / "mine.pt", build_model(config), config)
+    network = StereoEstimator.load(str(path), device="cpu", precision="fp32", channels_last=True)
+    described = registry.describe_estimator(network, str(path))
+    assert described["model"] == "mine" and described["model_file"] == str(path)
+    assert described["model_sha256"] == sha256_of_file(path)
+    assert registry.describe_line(described) == (f"mine (mine.pt, sha256 {sha256_of_file(path)[:12]}) pytorch "
+                                                 "channels_last fp32 on cpu")

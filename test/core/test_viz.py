@@ -90,12 +90,42 @@ def test_write_animation_gif(tmp_path):
         write_animation(tmp_path / "none.gif", [])
 
 
-def test_predict_writes_panel(tmp_path):
+def test_panel_title_goes_under_the_disparity():
+    left, disparity, confidence = scene()
+    plain = stereo_panel(left, disparity, confidence, max_disparity=32)
+    titled = stereo_panel(left, disparity, confidence, max_disparity=32, title="dsnet-fast 9 ms")
+    assert titled.shape == (plain.shape[0] + CAPTION_PX, 2 * W, 3)
+    top = H + CAPTION_PX  # left | disparity tiles and their captions, as without a title
+    np.testing.assert_array_equal(titled[:top], plain[:top])
+    np.testing.assert_array_equal(titled[top + CAPTION_PX:], plain[top:])
+    strip = titled[top: top + CAPTION_PX]
+    assert (strip[:, :W] == BACKGROUND_RGB).all()  # nothing under the left image
+    assert (strip[:, W:] > 200).all(axis=-1).sum() > 20  # white text under the disparity
+    other = stereo_panel(left, disparity, confidence, max_disparity=32, title="sgbm 9 ms")
+    assert (other[top: top + CAPTION_PX, W:] != strip[:, W:]).any()
+
+
+def test_predict_panel_names_the_model_and_its_time(tmp_path, monkeypatch):
+    from stereo_kd_core import viz
+
+    captions = []
+    original = viz._caption
+
+    def recording(width, text):
+        captions.append(text)
+        return original(width, text)
+
+    monkeypatch.setattr(viz, "_caption", recording)
     left, _, _ = scene()
     write_image_rgb(tmp_path / "l.png", left)
     write_image_rgb(tmp_path / "r.png", np.roll(left, -4, axis=1))
     assert cli_main(["predict", "--model", "sgbm", "--device", "cpu", "--max-disparity", "16",
                      str(tmp_path / "l.png"), str(tmp_path / "r.png"), "--out", str(tmp_path / "out")]) == 0
     panel = read_image_rgb(tmp_path / "out" / "panel.png")
-    assert panel.shape == (2 * (H + CAPTION_PX), 2 * W, 3)
+    assert panel.shape == (2 * (H + CAPTION_PX) + CAPTION_PX, 2 * W, 3)
     np.testing.assert_array_equal(panel[:H, :W], left)
+    titles = [text for text in captions if text.startswith("sgbm ")]
+    assert len(titles) == 1 and titles[0].endswith(" ms (first run)"), captions
+    # that title is what the panel shows under the disparity's scale bar
+    top = H + CAPTION_PX
+    np.testing.assert_array_equal(panel[top: top + CAPTION_PX, W:], original(W, titles[0]))
