@@ -77,13 +77,14 @@ def _to_rgb_uint8(image: np.ndarray) -> np.ndarray | None:
     return image
 
 
-@lru_cache(maxsize=1)
-def builtin_photos() -> tuple[np.ndarray, ...]:
-    """scikit-image's photographs as uint8 HxWx3 RGB (never the Motorcycle evaluation pair)."""
+@lru_cache(maxsize=4)
+def skimage_photos(names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """scikit-image's photographs `names` (they ship inside its wheel) as uint8 HxWx3 RGB, loaded
+    once per process; unavailable or non-8-bit ones are skipped."""
     import skimage.data
 
     photos = []
-    for name in BUILTIN_PHOTO_NAMES:
+    for name in names:
         try:
             image = getattr(skimage.data, name)()
         except Exception:  # a missing optional image only shrinks the pool
@@ -92,6 +93,11 @@ def builtin_photos() -> tuple[np.ndarray, ...]:
         if image is not None:
             photos.append(image)
     return tuple(photos)
+
+
+def builtin_photos() -> tuple[np.ndarray, ...]:
+    """scikit-image's photographs as uint8 HxWx3 RGB (never the Motorcycle evaluation pair)."""
+    return skimage_photos(BUILTIN_PHOTO_NAMES)
 
 
 def list_texture_files(folder: str | os.PathLike) -> list[Path]:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .io import write_image_rgb, write_middlebury_calib, write_pfm
-from .photo_stereo import PhotoStereoGenerator
+from .photo_stereo import PhotoStereoGenerator, skimage_photos
 from .virtual_rig import random_disparity_plane, virtual_rig_calib
 
 # scikit-image images that ship inside the wheel (no download); unavailable ones are skipped
@@ -43,21 +43,7 @@ MIN_DISPARITY = 1.0
 @lru_cache(maxsize=1)
 def _photos() -> tuple[np.ndarray, ...]:
     """Photographs from skimage.data as float32 HxWx3, loaded once per process."""
-    import skimage.data
-
-    photos = []
-    for name in PHOTO_NAMES:
-        try:
-            image = getattr(skimage.data, name)()
-        except Exception:  # a missing optional image only shrinks the texture pool
-            continue
-        image = np.asarray(image)
-        if image.dtype != np.uint8:
-            continue
-        if image.ndim == 2:
-            image = np.repeat(image[:, :, None], 3, axis=2)
-        photos.append(np.ascontiguousarray(image[:, :, :3], dtype=np.float32))
-    return tuple(photos)
+    return tuple(photo.astype(np.float32) for photo in skimage_photos(PHOTO_NAMES))
 
 
 # --------------------------------------------------------------------------- textures (NumPy, CPU)
