@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stereo_kd_core.distill.distiller import frozen_layers
+from stereo_kd_core.distill.objective import frozen_layers
 
 TEACHER_FILE = "teacher.npz"
 DEFAULT_TOP_K = 8

@@ -10,10 +10,11 @@ resumes where the first stopped):
    `labels/` holds the disparity and a per-pixel confidence (the teacher's own where its
    left-right check passes within `lr_check_px`, else 0). `labels:DIR` teachers read
    precomputed files instead.
-3. Training with the project's trainer: the student starts from `init`; pseudo-labels with
-   confidence >= `min_confidence` supervise, the worst `drop_worst` fraction of them per batch
-   is ignored; synthetic ground-truth batches (`replay_synthetic` of the samples) keep the
-   student working elsewhere; optional self-supervision (`photometric`: SSIM + L1
+3. Training with the project's one trainer (`Trainer`, the adapt recipe of its objective): the
+   student starts from `init` (train.init_from); pseudo-labels with confidence >=
+   `min_confidence` supervise, the worst `drop_worst` fraction of them per batch is ignored;
+   synthetic ground-truth samples (`replay_synthetic` of them, mixed into the same batches by
+   `data.MixedDataset`) keep the student working elsewhere; optional self-supervision (`photometric`: SSIM + L1
    reconstruction of the left view, edge-aware smoothness); internal distillation points
    (`internal`: features, volume, cost) when the teacher is a project network.
 4. `before_after.json` and `before_after.png`: the student before and after against the
@@ -24,7 +25,6 @@ resumes where the first stopped):
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -34,16 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from stereo_kd_core import registry
-from stereo_kd_core.checkpoint import load_model, load_state_dict_strict
-from stereo_kd_core.data import AugmentConfig, TrainingDataset
+from stereo_kd_core.checkpoint import load_model
+from stereo_kd_core.data import AugmentConfig, MixedDataset, TrainingDataset
 from stereo_kd_core.data.recordings import open_recordings, split_holdout
-from stereo_kd_core.distill import Distiller, SupervisedObjective, ground_truth_loss
-from stereo_kd_core.distill.losses import edge_aware_smoothness, photometric_loss
 from stereo_kd_core.estimator import NetworkEstimator, resolve_device
 from stereo_kd_core.evaluate import evaluate, open_eval_dataset
 from stereo_kd_core.metrics import aggregate_metrics, stereo_metrics
@@ -55,145 +51,7 @@ from stereo_kd_core.viz import labelled_tiles
 DEFAULT_RECIPE = "adapt"
 DEFAULT_STUDENT = "dsnet-fast"  # the shipped default student, once its weights ship
 REPORT_JSON, REPORT_PICTURE = "before_after.json", "before_after.png"
-INTERNAL_TERMS = ("features", "volume", "cost")  # the teacher's disparity comes from the label cache
 PICTURE_FRAMES = 3  # hold-out frames shown in before_after.png
-
-
-# --- training data -----------------------------------------------------------------------
-class ReplayMix(Dataset):
-    """Recorded frames followed by synthetic ground-truth samples, `fraction` of the whole;
-    every item gets "real" (bool tensor). Epoch e reads synthetic samples e*k .. e*k + k - 1
-    (modulo the synthetic set), so replay sees new scenes each epoch."""
-
-    def __init__(self, real: TrainingDataset, synthetic: Dataset | None, fraction: float) -> None:
-        if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"--replay-synthetic must be in [0, 1), got {fraction}")
-        self.real, self.synthetic = real, synthetic
-        self.replay = 0 if synthetic is None or fraction == 0 else max(1, round(fraction / (1 - fraction) * len(real)))
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        for part in (self.real, self.synthetic):
-            if hasattr(part, "set_epoch"):
-                part.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.real) + self.replay
-
-    def __getitem__(self, index: int) -> dict:
-        if index < len(self.real):
-            return {**self.real[index], "real": torch.tensor(True)}
-        slot = (self.epoch * self.replay + index - len(self.real)) % len(self.synthetic)
-        return {**self.synthetic[slot], "real": torch.tensor(False)}
-
-
-# --- the objective -----------------------------------------------------------------------
-class AdaptObjective(SupervisedObjective):
-    """Pseudo-labels and replayed ground truth (one label term; the worst `drop_worst` of the
-    pseudo-labelled pixels per batch ignored), optional photometric self-supervision on the
-    recorded frames, and internal distillation points from a project teacher network.
-
-    batch: left, right (B, 3, H, W); disparity, valid (B, H, W); real (B,) bool.
-    """
-
-    def __init__(self, student: nn.Module, loss_kind: str, output_weights: tuple[float, ...],
-                 drop_worst: float = 0.0, photometric: float = 0.0, smoothness: float = 0.0,
-                 teacher: nn.Module | None = None, internal: Mapping | None = None) -> None:
-        super().__init__(student, loss_kind, output_weights)
-        if not 0.0 <= drop_worst < 1.0:
-            raise ValueError(f"--drop-worst must be in [0, 1), got {drop_worst}")
-        if photometric < 0 or smoothness < 0:
-            raise ValueError("photometric and smoothness weights must be >= 0")
-        self.drop_worst, self.photometric, self.smoothness = float(drop_worst), float(photometric), float(smoothness)
-        self.internal: Distiller | None = None
-        terms = ["labels"] + (["photometric"] if photometric > 0 else [])
-        if teacher is not None and internal:
-            unknown = set(internal) - {*INTERNAL_TERMS, "weighting", "stages"}
-            if unknown:
-                raise RecipeError(f"adapt.internal: unknown keys {sorted(unknown)}; takes "
-                                  f"{', '.join(INTERNAL_TERMS)}, weighting, stages")
-            self.teacher = teacher  # registered before `internal`, so its parameters are named teacher.*
-            self.internal = Distiller(student, teacher, internal, loss_kind, output_weights)
-            terms += list(self.internal.terms)
-        self.terms = tuple(terms)
-
-    def train(self, mode: bool = True) -> AdaptObjective:
-        super().train(mode)
-        if self.internal is not None:
-            self.internal.freeze_teacher()
-        return self
-
-    def forward(self, batch: Mapping[str, torch.Tensor], step: int
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        student_out = self.student(batch["left"], batch["right"])
-        num_outputs, max_disparity = self.student.num_outputs, self.student.max_disparity
-        disparity = batch["disparity"]  # (B, H, W)
-        real = batch["real"].view(-1, 1, 1)  # (B, 1, 1)
-        valid = batch["valid"] & (disparity > 0) & (disparity < max_disparity)
-        pseudo = valid & real
-        if self.drop_worst > 0 and pseudo.any():
-            with torch.no_grad():  # robust to teacher errors: the largest residuals do not supervise
-                error = (student_out["disp"].float() - disparity).abs()[pseudo]
-                keep = max(1, math.ceil((1.0 - self.drop_worst) * error.numel()))
-                threshold = error.kthvalue(keep).values
-                pseudo = pseudo & ((student_out["disp"].float() - disparity).abs() <= threshold)
-        label_valid = pseudo | (valid & ~real)
-        outputs = [student_out[f"disp.{i}"] for i in range(num_outputs)]
-        losses = {"labels": ground_truth_loss(outputs, disparity, label_valid, self.loss_kind, self.output_weights)}
-        total = losses["labels"]
-        logs: dict[str, torch.Tensor | float] = {}
-        if self.photometric > 0:
-            rows = batch["real"]
-            if rows.any():
-                final = student_out["disp"][rows]
-                term = photometric_loss(batch["left"][rows], batch["right"][rows], final)
-                term = term + self.smoothness * edge_aware_smoothness(final, batch["left"][rows])
-            else:
-                term = student_out["disp"].sum() * 0.0
-            losses["photometric"] = term
-            total = total + self.photometric * term
-        if self.internal is not None:
-            enabled = self.internal.weighting.enabled(step)
-            teacher_out = self.internal.teacher_outputs(batch["left"], batch["right"], step)
-            internal = self.internal.distillation_losses(student_out, teacher_out, enabled)
-            if internal:
-                combined, weights = self.internal.weighting.combine(internal, step)
-                total = total + combined
-                losses.update(internal)
-                logs.update({f"weight.{name}": weight for name, weight in weights.items()})
-        logs.update({f"loss.{name}": loss.detach() for name, loss in losses.items()})
-        return total, logs
-
-    def auxiliary_state_dict(self) -> dict[str, torch.Tensor]:
-        """The internal distillation's adapters and learned weights (never student or teacher)."""
-        if self.internal is None:
-            return {}
-        return {f"internal.{k}": v for k, v in self.internal.auxiliary_state_dict().items()}
-
-    def load_auxiliary_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        if self.internal is None:
-            super().load_auxiliary_state_dict(state)
-            return
-        self.internal.load_auxiliary_state_dict({k.removeprefix("internal."): v for k, v in state.items()})
-
-
-class AdaptTrainer(Trainer):
-    """The project trainer with the adapt objective and the student's weights from `init`."""
-
-    def __init__(self, recipe: Mapping, out_dir: Path, dataset: Dataset, init_state: Mapping[str, torch.Tensor],
-                 teacher_network: nn.Module | None) -> None:
-        self._teacher_network = teacher_network
-        super().__init__(recipe, out_dir, dataset)
-        load_state_dict_strict(self.student, dict(init_state), source="--init")
-
-    def build_objective(self, student: nn.Module) -> SupervisedObjective:
-        adapt, loss = self.recipe["adapt"], self.recipe["loss"]
-        teacher = self._teacher_network
-        if teacher is not None:
-            teacher = teacher.to(self.device)
-        return AdaptObjective(student, loss["kind"], tuple(loss["output_weights"]), adapt["drop_worst"],
-                              adapt["photometric"], adapt["smoothness"], teacher, adapt["internal"])
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -249,7 +107,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     student, init_name = load_student(init)
-    recipe_dict = adapt_recipe(recipe, student.config, dict(overrides or {}))
+    recipe_dict = adapt_recipe(recipe, student.config, {**(overrides or {}), "train.init_from": init_name})
     adapt = recipe_dict["adapt"]
     device = resolve_device(device)
     teacher_obj = load_teacher(teacher, device, adapt["lr_check_px"])
@@ -286,10 +144,12 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
                            augment=AugmentConfig(**recipe_dict["data"]["augment"]),
                            max_disparity=student_max, seed=recipe_dict["train"]["seed"])
     replay = adapt["replay_synthetic"]
+    if not 0.0 <= replay < 1.0:
+        raise ValueError(f"--replay-synthetic must be in [0, 1), got {replay}")
     synthetic = build_training_dataset(recipe_dict) if replay > 0 else None
-    dataset = ReplayMix(real, synthetic, float(replay))
+    dataset = MixedDataset(real, synthetic, float(replay))
 
-    trainer = AdaptTrainer(recipe_dict, out_dir, dataset, student.state_dict(), teacher_network)
+    trainer = Trainer(recipe_dict, out_dir, dataset, teacher=teacher_network)
     started = time.perf_counter()
     last = out_dir / LAST_CHECKPOINT
     try:

@@ -28,6 +28,7 @@ from stereo_kd_core.checkpoint import CheckpointError, load_model, sha256_of_fil
 from stereo_kd_core.data.datasets import MiddleburyDataset
 from stereo_kd_core.data.io import read_image_rgb, read_kitti_disparity, read_pfm
 from stereo_kd_core.data.recordings import Frame
+from stereo_kd_core.distill.signals import SOURCE_PSEUDO_LABEL
 from stereo_kd_core.distill.teacher_cache import (
     DEFAULT_TOP_K,
     teacher_file,
@@ -217,8 +218,8 @@ class LabelCache:
 
 
 class AdaptFrames(Dataset):
-    """Training frames as sample dicts; "disparity" is the pseudo-label where its confidence is
-    at least min_confidence, NaN elsewhere (all NaN without a teacher)."""
+    """Training frames as sample dicts of source pseudo-label; "disparity" is the pseudo-label
+    where its confidence is at least min_confidence, NaN elsewhere (all NaN without a teacher)."""
 
     def __init__(self, frames: Sequence[Frame], cache: LabelCache | None, min_confidence: float) -> None:
         self.frames, self.cache, self.min_confidence = list(frames), cache, float(min_confidence)
@@ -234,7 +235,8 @@ class AdaptFrames(Dataset):
         else:
             disparity, confidence = self.cache.read(frame)
             disparity = np.where(confidence >= self.min_confidence, disparity, np.nan).astype(np.float32)
-        return {"left": sample["left"], "right": sample["right"], "disparity": disparity, "name": frame.name}
+        return {"left": sample["left"], "right": sample["right"], "disparity": disparity, "name": frame.name,
+                "source": SOURCE_PSEUDO_LABEL}
 
 
 # --- distillation's cache of teacher outputs --------------------------------------------
