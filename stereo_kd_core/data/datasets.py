@@ -2,7 +2,10 @@
 
 A sample is a plain dict: "left", "right" (uint8 HxWx3 RGB), "disparity" (float32 HxW, NaN where
 there is no ground truth; absent for test splits), "name" (str), optional "nocc" (bool HxW, True =
-non-occluded) and optional "calib" (dict from `read_middlebury_calib`).
+non-occluded) and optional "calib" (dict from `read_middlebury_calib`). Optional teaching-signal
+keys: "source" (stereo_kd_core.distill.signals; adapt's frames are pseudo-labels) and
+"confidence" (float32 HxW in [0, 1]: how much each pixel's target counts); `TrainingDataset`
+turns them into the "source" and "weight" tensors.
 
 Every folder data set takes `split_file`: a text file naming the cases to keep, one per line
 (blank lines and lines starting with '#' are ignored). An entry is a case name as the data set
