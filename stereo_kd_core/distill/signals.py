@@ -14,4 +14,3 @@ One objective (`stereo_kd_core.distill.objective.TrainingObjective`) consumes an
 
 SOURCE_GROUND_TRUTH = 0  # a data set's ground truth (generated pairs, labelled benchmarks)
 SOURCE_PSEUDO_LABEL = 1  # a teacher's pseudo-label on a real pair without ground truth
-SOURCE_NAMES = {SOURCE_GROUND_TRUTH: "ground truth", SOURCE_PSEUDO_LABEL: "pseudo-label"}
