@@ -1,4 +1,5 @@
-"""Stereo data: file formats, data sets, the synthetic generator and augmentation."""
+"""Stereo data: file formats, data sets, the synthetic generators, augmentation, recordings and
+the training view of samples (`TrainingDataset`, `MixedDataset`)."""
 
 from .augment import AugmentConfig, augment_sample
 from .datasets import (
@@ -21,6 +22,7 @@ from .io import (
     write_middlebury_calib,
     write_pfm,
 )
+from .mixed import MixedDataset
 from .synthetic import SyntheticStereoDataset, SyntheticStereoGenerator, write_middlebury_dataset
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "ETH3DDataset",
     "KittiDataset",
     "MiddleburyDataset",
+    "MixedDataset",
     "SceneFlowDataset",
     "StereoFolderDataset",
     "SyntheticStereoDataset",

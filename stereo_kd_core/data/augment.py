@@ -1,7 +1,7 @@
 """Training augmentation on sample dicts: scaling, cropping, photometric jitter, occlusion patches.
 
-Order: scale -> crop -> photometric -> occlusion. Geometric steps move left, right, disparity and
-nocc together (disparity is scaled by the horizontal factor); photometric and occlusion steps
+Order: scale -> crop -> photometric -> occlusion. Geometric steps move left, right, disparity,
+confidence and nocc together (disparity is scaled by the horizontal factor); photometric and occlusion steps
 touch images only, and occlusion patches only the right image, whose content the left-view
 ground truth does not depend on.
 """
@@ -42,6 +42,8 @@ def scale_sample(sample: dict, scale: float) -> dict:
         # nearest keeps sparse ground truth sparse and does not blend across depth edges
         resized = cv2.resize(sample["disparity"], (new_width, new_height), interpolation=cv2.INTER_NEAREST)
         out["disparity"] = resized * np.float32(new_width / width)
+    if "confidence" in sample:  # a pseudo-label's per-pixel confidence follows its disparity
+        out["confidence"] = cv2.resize(sample["confidence"], (new_width, new_height), interpolation=cv2.INTER_NEAREST)
     if "nocc" in sample:
         nocc = cv2.resize(sample["nocc"].astype(np.uint8), (new_width, new_height), interpolation=cv2.INTER_NEAREST)
         out["nocc"] = nocc.astype(bool)
@@ -55,7 +57,7 @@ def crop_sample(sample: dict, top: int, left: int, crop_size: tuple[int, int]) -
     height, width = sample["left"].shape[:2]
     pad_h, pad_w = max(0, top + crop_h - height), max(0, left + crop_w - width)
     out = dict(sample)
-    fills = {"left": 0, "right": 0, "disparity": np.nan, "nocc": False, "teacher_disparity": np.nan}
+    fills = {"left": 0, "right": 0, "disparity": np.nan, "confidence": 0.0, "nocc": False, "teacher_disparity": np.nan}
     for key, fill in fills.items():
         if key not in sample:
             continue

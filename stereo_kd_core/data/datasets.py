@@ -2,7 +2,10 @@
 
 A sample is a plain dict: "left", "right" (uint8 HxWx3 RGB), "disparity" (float32 HxW, NaN where
 there is no ground truth; absent for test splits), "name" (str), optional "nocc" (bool HxW, True =
-non-occluded) and optional "calib" (dict from `read_middlebury_calib`).
+non-occluded) and optional "calib" (dict from `read_middlebury_calib`). Optional teaching-signal
+keys: "source" (stereo_kd_core.distill.signals; adapt's frames are pseudo-labels) and
+"confidence" (float32 HxW in [0, 1]: how much each pixel's target counts); `TrainingDataset`
+turns them into the "source" and "weight" tensors.
 
 Every folder data set takes `split_file`: a text file naming the cases to keep, one per line
 (blank lines and lines starting with '#' are ignored). An entry is a case name as the data set
@@ -19,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from stereo_kd_core.distill.signals import SOURCE_GROUND_TRUTH
+from stereo_kd_core.distill.teacher_cache import dense_probability, read_teacher_file, teacher_file
 
 from .augment import AugmentConfig, augment_sample
 from .io import read_image_rgb, read_kitti_disparity, read_mask, read_middlebury_calib, read_pfm
@@ -234,8 +240,6 @@ class TeacherCacheDataset(MiddleburyDataset):
     cost stride s, "teacher_stride")."""
 
     def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike | None = None) -> None:
-        from stereo_kd_core.distill.teacher_cache import teacher_file
-
         super().__init__(root, split_file)
         missing = [case.name for case in self.cases if not teacher_file(case.left.parent).is_file()]
         if missing:
@@ -243,8 +247,6 @@ class TeacherCacheDataset(MiddleburyDataset):
                                     f"{missing[:3]}): run `stereo-kd cache-teacher --data {root}` first")
 
     def __getitem__(self, index: int) -> dict:
-        from stereo_kd_core.distill.teacher_cache import dense_probability, read_teacher_file, teacher_file
-
         sample = super().__getitem__(index)
         cached = read_teacher_file(teacher_file(self.cases[index].left.parent))
         sample["teacher_disparity"] = cached["disparity"].astype(np.float32)
@@ -347,21 +349,27 @@ def open_dataset(name: str, root: str | os.PathLike | None, **kwargs) -> Dataset
 
 
 class TrainingDataset(Dataset):
-    """Crops and augments samples of `base` into training tensors.
+    """Crops and augments samples of `base` into training tensors with their teaching signals
+    (stereo_kd_core.distill.signals).
 
     Item: "left", "right" float32 (3, h, w) in [0, 1]; "disparity" float32 (h, w), 0 where invalid;
-    "valid" bool (h, w) = finite & > 0 & < max_disparity. Random draws depend on (seed, epoch,
-    index) only, so a run is reproducible with any number of loader workers; call `set_epoch`
-    at the start of each epoch to get fresh augmentations.
+    "valid" bool (h, w) = finite & > 0 & < max_disparity (& confidence > 0); "weight" float32
+    (h, w): 0 where not valid, else the sample's "confidence" (a pseudo-label's) or 1; "source"
+    int64 (): the sample's "source" (default ground truth); "teacher_points" bool ():
+    `teacher_points`, whether the teacher's points teach these samples. Random draws depend on
+    (seed, epoch, index) only, so a run is reproducible with any number of loader workers; call
+    `set_epoch` at the start of each epoch to get fresh augmentations.
     """
 
     def __init__(self, base: Dataset, crop_size: tuple[int, int] | None = None,
-                 augment: AugmentConfig | None = None, max_disparity: float = 192, seed: int = 0) -> None:
+                 augment: AugmentConfig | None = None, max_disparity: float = 192, seed: int = 0,
+                 teacher_points: bool = True) -> None:
         self.base = base
         self.crop_size = crop_size
         self.augment = augment
         self.max_disparity = float(max_disparity)
         self.seed = int(seed)
+        self.teacher_points = bool(teacher_points)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -379,6 +387,10 @@ class TrainingDataset(Dataset):
         disparity = sample["disparity"]
         with np.errstate(invalid="ignore"):
             valid = np.isfinite(disparity) & (disparity > 0) & (disparity < self.max_disparity)
+        weight = valid.astype(np.float32)
+        if "confidence" in sample:
+            weight *= np.clip(np.nan_to_num(sample["confidence"], nan=0.0), 0.0, 1.0).astype(np.float32)
+            valid &= weight > 0
 
         def image_tensor(image: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float() / 255.0
@@ -388,6 +400,9 @@ class TrainingDataset(Dataset):
             "right": image_tensor(sample["right"]),  # (3, h, w)
             "disparity": torch.from_numpy(np.where(valid, disparity, 0).astype(np.float32)),  # (h, w)
             "valid": torch.from_numpy(valid),  # (h, w)
+            "weight": torch.from_numpy(weight),  # (h, w)
+            "source": torch.tensor(int(sample.get("source", SOURCE_GROUND_TRUTH))),  # ()
+            "teacher_points": torch.tensor(self.teacher_points),  # ()
         }
         if "teacher_disparity" in sample:
             item["teacher_disparity"] = torch.from_numpy(sample["teacher_disparity"])  # (h, w), NaN: none

@@ -39,7 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .synthetic import _plane, virtual_rig_calib
+from .virtual_rig import random_disparity_plane, virtual_rig_calib
 
 # scikit-image photographs that ship inside the wheel, of scenes only (stereo_motorcycle is an
 # evaluation pair and must never be a texture). Left out: text, page, grass, brick and coins (one repetitive pattern
@@ -77,13 +77,14 @@ def _to_rgb_uint8(image: np.ndarray) -> np.ndarray | None:
     return image
 
 
-@lru_cache(maxsize=1)
-def builtin_photos() -> tuple[np.ndarray, ...]:
-    """scikit-image's photographs as uint8 HxWx3 RGB (never the Motorcycle evaluation pair)."""
+@lru_cache(maxsize=4)
+def skimage_photos(names: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """scikit-image's photographs `names` (they ship inside its wheel) as uint8 HxWx3 RGB, loaded
+    once per process; unavailable or non-8-bit ones are skipped."""
     import skimage.data
 
     photos = []
-    for name in BUILTIN_PHOTO_NAMES:
+    for name in names:
         try:
             image = getattr(skimage.data, name)()
         except Exception:  # a missing optional image only shrinks the pool
@@ -92,6 +93,11 @@ def builtin_photos() -> tuple[np.ndarray, ...]:
         if image is not None:
             photos.append(image)
     return tuple(photos)
+
+
+def builtin_photos() -> tuple[np.ndarray, ...]:
+    """scikit-image's photographs as uint8 HxWx3 RGB (never the Motorcycle evaluation pair)."""
+    return skimage_photos(BUILTIN_PHOTO_NAMES)
 
 
 def list_texture_files(folder: str | os.PathLike) -> list[Path]:
@@ -250,8 +256,8 @@ class PhotoStereoGenerator:
         # back plane: anywhere from far to near (whole scene near happens: Motorcycle is 9-63 px)
         d_back = math.exp(rng.uniform(math.log(MIN_DISPARITY), math.log(0.75 * d_max)))
         span = rng.uniform(0, 0.5) * d_back
-        a, b, c = _plane(rng, (width / 2, height / 2), (width / 2, height / 2),
-                         max(MIN_DISPARITY, d_back - span), d_back + span, max_slope=0.3)
+        a, b, c = random_disparity_plane(rng, (width / 2, height / 2), (width / 2, height / 2),
+                                         max(MIN_DISPARITY, d_back - span), d_back + span, max_slope=0.3)
         planes = [a * x + b * y + c]
         if rng.random() < 0.6:  # ground plane: disparity linear in the row below a horizon, with roll
             horizon = rng.uniform(-0.3, 0.7) * height
@@ -354,7 +360,8 @@ class PhotoStereoGenerator:
         # most objects stand near what is behind them (clutter), fewer float close to the camera
         high = behind + 1.0 + (d_max - behind - 1.0) * rng.random() ** 2
         yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
-        a, b, c = _plane(rng, (cx, cy), (w / 2, h / 2), behind + 1.0, high, max_slope=MAX_PLANE_SLOPE)
+        a, b, c = random_disparity_plane(rng, (cx, cy), (w / 2, h / 2), behind + 1.0, high,
+                                         max_slope=MAX_PLANE_SLOPE)
         disparity = a * xx + b * yy + c
         if rng.random() < 0.3:  # curved: a dome or a bowl, staying within range
             bulge = rng.uniform(-0.15, 0.15) * min(radius, d_max)

@@ -1,8 +1,9 @@
-"""Knowledge distillation from a stereo teacher to a lean student: losses, adapters, loss
-weighting, and the `Distiller` objective that ties them to a student and a frozen teacher."""
+"""Teaching signals and the one training objective: losses, adapters, loss weighting, the
+teacher-output cache format, and `TrainingObjective`, which ties them to a student (and a
+teacher) for every recipe (`SupervisedObjective`, `Distiller`, `CachedTeacherDistiller` are its
+configurations)."""
 
 from stereo_kd_core.distill.adapters import ChannelAdapter, resample_feature, resample_volume
-from stereo_kd_core.distill.distiller import CachedTeacherDistiller, Distiller, SupervisedObjective, frozen_layers
 from stereo_kd_core.distill.losses import (
     cosine_feature_loss,
     disparity_kl_loss,
@@ -13,6 +14,15 @@ from stereo_kd_core.distill.losses import (
     teacher_disparity_loss,
     teacher_valid_mask,
 )
+from stereo_kd_core.distill.objective import (
+    PHOTOMETRIC_TERM,
+    CachedTeacherDistiller,
+    Distiller,
+    SupervisedObjective,
+    TrainingObjective,
+    frozen_layers,
+)
+from stereo_kd_core.distill.signals import SOURCE_GROUND_TRUTH, SOURCE_PSEUDO_LABEL
 from stereo_kd_core.distill.weighting import (
     LossWeighting,
     ProgressiveStages,
@@ -21,6 +31,9 @@ from stereo_kd_core.distill.weighting import (
 )
 
 __all__ = [
+    "PHOTOMETRIC_TERM",
+    "SOURCE_GROUND_TRUTH",
+    "SOURCE_PSEUDO_LABEL",
     "CachedTeacherDistiller",
     "ChannelAdapter",
     "Distiller",
@@ -28,6 +41,7 @@ __all__ = [
     "ProgressiveStages",
     "StepDecay",
     "SupervisedObjective",
+    "TrainingObjective",
     "UncertaintyWeighting",
     "cosine_feature_loss",
     "disparity_kl_loss",

@@ -163,12 +163,16 @@ def teacher_disparity_loss(student_disparity: torch.Tensor, teacher_disparity: t
 
 def ground_truth_loss(disparities: Sequence[torch.Tensor], ground_truth: torch.Tensor,
                       valid: torch.Tensor, kind: str = "smooth_l1",
-                      output_weights: Sequence[float] = OUTPUT_WEIGHTS) -> torch.Tensor:
-    """Weighted sum over the model's outputs of a loss to ground-truth disparity.
+                      output_weights: Sequence[float] = OUTPUT_WEIGHTS,
+                      pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum over the model's outputs of a loss to a target disparity (ground truth or a
+    pseudo-label).
 
     disparities: K tensors (B, H, W), coarse to final; output_weights are aligned to the last K
     outputs (with K = 2 and the default weights: 0.7, 1.0). ground_truth: (B, H, W) pixels;
     valid: (B, H, W) bool. kind: "smooth_l1" or "log_l1" (mean of log(1 + |error|)).
+    pixel_weight: (B, H, W) >= 0, e.g. a pseudo-label's confidence: the loss is the weighted mean
+    over valid pixels (a pixel of weight 0 has no effect); None = weight 1 everywhere.
     """
     if kind not in GROUND_TRUTH_KINDS:
         raise ValueError(f"unknown ground-truth loss {kind!r}; known: {', '.join(GROUND_TRUTH_KINDS)}")
@@ -176,6 +180,8 @@ def ground_truth_loss(disparities: Sequence[torch.Tensor], ground_truth: torch.T
         raise ValueError(f"{len(disparities)} outputs but only {len(output_weights)} output weights")
     weights = list(output_weights)[-len(disparities):]
     valid = valid & torch.isfinite(ground_truth)
+    if pixel_weight is not None:
+        valid = valid & (pixel_weight > 0)
     target = torch.where(valid, ground_truth, torch.zeros_like(ground_truth)).float()
     total = disparities[0].new_zeros((), dtype=torch.float32)
     for weight, disparity in zip(weights, disparities, strict=True):
@@ -183,8 +189,18 @@ def ground_truth_loss(disparities: Sequence[torch.Tensor], ground_truth: torch.T
             values = F.smooth_l1_loss(disparity.float(), target, reduction="none")
         else:
             values = torch.log1p((disparity.float() - target).abs())
-        total = total + weight * _masked_mean(values, valid)
+        total = total + weight * _weighted_mean(values, valid, pixel_weight)
     return total
+
+
+def _weighted_mean(values: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """sum(weight * values) / sum(weight) over `mask` (the masked mean when weight is None)."""
+    if weight is None:
+        return _masked_mean(values, mask)
+    if not mask.any():
+        return values.sum() * 0.0
+    weight = weight.float()
+    return (values * weight)[mask].sum() / weight[mask].sum()
 
 
 # --- self-supervision (no labels): the left view rebuilt from the right ------------------

@@ -1,4 +1,5 @@
-"""Training: YAML recipes and the one trainer for supervised training and distillation."""
+"""Training: YAML recipes and the one trainer (supervised training, distillation and adapt are
+its recipes), the teacher-output caches, and the adapt run."""
 
 from stereo_kd_core.train.recipe import RecipeError, load_recipe, validate_recipe
 from stereo_kd_core.train.trainer import NonFiniteLossError, Trainer, run_training

@@ -1,4 +1,6 @@
-"""One trainer for supervised training and distillation.
+"""One trainer for every recipe: supervised training, distillation and adaptation are
+configurations of one loop and one objective (`stereo_kd_core.distill.objective`), whose batches
+may mix samples of different sources (ground truth, a teacher's pseudo-labels).
 
 The run is a pure function of (recipe, step): the batch of step s is drawn from a permutation
 seeded by (seed, epoch), each item's augmentation is seeded by (seed, epoch, index), the step's
@@ -34,13 +36,20 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from stereo_kd_core.checkpoint import load_checkpoint, load_model, load_state_dict_strict, save_checkpoint
-from stereo_kd_core.distill import CachedTeacherDistiller, Distiller, SupervisedObjective
+from stereo_kd_core.distill import (
+    PHOTOMETRIC_TERM,
+    CachedTeacherDistiller,
+    Distiller,
+    SupervisedObjective,
+    TrainingObjective,
+)
 from stereo_kd_core.models import build_model, default_config
 from stereo_kd_core.train.recipe import RecipeError, load_recipe
 
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "final.pt"
 LOG_FILE = "log.csv"
+ADAPT_INTERNAL_TERMS = ("features", "volume", "cost")  # adapt: the teacher's disparity is the pseudo-label
 _SEED_STRIDE = 1_000_003  # keeps (seed, step, slot) -> seed one-to-one for any realistic run
 
 
@@ -132,7 +141,7 @@ class EpochIndexedDataset(Dataset):
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(epoch)
         item = self.base[index]
-        # left, right, disparity, valid and any other per-sample tensor (e.g. adapt's "real")
+        # left, right, disparity, valid, weight, source and any other per-sample tensor
         return {name: value for name, value in item.items() if isinstance(value, torch.Tensor)}
 
 
@@ -185,11 +194,15 @@ def model_config(recipe: Mapping) -> dict:
 
 # --- the trainer -------------------------------------------------------------------------
 class Trainer:
-    """Builds model, objective, optimizer and data from a recipe and runs the loop."""
+    """Builds model, objective, optimizer and data from a recipe and runs the loop.
+
+    dataset: the training set (None: the recipe's data.train); teacher: a teacher network the
+    caller already holds (adapt's; a distillation recipe names its own)."""
 
     def __init__(self, recipe: Mapping | str, out_dir: str | os.PathLike,
-                 dataset: Dataset | None = None) -> None:
+                 dataset: Dataset | None = None, teacher: nn.Module | None = None) -> None:
         self.recipe = load_recipe(recipe)
+        self._given_teacher = teacher
         self.out_dir = Path(out_dir)
         train = self.recipe["train"]
         self.rank, self.world_size, self.device = _distributed_setup()
@@ -199,7 +212,7 @@ class Trainer:
         seed_everything(self.seed)  # same initial weights on every rank
         self.config = model_config(self.recipe)
         student = build_model(self.config).to(self.device)
-        self.objective: SupervisedObjective = self.build_objective(student)
+        self.objective: TrainingObjective = self.build_objective(student)
         self.student = student
         crop = self.recipe["data"]["crop"]
         for role, model in self._networks():
@@ -247,20 +260,43 @@ class Trainer:
             print(f"train.init_from {source}: the refinement is new and starts as the identity", file=sys.stderr)
         load_state_dict_strict(self.student, state, source=f"train.init_from {source}")
 
-    def build_objective(self, student: nn.Module) -> SupervisedObjective:
-        """The loss the run minimises: distillation when the recipe has a teacher, else supervised
-        (subclasses, e.g. `stereo-kd adapt`, bring their own)."""
+    def build_objective(self, student: nn.Module) -> TrainingObjective:
+        """The loss the run minimises, one objective configured by the recipe: adaptation (an
+        `adapt:` section), distillation (a `teacher:`, live or cached), else supervised."""
         loss = self.recipe["loss"]
+        kind, output_weights = loss["kind"], tuple(loss["output_weights"])
+        if "adapt" in self.recipe:
+            return self._adapt_objective(student, kind, output_weights)
         if "teacher" in self.recipe and self.recipe["teacher"].get("cached"):
-            return CachedTeacherDistiller(student, self.recipe["distill"], loss["kind"], tuple(loss["output_weights"]))
+            return CachedTeacherDistiller(student, self.recipe["distill"], kind, output_weights)
         if "teacher" in self.recipe:
             teacher = load_model(self.recipe["teacher"]["checkpoint"], device=self.device)
-            return Distiller(student, teacher, self.recipe["distill"], loss["kind"], tuple(loss["output_weights"]))
-        return SupervisedObjective(student, loss["kind"], tuple(loss["output_weights"]))
+            return Distiller(student, teacher, self.recipe["distill"], kind, output_weights)
+        return SupervisedObjective(student, kind, output_weights)
+
+    def _adapt_objective(self, student: nn.Module, kind: str, output_weights: tuple[float, ...]) -> TrainingObjective:
+        """`stereo-kd adapt`: one label term over pseudo-labels and replayed ground truth (the worst
+        `drop_worst` of the pseudo-labelled pixels per batch ignored), optional photometric
+        self-supervision on the recorded frames, and the teacher network's internal points."""
+        adapt = self.recipe["adapt"]
+        teacher, internal = self._given_teacher, adapt["internal"]
+        if teacher is not None and internal:
+            unknown = set(internal) - {*ADAPT_INTERNAL_TERMS, "weighting", "stages"}
+            if unknown:
+                raise RecipeError(f"adapt.internal: unknown keys {sorted(unknown)}; takes "
+                                  f"{', '.join(ADAPT_INTERNAL_TERMS)}, weighting, stages")
+        else:
+            teacher, internal = None, None
+        fixed = {"labels": 1.0}
+        if adapt["photometric"] > 0:
+            fixed[PHOTOMETRIC_TERM] = float(adapt["photometric"])
+        return TrainingObjective(student, internal, None if teacher is None else teacher.to(self.device),
+                                 kind, output_weights, fixed=fixed, drop_worst=adapt["drop_worst"],
+                                 smoothness=adapt["smoothness"])
 
     def _networks(self) -> list[tuple[str, nn.Module]]:
         networks = [("student", self.student)]
-        if isinstance(self.objective, Distiller):
+        if self.objective.teacher is not None:
             networks.append(("teacher", self.objective.teacher))
         return networks
 
@@ -268,7 +304,7 @@ class Trainer:
         spec = self.recipe["train"]["optimizer"]
         trainable = [p for name, p in self.objective.named_parameters() if not name.startswith("teacher.")]
         groups = [{"params": trainable, "lr": float(spec["lr"])}]
-        if isinstance(self.objective, Distiller) and self.objective.co_training_lr is not None:
+        if self.objective.co_training_lr is not None:
             # teacher parameters have no gradient (and so are left alone) until co-training
             groups.append({"params": list(self.objective.teacher.parameters()),
                            "lr": self.objective.co_training_lr})
@@ -278,12 +314,12 @@ class Trainer:
 
     def _wrap_for_step(self, step: int) -> None:
         """DDP wrapping, redone when co-training changes which parameters train."""
-        co_training = isinstance(self.objective, Distiller) and self.objective.co_training_active(step)
+        co_training = self.objective.co_training_active(step)
         if self.world_size == 1 or co_training == self._wrapped_for_co_training:
             return
         self.wrapped = nn.parallel.DistributedDataParallel(
             self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=isinstance(self.objective, Distiller))
+            find_unused_parameters=self.objective.teacher is not None)
         self._wrapped_for_co_training = co_training
 
     # --- checkpoints ---------------------------------------------------------------------
@@ -410,8 +446,7 @@ class Trainer:
     def train_step(self, step: int, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """One optimizer step on `batch`; a NaN/inf loss or gradient skips it (and restores
         the batch-norm statistics the bad batch touched) and lengthens `nonfinite_streak`."""
-        if isinstance(self.objective, Distiller):
-            self.objective.set_step(step)
+        self.objective.set_step(step)
         self._wrap_for_step(step)
         factor = lr_factor(self.recipe["train"]["schedule"], step, self.total_steps)
         # the schedule drives the trainable group; a co-trained teacher keeps its small lr
