@@ -74,8 +74,9 @@ def pairs(realval: Path) -> list[dict]:
     return samples
 
 
-def estimator_outputs(samples: list[dict], teacher: str, cache: Path) -> None:
-    """Fill sample["outputs"] (teacher labels, SGBM, student) from the cache or by running them."""
+def estimator_outputs(samples: list[dict], teacher: str, cache: Path, cached_only: bool = False) -> list[dict]:
+    """Fill sample["outputs"] (teacher labels, SGBM, student) from the cache or by running them;
+    returns the samples that have outputs (with cached_only, those in the cache)."""
     from stereo_kd_core.estimator import StereoEstimator
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,8 @@ def estimator_outputs(samples: list[dict], teacher: str, cache: Path) -> None:
         if path.is_file():
             with np.load(path) as stored:
                 sample["outputs"] = {key: stored[key].astype(np.float32) for key in stored.files}
+            continue
+        if cached_only:
             continue
         if not networks:
             networks = {"teacher": StereoEstimator.load(teacher, device="cpu", precision="bf16"),
@@ -97,6 +100,7 @@ def estimator_outputs(samples: list[dict], teacher: str, cache: Path) -> None:
         np.savez_compressed(path, **outputs)
         sample["outputs"] = {key: value.astype(np.float32) for key, value in outputs.items()}
         print(f"{sample['name']}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return [sample for sample in samples if "outputs" in sample]
 
 
 def score(samples: list[dict], rule: ConfidenceRule) -> dict:
@@ -135,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", default="teachers/psmnet_kitti2015.pt", help="psmnet checkpoint")
     parser.add_argument("--cache", default="runs/label_quality", help="cache of estimator outputs")
     parser.add_argument("--json", default="benchmarks/results/label_quality.json", help="results file")
+    parser.add_argument("--cached-only", action="store_true", help="score only the pairs already in the cache")
     parser.add_argument("--photometric-sweep", action="store_true", help="also sweep the photometric threshold")
     args = parser.parse_args(argv)
     samples = pairs(Path(args.realval))
-    estimator_outputs(samples, args.teacher, Path(args.cache))
+    samples = estimator_outputs(samples, args.teacher, Path(args.cache), args.cached_only)
     rules = dict(RULES)
     if args.photometric_sweep:
         for threshold in (3.0, 4.0, 6.0, 8.0, 12.0):
