@@ -23,17 +23,19 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from stereo_kd_core.data.io import read_image_rgb
-from stereo_kd_core.distill.label_confidence import ConfidenceEvidence, label_confidence
+from stereo_kd_core.distill.label_confidence import DEFAULT_RULE, ConfidenceEvidence, label_confidence
 from stereo_kd_core.distill.teacher_cache import write_npz_atomic
 
 LABEL_FILE = "labels.npz"
 TEACHER_RECORD = "labels_teacher.json"
 GOLDEN = 0.6180339887498949
+KEEP_CONFIDENCE = 0.5  # `stereo-kd adapt`'s default --min-confidence
 
 
 def cases_round_robin(root: Path) -> list[Path]:
@@ -87,13 +89,19 @@ def label_cases(root: str | os.PathLike, teacher: str, precision: str = "bf16", 
     return len(todo)
 
 
-def confidence_cases(root: str | os.PathLike, student: str | None, log=print) -> int:
+def confidence_cases(root: str | os.PathLike, student: str | None, export: str | os.PathLike | None = None,
+                     log=print) -> int:
     """(Re)write `confidence` in every labels.npz from the shared rule (SGBM and `student` as the
-    independent estimators). Returns the number of cases."""
+    independent estimators). With `export`, also write what `stereo-kd adapt` reads:
+    export/pairs/<case>/im0.png, im1.png (links to the labelled cases) and export/labels/<case>.npy
+    (the label where confidence >= KEEP_CONFIDENCE, NaN elsewhere), for
+    `stereo-kd adapt --data export/pairs --teacher labels:export/labels`. Returns the number of cases."""
     from stereo_kd_core.estimator import StereoEstimator
 
     sgbm = StereoEstimator.load("sgbm", max_disparity=192)
     student_estimator = StereoEstimator.load(student, device="cpu") if student else None
+    needs_student = DEFAULT_RULE.agreement not in ("none", "sgbm")
+    rule = replace(DEFAULT_RULE, agreement="sgbm") if needs_student and not student else DEFAULT_RULE
     cases = [case for case in cases_round_robin(Path(root)) if (case / LABEL_FILE).is_file()]
     for case in cases:
         with np.load(case / LABEL_FILE) as stored:
@@ -105,10 +113,20 @@ def confidence_cases(root: str | os.PathLike, student: str | None, log=print) ->
             teacher_confidence=arrays["teacher_confidence"].astype(np.float32),
             sgbm=sgbm.predict(left, right).disparity,
             student=student_estimator.predict(left, right).disparity if student_estimator else None)
-        confidence = label_confidence(evidence, left, right)
+        confidence = label_confidence(evidence, left, right, rule)
         arrays["confidence"] = confidence.astype(np.float16)
         write_npz_atomic(case / LABEL_FILE, arrays)
-        log(f"{case.name}: kept {float((confidence > 0).mean()):.0%}")
+        kept = confidence >= KEEP_CONFIDENCE
+        if export is not None:
+            pairs_dir, labels_dir = Path(export) / "pairs" / case.name, Path(export) / "labels"
+            pairs_dir.mkdir(parents=True, exist_ok=True)
+            labels_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("im0.png", "im1.png"):
+                link = pairs_dir / name
+                if not link.exists():
+                    link.symlink_to((case / name).resolve())
+            np.save(labels_dir / f"{case.name}.npy", np.where(kept, evidence.disparity, np.nan).astype(np.float32))
+        log(f"{case.name}: kept {float(kept.mean()):.0%}")
     return len(cases)
 
 
@@ -123,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="(re)compute the label confidence of every labelled case")
     parser.add_argument("--student", default="dsnet-fast",
                         help="independent network for --confidence ('' for SGBM only)")
+    parser.add_argument("--export", help="with --confidence: also write FOLDER/pairs + FOLDER/labels for "
+                                         "`stereo-kd adapt --data FOLDER/pairs --teacher labels:FOLDER/labels`")
     args = parser.parse_args(argv)
     if args.teacher:
         label_cases(args.data, args.teacher, args.precision, args.limit)
     if args.confidence:
-        confidence_cases(args.data, args.student or None)
+        confidence_cases(args.data, args.student or None, args.export)
     if not (args.teacher or args.confidence):
         parser.error("give --teacher and/or --confidence")
     return 0

@@ -26,10 +26,10 @@ def texture(height: int, width: int, seed: int) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2).astype(np.uint8)
 
 
-def rectified_pair(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def rectified_pair(seed: int = 3, width: int = WIDTH, height: int = HEIGHT) -> tuple[np.ndarray, np.ndarray]:
     """A textured fronto-parallel scene at DISPARITY_PX: right[x] = left[x + d]."""
-    canvas = texture(HEIGHT, WIDTH + DISPARITY_PX, seed)
-    return canvas[:, :WIDTH].copy(), canvas[:, DISPARITY_PX:DISPARITY_PX + WIDTH].copy()
+    canvas = texture(height, width + DISPARITY_PX, seed)
+    return canvas[:, :width].copy(), canvas[:, DISPARITY_PX:DISPARITY_PX + width].copy()
 
 
 def sensor_yaml(cy: float, x_m: float) -> str:
@@ -133,3 +133,28 @@ def test_committed_manifest_lists_no_evaluation_set():
         assert len(source.commit) == 40 and source.licence
         for _, left, right in source.pairs:
             assert not any(word in (left + right).lower() for word in forbidden), (left, right)
+
+
+def test_labels_are_cached_once_and_exported_for_adapt(tmp_path):
+    from stereo_kd_core.data.corpus_labels import confidence_cases, label_cases
+
+    # SGBM (192 levels) as the teacher: wide enough that its left and right views overlap
+    left, right = rectified_pair(width=576, height=64)
+    for case in ("a-1", "b-1"):
+        (tmp_path / "corpus" / case).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "corpus" / case / "im0.png"), left)
+        cv2.imwrite(str(tmp_path / "corpus" / case / "im1.png"), right)
+    corpus = tmp_path / "corpus"
+    assert label_cases(corpus, "sgbm", precision="fp32", limit=1, log=lambda _: None) == 1
+    assert label_cases(corpus, "sgbm", precision="fp32", log=lambda _: None) == 1  # resumes: only the other case
+    assert confidence_cases(corpus, student=None, export=tmp_path / "export", log=lambda _: None) == 2
+    with np.load(corpus / "a-1" / "labels.npz") as stored:
+        assert {"disparity", "disparity_right", "teacher_confidence", "confidence"} <= set(stored.files)
+        disparity, confidence = stored["disparity"].astype(np.float32), stored["confidence"].astype(np.float32)
+    exported = np.load(tmp_path / "export" / "labels" / "a-1.npy")
+    assert np.array_equal(np.isfinite(exported), confidence >= 0.5)
+    # SGBM labels agree with SGBM and with their own right view where both views have disparities (x 192..566)
+    assert (confidence >= 0.5).mean() > 0.3
+    assert np.nanmedian(exported) == pytest.approx(DISPARITY_PX, abs=0.5)
+    assert np.allclose(exported[confidence >= 0.5], disparity[confidence >= 0.5])
+    assert (tmp_path / "export" / "pairs" / "b-1" / "im1.png").resolve() == (corpus / "b-1" / "im1.png").resolve()
