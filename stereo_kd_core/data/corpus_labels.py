@@ -90,12 +90,13 @@ def label_cases(root: str | os.PathLike, teacher: str, precision: str = "bf16", 
 
 
 def confidence_cases(root: str | os.PathLike, student: str | None, export: str | os.PathLike | None = None,
-                     log=print) -> int:
-    """(Re)write `confidence` in every labels.npz from the shared rule (SGBM and `student` as the
-    independent estimators). With `export`, also write what `stereo-kd adapt` reads:
-    export/pairs/<case>/im0.png, im1.png (links to the labelled cases) and export/labels/<case>.npy
-    (the label where confidence >= KEEP_CONFIDENCE, NaN elsewhere), for
-    `stereo-kd adapt --data export/pairs --teacher labels:export/labels`. Returns the number of cases."""
+                     recompute: bool = False, log=print) -> int:
+    """Write `confidence` into every labels.npz that lacks it (all with `recompute`, after a
+    rule change) from the shared rule (SGBM and `student` as the independent estimators). With
+    `export`, also write what `stereo-kd adapt` reads: export/pairs/<case>/im0.png, im1.png
+    (links to the labelled cases) and export/labels/<case>.npy (the label where confidence >=
+    KEEP_CONFIDENCE, NaN elsewhere), for `stereo-kd adapt --data export/pairs --teacher
+    labels:export/labels`. Returns the number of cases written."""
     from stereo_kd_core.estimator import StereoEstimator
 
     sgbm = StereoEstimator.load("sgbm", max_disparity=192)
@@ -103,9 +104,13 @@ def confidence_cases(root: str | os.PathLike, student: str | None, export: str |
     needs_student = DEFAULT_RULE.agreement not in ("none", "sgbm")
     rule = replace(DEFAULT_RULE, agreement="sgbm") if needs_student and not student else DEFAULT_RULE
     cases = [case for case in cases_round_robin(Path(root)) if (case / LABEL_FILE).is_file()]
+    done = 0
     for case in cases:
         with np.load(case / LABEL_FILE) as stored:
             arrays = {key: stored[key] for key in stored.files}
+        exported = export is None or (Path(export) / "labels" / f"{case.name}.npy").is_file()
+        if "confidence" in arrays and exported and not recompute:
+            continue
         left, right = read_image_rgb(case / "im0.png"), read_image_rgb(case / "im1.png")
         evidence = ConfidenceEvidence(
             disparity=arrays["disparity"].astype(np.float32),
@@ -127,7 +132,8 @@ def confidence_cases(root: str | os.PathLike, student: str | None, export: str |
                     link.symlink_to((case / name).resolve())
             np.save(labels_dir / f"{case.name}.npy", np.where(kept, evidence.disparity, np.nan).astype(np.float32))
         log(f"{case.name}: kept {float(kept.mean()):.0%}")
-    return len(cases)
+        done += 1
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="independent network for --confidence ('' for SGBM only)")
     parser.add_argument("--export", help="with --confidence: also write FOLDER/pairs + FOLDER/labels for "
                                          "`stereo-kd adapt --data FOLDER/pairs --teacher labels:FOLDER/labels`")
+    parser.add_argument("--recompute", action="store_true",
+                        help="with --confidence: rewrite every case's confidence (after a rule change)")
     args = parser.parse_args(argv)
     if args.teacher:
         label_cases(args.data, args.teacher, args.precision, args.limit)
     if args.confidence:
-        confidence_cases(args.data, args.student or None, args.export)
+        confidence_cases(args.data, args.student or None, args.export, args.recompute)
     if not (args.teacher or args.confidence):
         parser.error("give --teacher and/or --confidence")
     return 0

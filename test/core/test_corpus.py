@@ -148,6 +148,7 @@ def test_labels_are_cached_once_and_exported_for_adapt(tmp_path):
     assert label_cases(corpus, "sgbm", precision="fp32", limit=1, log=lambda _: None) == 1
     assert label_cases(corpus, "sgbm", precision="fp32", log=lambda _: None) == 1  # resumes: only the other case
     assert confidence_cases(corpus, student=None, export=tmp_path / "export", log=lambda _: None) == 2
+    assert confidence_cases(corpus, student=None, log=lambda _: None) == 0  # only cases without one
     with np.load(corpus / "a-1" / "labels.npz") as stored:
         assert {"disparity", "disparity_right", "teacher_confidence", "confidence"} <= set(stored.files)
         disparity, confidence = stored["disparity"].astype(np.float32), stored["confidence"].astype(np.float32)
