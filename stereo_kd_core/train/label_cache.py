@@ -17,7 +17,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 from torch import nn
 from torch.utils.data import Dataset
@@ -28,6 +27,7 @@ from stereo_kd_core.checkpoint import CheckpointError, load_model, sha256_of_fil
 from stereo_kd_core.data.datasets import MiddleburyDataset
 from stereo_kd_core.data.io import read_image_rgb, read_kitti_disparity, read_pfm
 from stereo_kd_core.data.recordings import Frame
+from stereo_kd_core.distill.label_confidence import left_right_consistent
 from stereo_kd_core.distill.signals import SOURCE_PSEUDO_LABEL
 from stereo_kd_core.distill.teacher_cache import (
     DEFAULT_TOP_K,
@@ -46,21 +46,6 @@ TEACHER_RECORD = "teacher.json"
 
 
 # --- teachers ----------------------------------------------------------------------------
-def left_right_consistent(disparity_left: np.ndarray, disparity_right: np.ndarray, threshold_px: float) -> np.ndarray:
-    """Left-right check: True where the right view's disparity, read at x - d(x), agrees with
-    d(x) within threshold_px. Both (H, W) pixels, NaN invalid; pixels whose match falls
-    outside the right image are inconsistent."""
-    height, width = disparity_left.shape
-    xs = np.arange(width, dtype=np.float32)[None, :] - disparity_left.astype(np.float32)
-    ys = np.repeat(np.arange(height, dtype=np.float32)[:, None], width, axis=1)
-    right = np.nan_to_num(disparity_right.astype(np.float32), nan=-1e6)  # NaN poisons neighbours
-    seen = cv2.remap(right, np.nan_to_num(xs, nan=-1.0), ys, cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_CONSTANT, borderValue=-1e6)
-    with np.errstate(invalid="ignore"):
-        inside = np.isfinite(xs) & (xs >= 0) & (xs <= width - 1)
-        return inside & (np.abs(seen - disparity_left) <= threshold_px)
-
-
 class Teacher:
     """Where pseudo-labels come from. label(frame, left, right) -> (disparity, confidence)."""
 
