@@ -314,9 +314,9 @@ class NetworkEstimator(StereoEstimator):
                 # inductor writes its default into the environment once used; only a user's choice stays
                 if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
                     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
-                # dynamic=None: the first size compiles static (a camera's one size: the fastest
-                # kernels); a second size recompiles once with symbolic sizes, not once per size
-                compiled = torch.compile(self.network, dynamic=None, options={"freezing": True})
+                # static sizes: torch 2.13's inductor fails on this network's symbolic sizes
+                # (TensorReferenceAnalysis.python_mod), so each input size compiles once
+                compiled = torch.compile(self.network, dynamic=False, options={"freezing": True})
         except Exception as exc:  # noqa: BLE001 (any failure means: run eager)
             log.warning("torch.compile unavailable (%s); running '%s' eagerly", exc, self.name)
             return self.network
