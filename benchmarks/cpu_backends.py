@@ -40,7 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The fixed synthetic test split of benchmarks/model_results.py: seed 2026, 256x512, scenes up to 0.8 x 128 px.
 SYNTHETIC_SPLIT = {"seed": 2026, "height": 256, "width": 512, "max_disparity": 128}
 VARIANTS = [("pytorch", "fp32"), ("pytorch", "bf16"), ("pytorch-channels-last", "fp32"),
-            ("pytorch-channels-last", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+            ("pytorch-channels-last", "bf16"), ("pytorch-channels-last-compiled", "bf16"),
+            ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
 
 
 def checkpoint_path(model: str) -> Path:
@@ -74,14 +75,19 @@ class Variants:
         if backend == "onnxruntime":
             return StereoEstimator.load(str(self.onnx_path(precision, height, width)), device="cpu",
                                         max_disparity=self.network.max_disparity, threads=self.threads)
-        return StereoEstimator.load(str(self.checkpoint), device="cpu", precision=precision,
-                                    max_disparity=self.network.max_disparity,
-                                    channels_last=backend == "pytorch-channels-last")
+        compiled = backend.endswith("-compiled")  # torch.compile (inductor, freezing), compiled here
+        estimator = StereoEstimator.load(str(self.checkpoint), device="cpu", precision=precision,
+                                         max_disparity=self.network.max_disparity,
+                                         channels_last=backend.startswith("pytorch-channels-last"), compile=compiled)
+        if compiled:
+            seconds = estimator.warm_up(height, width)
+            print(f"{backend} {precision} at {height}x{width}: start-up (compile or cache) {seconds:.1f} s", flush=True)
+        return estimator
 
 
-def measure_latency(variants: Variants, height: int, width: int, runs: int, repeats: int) -> dict:
-    estimators = {key: variants.estimator(*key, height, width) for key in VARIANTS}
-    rounds: dict[tuple[str, str], list[dict]] = {key: [] for key in VARIANTS}
+def measure_latency(variants: Variants, keys: list, height: int, width: int, runs: int, repeats: int) -> dict:
+    estimators = {key: variants.estimator(*key, height, width) for key in keys}
+    rounds: dict[tuple[str, str], list[dict]] = {key: [] for key in keys}
     for index in range(repeats):
         for key, estimator in estimators.items():
             rounds[key].append(benchmark(estimator, height, width, runs=runs, warmup=2))
@@ -96,11 +102,12 @@ def measure_latency(variants: Variants, height: int, width: int, runs: int, repe
     return summary
 
 
-def measure_accuracy(variants: Variants, samples: list[dict]) -> dict:
-    """EPE etc. per variant, and the mean |disparity - PyTorch fp32's| over valid ground truth."""
+def measure_accuracy(variants: Variants, keys: list, samples: list[dict]) -> dict:
+    """EPE etc. per variant, and the mean |disparity - PyTorch fp32's| over valid ground truth
+    (keys[0] must be PyTorch fp32). A compiled variant compiles once per distinct pair size."""
     height, width = samples[0]["left"].shape[:2]
-    estimators = {key: variants.estimator(*key, height, width) for key in VARIANTS}
-    per_case: dict[tuple[str, str], list[dict]] = {key: [] for key in VARIANTS}
+    estimators = {key: variants.estimator(*key, height, width) for key in keys}
+    per_case: dict[tuple[str, str], list[dict]] = {key: [] for key in keys}
     for sample in samples:
         reference = None
         for key, estimator in estimators.items():
@@ -141,28 +148,41 @@ def main() -> int:
     parser.add_argument("--synthetic-n", type=int, default=20, help="pairs of the synthetic test split (0: skip)")
     parser.add_argument("--calibration-n", type=int, default=16, help="synthetic pairs for int8 calibration")
     parser.add_argument("--skip-accuracy", action="store_true", help="latency only")
+    parser.add_argument("--realval", default=None,
+                        help="also score a Middlebury-layout validation folder (e.g. ../shared/realval)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated backend/precision subset (pytorch/fp32 is always measured)")
     parser.add_argument("--work-dir", default="runs/cpu_backends", help="where the ONNX graphs are written")
     parser.add_argument("--json", default=None, help="output (default benchmarks/results/<label>_cpu_backends.json)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    keys = list(VARIANTS)
+    if args.variants:
+        chosen_keys = {tuple(item.split("/")) for item in args.variants.split(",")} | {("pytorch", "fp32")}
+        keys = [key for key in VARIANTS if key in chosen_keys]
     variants = Variants(args.model, Path(args.work_dir), args.threads, args.calibration_n)
     started = time.time()
     load_before = os.getloadavg()
-    latency = measure_latency(variants, args.height, args.width, args.runs, args.repeats)
+    latency = measure_latency(variants, keys, args.height, args.width, args.runs, args.repeats)
     load_after = os.getloadavg()
     accuracy: dict[str, dict] = {}
     if not args.skip_accuracy:
-        accuracy["motorcycle"] = measure_accuracy(variants, [motorcycle_sample()])
+        accuracy["motorcycle"] = measure_accuracy(variants, keys, [motorcycle_sample()])
+        if args.realval:
+            from stereo_kd_core.data import open_dataset
+
+            realval = open_dataset("middlebury", args.realval)
+            accuracy["realval"] = measure_accuracy(variants, keys, [realval[i] for i in range(len(realval))])
         if args.synthetic_n:
             from stereo_kd_core.data.synthetic import SyntheticStereoDataset
 
             split = SyntheticStereoDataset(args.synthetic_n, **SYNTHETIC_SPLIT)
-            accuracy["synthetic"] = measure_accuracy(variants, [split[i] for i in range(len(split))])
+            accuracy["synthetic"] = measure_accuracy(variants, keys, [split[i] for i in range(len(split))])
 
     candidates = [BackendCandidate(backend, precision, latency[(backend, precision)]["median_ms"],
                                    {name: table[(backend, precision)]["epe"] for name, table in accuracy.items()})
-                  for backend, precision in VARIANTS]
+                  for backend, precision in keys]
     chosen, verdicts = choose_cpu_default(candidates)
     import onnxruntime
 
@@ -176,7 +196,7 @@ def main() -> int:
         "variants": [
             {"backend": backend, "precision": precision, **latency[(backend, precision)],
              **{name: table[(backend, precision)] for name, table in accuracy.items()}}
-            for backend, precision in VARIANTS],
+            for backend, precision in keys],
         "cpu_default": {"backend": chosen.backend, "precision": chosen.precision, "verdicts": verdicts},
     }
     out = Path(args.json) if args.json else RESULTS / f"{variants.label}_cpu_backends.json"
@@ -186,11 +206,12 @@ def main() -> int:
     print(f"{args.model} at {args.height}x{args.width}, {args.threads} threads, {result['machine']} "
           f"(load {load_before[0]:.1f} -> {load_after[0]:.1f})")
     print("| backend | precision | wall ms (median of rounds) | fastest round ms | CPU ms | Motorcycle EPE "
-          "| synthetic EPE | mean abs diff vs fp32 (Motorcycle) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| synthetic EPE | realval EPE | mean abs diff vs fp32 (Motorcycle) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in result["variants"]:
-        moto, syn = row.get("motorcycle", {}), row.get("synthetic", {})
+        moto, syn, real = row.get("motorcycle", {}), row.get("synthetic", {}), row.get("realval", {})
         cells = [f"{moto['epe']:.3f}" if moto else "-", f"{syn['epe']:.3f}" if syn else "-",
+                 f"{real['epe']:.3f}" if real else "-",
                  f"{moto['abs_diff_vs_pytorch_fp32']:.3f}" if moto else "-"]
         print(f"| {row['backend']} | {row['precision']} | {row['median_ms']:.0f} | {row['min_round_ms']:.0f} | "
               f"{row['median_cpu_ms']:.0f} | " + " | ".join(cells) + " |")

@@ -19,7 +19,7 @@ from stereo_kd_core.estimator_base import (  # noqa: F401 (re-exported: the seam
     pair_peak,
     resolve_device,
 )
-from stereo_kd_core.network_estimator import NetworkEstimator
+from stereo_kd_core.network_estimator import NetworkEstimator, compile_cache_dir
 from stereo_kd_core.onnx_runtime import OnnxEstimator
 from stereo_kd_core.registry import default_model, resolve_shipped, shipped_models
 from stereo_kd_core.sgbm_estimator import SGBMEstimator
@@ -114,4 +114,4 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
 StereoEstimator.load = staticmethod(load)  # the seam's entry point (see estimator_base.StereoEstimator)
 
 __all__ = ["NetworkEstimator", "OnnxEstimator", "RawPrediction", "SGBMEstimator", "StereoEstimator",
-           "StereoPrediction", "load", "pair_peak", "resolve_device", "resolve_precision"]
+           "StereoPrediction", "compile_cache_dir", "load", "pair_peak", "resolve_device", "resolve_precision"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +22,11 @@ from stereo_kd_core.estimator_base import (
 from stereo_kd_core.geometry import points_from_disparity_torch
 
 log = logging.getLogger(__name__)
+
+
+def compile_cache_dir() -> Path:
+    """Where torch.compile's on-disk caches go: $STEREO_KD_CACHE (else ~/.cache/stereo-kd)/inductor."""
+    return Path(os.environ.get("STEREO_KD_CACHE") or Path.home() / ".cache" / "stereo-kd") / "inductor"
 
 # Padded input sizes on CUDA are rounded up to a multiple of this, so that a compiled graph (and
 # cudnn's autotuning) sees a handful of shapes instead of one per camera resolution.
@@ -65,14 +73,50 @@ class NetworkEstimator(StereoEstimator):
             self._forward = self._try_compile()
 
     def _try_compile(self):
+        """torch.compile the network; the eager network (with a warning) where that is refused.
+        CUDA: CUDA graphs. CPU: inductor with freezing (weights folded as constants, so oneDNN
+        convolutions run on prepacked weights with their BatchNorm and ReLU fused), its caches
+        (FX graphs, C++ kernels) under the stereo-kd cache dir unless TORCHINDUCTOR_CACHE_DIR is
+        set by the user, so a second start reuses the first one's work. Compilation runs at the first call
+        per input size (`warm_up` does it at start-up); its time is logged."""
         try:
-            mode = "reduce-overhead" if self._cuda else "default"  # reduce-overhead = CUDA graphs
-            compiled = torch.compile(self.network, mode=mode, dynamic=False)
-            self.compiled = True
-            return compiled
+            if self._cuda:  # reduce-overhead = CUDA graphs
+                compiled = torch.compile(self.network, mode="reduce-overhead", dynamic=False)
+            else:
+                from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+                # inductor writes its default into the environment once used; only a user's choice stays
+                if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+                # static sizes: torch 2.13's inductor fails on this network's symbolic sizes
+                # (TensorReferenceAnalysis.python_mod), so each input size compiles once
+                compiled = torch.compile(self.network, dynamic=False, options={"freezing": True})
         except Exception as exc:  # noqa: BLE001 (any failure means: run eager)
             log.warning("torch.compile unavailable (%s); running '%s' eagerly", exc, self.name)
             return self.network
+        self.compiled = True
+        seen_sizes: set[tuple[int, ...]] = set()
+
+        def forward(left: torch.Tensor, right: torch.Tensor):
+            size = tuple(left.shape[-2:])
+            if size in seen_sizes:
+                return compiled(left, right)
+            started = time.perf_counter()
+            outputs = compiled(left, right)
+            seen_sizes.add(size)
+            log.info("compiled '%s' for %dx%d %s in %.1f s (cache: %s)", self.name, size[0], size[1],
+                     self.precision, time.perf_counter() - started, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            return outputs
+
+        return forward
+
+    def warm_up(self, height: int, width: int) -> float:
+        """One prediction on a blank height x width pair, so that a compiled network compiles (or
+        loads from its cache) now instead of at the first frame; returns its seconds."""
+        started = time.perf_counter()
+        blank = np.zeros((height, width, 3), np.uint8)
+        self.predict(blank, blank)
+        return time.perf_counter() - started
 
     def _stage(self, left: np.ndarray, right: np.ndarray) -> torch.Tensor:
         """(2, H, W, 3) uint8/uint16 host pair -> device tensor, through a pinned buffer on CUDA."""

@@ -1,0 +1,105 @@
+"""The torch.compile path of NetworkEstimator on the CPU: same disparity as eager, its on-disk cache
+reused by a second start, and eager with a warning wherever compilation is refused or fails."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from stereo_kd_core import StereoEstimator
+from stereo_kd_core.estimator import compile_cache_dir
+
+HEIGHT, WIDTH, SHIFT_PX = 64, 128, 6
+
+
+def shifted_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Random texture; right(x - SHIFT_PX) = left(x): disparity SHIFT_PX wherever it is visible."""
+    base = np.random.default_rng(5).integers(0, 256, size=(HEIGHT, WIDTH + SHIFT_PX), dtype=np.uint8)
+    left, right = base[:, :WIDTH], base[:, SHIFT_PX:SHIFT_PX + WIDTH]
+    return np.repeat(left[..., None], 3, 2), np.repeat(right[..., None], 3, 2)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """STEREO_KD_CACHE in tmp_path and no TORCHINDUCTOR_CACHE_DIR, restored afterwards (the
+    estimator sets the latter itself); fresh dynamo state before and after."""
+    monkeypatch.setenv("STEREO_KD_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # so that monkeypatch restores what was there
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    torch._dynamo.reset()
+    yield tmp_path
+    torch._dynamo.reset()
+
+
+# Two real inductor compiles: 2-10 minutes on a 2-core CPU, too long for the default suite.
+@pytest.mark.skipif(not os.environ.get("STEREO_KD_SLOW_TESTS"),
+                    reason="compiles the network twice (minutes on a 2-core CPU); set STEREO_KD_SLOW_TESTS=1")
+def test_compiled_matches_eager_and_a_second_start_reuses_the_cache(isolated_cache, caplog):
+    from torch._dynamo.utils import counters
+
+    left, right = shifted_pair()
+    eager = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
+    expected = eager.predict(left, right)
+    assert np.median(np.abs(expected.disparity[:, 24:] - SHIFT_PX)) < 0.5  # the pair is one the model solves
+
+    counters.clear()
+    with caplog.at_level(logging.INFO, logger="stereo_kd_core.network_estimator"):
+        first = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
+        assert first.compiled
+        first.warm_up(HEIGHT, WIDTH)
+    assert f"compiled 'dsnet-fast' for {HEIGHT}x{WIDTH}" in caplog.text
+    got = first.predict(left, right)
+    assert first.compiled  # no fallback happened
+    np.testing.assert_allclose(got.disparity, expected.disparity, atol=2e-3)
+    np.testing.assert_allclose(got.confidence, expected.confidence, atol=1e-3)
+    cache = compile_cache_dir()
+    assert cache.parent == isolated_cache
+    written = {path for path in cache.rglob("*") if path.is_file()}
+    assert written, "the first compile wrote nothing to the cache dir"
+    assert counters["inductor"]["fxgraph_cache_miss"] >= 1
+
+    # a second start: dynamo forgets everything in memory; inductor's on-disk cache answers
+    torch._dynamo.reset()
+    counters.clear()
+    second = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
+    np.testing.assert_array_equal(second.predict(left, right).disparity, got.disparity)
+    assert second.compiled
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0
+
+
+def test_refused_compilation_runs_eagerly_with_a_warning(monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    left, right = shifted_pair()
+    with caplog.at_level(logging.WARNING, logger="stereo_kd_core.network_estimator"):
+        estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
+    assert not estimator.compiled
+    assert "torch.compile unavailable (no compiler here)" in caplog.text
+    eager = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
+    np.testing.assert_array_equal(estimator.predict(left, right).disparity, eager.predict(left, right).disparity)
+
+
+def test_a_compiled_graph_that_fails_at_its_first_call_falls_back_to_eager(monkeypatch, caplog):
+    """Inductor compiles lazily: a C++ toolchain error surfaces at the first call, not in torch.compile."""
+    def compile_that_breaks_later(model, **kwargs):
+        def broken(*args):
+            raise RuntimeError("C++ compile error")
+        return broken
+
+    monkeypatch.setattr(torch, "compile", compile_that_breaks_later)
+    left, right = shifted_pair()
+    estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
+    assert estimator.compiled
+    with caplog.at_level(logging.WARNING, logger="stereo_kd_core.network_estimator"):
+        got = estimator.predict(left, right)
+    assert not estimator.compiled
+    assert "falling back to eager" in caplog.text and "C++ compile error" in caplog.text
+    eager = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
+    np.testing.assert_array_equal(got.disparity, eager.predict(left, right).disparity)
