@@ -9,6 +9,7 @@ from rclpy.parameter import Parameter
 from stereo_scene import make_scene
 
 from stereo_kd_core import StereoEstimator
+from stereo_kd_core.confidence import DEFAULT_MIN_CONFIDENCE
 from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.conversions import disparity_from_msg, point_cloud_to_numpy, unpack_rgb
 from stereo_kd_ros.node import scaled_search_range
@@ -141,7 +142,8 @@ def test_runtime_thresholds_and_dense_mode(make_harness, scene):
     assert not out_of_range[0].successful
     read_only = harness.node.set_parameters([Parameter("model", value="dsnet")])
     assert not read_only[0].successful
-    assert harness.node.settings.min_depth_m == 0.0 and harness.node.settings.confidence_threshold == 0.0
+    assert harness.node.settings.min_depth_m == 0.0
+    assert harness.node.settings.confidence_threshold == DEFAULT_MIN_CONFIDENCE
 
 
 def test_input_scale_halves_outputs_and_keeps_metric_geometry(make_harness):
