@@ -43,7 +43,7 @@ DROP_FRACTIONS = (0.1, 0.2, 0.3)
 AUC_FRACTIONS = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2))
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 ECE_BINS = 10
-ISOTONIC_KNOTS = 24
+ISOTONIC_KNOTS = 10
 FIT_PIXELS_PER_PAIR = 40000
 GENERATED = {"seed": 9026, "height": 320, "width": 512, "max_disparity": 160}  # scenes up to 128 px
 
@@ -286,6 +286,60 @@ def markdown(result: dict, datasets: list[str], chosen: str, threshold_keys: tup
     return "\n".join(lines)
 
 
+def confidence_latency_ms(network, height: int, width: int, runs: int = 15) -> dict:
+    """Median CPU time of the confidence's own work at one input size, in the estimator's precision:
+    today's (cost-resolution peak, bilinear) against the full-resolution cues + calibration, on
+    tensors of the network's shapes (the rest of the forward is the same for both)."""
+    from stereo_kd_core.models.blocks import soft_argmin
+    from stereo_kd_core.models.confidence import distribution_statistics, image_cues
+
+    stride = network.cost_stride
+    padded = [-(-size // network.stride) * network.stride for size in (height, width)]
+    h, w = padded[0] // stride, padded[1] // stride
+    knots = [float(v) for v in np.linspace(0, 1, ISOTONIC_KNOTS + 2)]
+    calibration = network.confidence_calibration or ConfidenceCalibration(  # a table of the shipped size
+        {"cues": list(CUE_NAMES), "weights": [0.1] * len(CUE_NAMES), "bias": 0.0,
+         "isotonic": {"x": knots, "y": knots}})
+    logits = torch.randn(1, network.num_disparities, h, w)
+    mask = torch.randn(1, 9 * stride * stride, h, w)
+    disparity, unrefined = torch.rand(1, h * stride, w * stride) * 50, torch.rand(1, h * stride, w * stride) * 50
+    left, right = torch.rand(1, 3, h * stride, w * stride), torch.rand(1, 3, h * stride, w * stride)
+    levels = soft_argmin(logits)
+
+    def today():
+        peak = distribution_statistics(logits, levels)[0]
+        return torch.nn.functional.interpolate(peak.unsqueeze(1), size=disparity.shape[-2:], mode="bilinear")
+
+    def full_resolution():
+        peak, spread = distribution_statistics(logits, levels)  # as StereoNetwork.infer_with_cues
+        edge = torch.nn.functional.max_pool2d(levels.unsqueeze(1), 3, 1, 1) + \
+            torch.nn.functional.max_pool2d(-levels.unsqueeze(1), 3, 1, 1)
+        up = network.upsample_cues(torch.stack([peak, spread * stride, edge[:, 0] * stride], dim=1), mask)
+        cues = {"peak": up[:, 0], "spread": up[:, 1], "coarse_edge": up[:, 2],
+                "refinement": (disparity - unrefined).abs(), "disparity": disparity,
+                **image_cues(disparity, left, right)}
+        return calibration(cues)
+
+    times = {}
+    with torch.inference_mode():
+        for name, fn in (("today_ms", today), ("full_resolution_ms", full_resolution)):
+            fn()
+            samples = []
+            for _ in range(runs):
+                start = time.perf_counter()
+                fn()
+                samples.append(1e3 * (time.perf_counter() - start))
+            times[name] = float(np.median(samples))
+    return times | {"added_ms": times["full_resolution_ms"] - times["today_ms"]}
+
+
+def write_latency(network) -> None:
+    latency = {f"{h}x{w}": confidence_latency_ms(network, h, w) for h, w in ((384, 640), (480, 640))}
+    print(f"confidence cost on the CPU (2 threads, ms): {json.dumps(latency)}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "confidence_latency_cpu.json").write_text(json.dumps(latency, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dsnet-fast", help="registry name or checkpoint of the network")
@@ -297,9 +351,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None,
                         help="keep the collected errors and cues in this folder (.npz) and reuse them when there")
     parser.add_argument("--write-table", action="store_true", help="write the fitted table next to the weights")
+    parser.add_argument("--latency-only", action="store_true", help="only time the confidence's cost (CPU)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     runner = CueRunner(args.model, args.lr)
+    if args.latency_only:
+        write_latency(runner.network)
+        return
     max_disparity = float(runner.network.max_disparity)
     rng = np.random.default_rng(0)
     print(f"generated pairs ({GENERATED}):", flush=True)

@@ -12,7 +12,7 @@ import numpy as np
 
 # Chosen from benchmarks/confidence_study.py's measurements on real pairs (README, "Confidence"):
 # the node's `confidence_threshold` default and the CLI's --min-confidence default.
-DEFAULT_MIN_CONFIDENCE = 0.5
+DEFAULT_MIN_CONFIDENCE = 0.8
 
 
 def low_confidence(confidence: np.ndarray, min_confidence: float) -> np.ndarray | None:

@@ -478,9 +478,11 @@ class StereoNetwork(nn.Module):
         refined = self.refine(unrefined, stages)
         disparity = unrefined if refined is None else refined
         peak, spread = distribution_statistics(logits, levels)
-        upsampled = self.upsample_cues(torch.stack([peak, spread * self.cost_stride], dim=1), mask)
-        cues = {"peak": upsampled[:, 0].clamp(0.0, 1.0), "spread": upsampled[:, 1],
-                "refinement": (disparity - unrefined).abs().float(),
+        coarse_edge = F.max_pool2d(levels.unsqueeze(1), 3, 1, 1) + F.max_pool2d(-levels.unsqueeze(1), 3, 1, 1)
+        in_pixels = levels.new_tensor([1.0, self.cost_stride, self.cost_stride]).view(1, 3, 1, 1)
+        upsampled = self.upsample_cues(torch.stack([peak, spread, coarse_edge[:, 0]], dim=1) * in_pixels, mask)
+        cues = {"peak": upsampled[:, 0].clamp(0.0, 1.0), "spread": upsampled[:, 1], "coarse_edge": upsampled[:, 2],
+                "refinement": (disparity - unrefined).abs().float(), "disparity": disparity.float(),
                 **image_cues(disparity, images[:batch], images[batch:])}
         return disparity[:, :height, :width].float(), {k: v[:, :height, :width].float() for k, v in cues.items()}
 

@@ -6,7 +6,10 @@ full resolution, shape (B, H, W) each:
 * `peak`: probability mass of the disparity distribution within +-1 level of its expected level,
   upsampled with the disparity's own convex weights (bilinear for networks without them);
 * `spread`: standard deviation of that distribution in pixels, upsampled the same way;
+* `coarse_edge`: range (max - min) of the expected disparity over 3 x 3 cost cells, in pixels,
+  upsampled the same way: depth edges at the scale the network matched;
 * `refinement`: |refined - unrefined disparity| in pixels (0 without a refinement head);
+* `disparity`: the disparity itself, pixels;
 * `edge`: disparity range (max - min) over a 5 x 5 window in pixels: depth edges;
 * `photometric`: 5 x 5 mean of |left - right warped by the disparity| (normalised colour);
 * `texture`: 5 x 5 mean of the left image's gradient magnitude (normalised colour);
@@ -28,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CUE_NAMES = ("peak", "spread", "refinement", "edge", "photometric", "texture", "outside")
+CUE_NAMES = ("peak", "spread", "coarse_edge", "refinement", "disparity", "edge", "photometric", "texture",
+             "outside")
 CUE_WINDOW = 5  # px, the window of the local cues (edge, photometric, texture)
 CALIBRATION_SUFFIX = ".confidence.json"  # next to a checkpoint: <stem>.confidence.json
 
@@ -90,7 +94,9 @@ def _logit(p: Tensor) -> Tensor:
 CUE_TRANSFORMS = {
     "peak": _logit,
     "spread": lambda x: torch.log(x + 0.1),
+    "coarse_edge": torch.log1p,
     "refinement": torch.log1p,
+    "disparity": lambda x: torch.log1p(x.clamp(min=0.0)),
     "edge": torch.log1p,
     "photometric": lambda x: torch.log(x + 0.01),
     "texture": lambda x: torch.log(x + 0.01),

@@ -17,7 +17,7 @@ from stereo_kd_core.models.confidence import CUE_NAMES, ConfidenceCalibration, c
 from stereo_kd_core.registry import resolve_shipped
 
 # A table as benchmarks/confidence_study.py writes them (numbers of no meaning).
-TABLE = {"cues": list(CUE_NAMES), "weights": [1.5, -0.4, -0.8, -0.3, -0.6, 0.2, -2.0], "bias": 0.7,
+TABLE = {"cues": list(CUE_NAMES), "weights": [1.5, -0.4, -0.5, -0.8, 0.1, -0.3, -0.6, 0.2, -2.0], "bias": 0.7,
          "isotonic": {"x": [0.0, 0.3, 0.6, 0.9, 1.0], "y": [0.05, 0.2, 0.55, 0.9, 0.97]}}
 # Held-out generated pairs: not the calibration's (seed 9026) nor the test split's (2026).
 HELD_OUT_SEED = 31
@@ -120,23 +120,29 @@ def test_shipped_confidence_is_calibrated_on_held_out_generated_pairs(shipped, h
 
 
 def test_regions_made_wrong_on_purpose_get_low_confidence(shipped, held_out_pairs):
+    """A strip of the right view replaced by noise (the left pixels that see it have no match) and a
+    textureless patch pasted into the left view only: the disparity there is mostly wrong, and the
+    confidence says so (measured: strip 0.57 and patch 0.47 mean, 83 % and 98 % below the default
+    threshold; the rest of the pair 0.81, 35 %)."""
     sample = held_out_pairs[0]
     left, right = sample["left"].copy(), sample["right"].copy()
     height, width = left.shape[:2]
-    rng = np.random.default_rng(0)
-    strip = (slice(40, height - 40), slice(150, 190))  # right view: a strip of fresh noise (left has no match)
-    right[strip] = rng.integers(0, 256, size=right[strip].shape, dtype=np.uint8)
-    shifted = (slice(40, height - 40), slice(150 + 24, 190 + 24))  # where those right pixels' matches lie, roughly
-    patch = (slice(60, 120), slice(260, 340))  # left view: a textureless patch the right view does not have
-    left[patch] = 128
+    right[40:height - 40, 150:190] = np.random.default_rng(0).integers(0, 256, (height - 80, 40, 3), dtype=np.uint8)
+    left[60:120, 260:340] = 128
     prediction = shipped.predict(left, right)
+    matched_column = np.arange(width)[None, :] - sample["disparity"]
+    rows = np.arange(height)[:, None]
+    strip = (matched_column >= 150) & (matched_column < 190) & (rows >= 40) & (rows < height - 40)
+    patch = np.zeros((height, width), bool)
+    patch[60:120, 260:340] = True
+    untouched = ~(strip | patch)
+    wrong = np.abs(prediction.disparity - sample["disparity"]) > 2.0
     confidence = prediction.confidence
-    untouched = np.ones((height, width), bool)
-    untouched[strip] = untouched[shifted] = untouched[patch] = False
-    untouched[:, :40] = False
-    for region in (patch,):
-        assert confidence[region].mean() < 0.5 * confidence[untouched].mean()
-    assert confidence[untouched].mean() > 0.7
+    for region in (strip, patch):
+        assert wrong[region].mean() > 0.5  # the regions are wrong indeed
+        assert confidence[region].mean() < confidence[untouched].mean() - 0.15
+        assert (confidence[region] < DEFAULT_MIN_CONFIDENCE).mean() > 0.75
+    assert (confidence[untouched] < DEFAULT_MIN_CONFIDENCE).mean() < 0.5
 
 
 def test_threshold_helpers_keep_exactly_the_pixels_at_or_above():
