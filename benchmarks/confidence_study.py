@@ -220,7 +220,7 @@ def scene_scores(error: np.ndarray, confidence: np.ndarray) -> dict:
     wrong = error > BAD_PX
     n = wrong.size
     by_confidence = wrong[np.argsort(confidence, kind="stable")]  # least confident first
-    by_error = np.sort(wrong)  # oracle: wrong pixels dropped first
+    by_error = np.sort(wrong)[::-1]  # oracle: wrong pixels dropped first
 
     def bad_after_drop(ranked: np.ndarray, fraction: float) -> float:
         return 100.0 * float(ranked[int(round(fraction * n)):].mean())
