@@ -320,9 +320,13 @@ def confidence_latency_ms(network, height: int, width: int, runs: int = 15) -> d
                 **image_cues(disparity, left, right)}
         return calibration(cues)
 
+    def whole_forward():  # for scale: the network's eval forward, confidence included
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return network(left[:, :, :height, :width], right[:, :, :height, :width])
+
     times = {}
     with torch.inference_mode():
-        for name, fn in (("today_ms", today), ("full_resolution_ms", full_resolution)):
+        for name, fn in (("today_ms", today), ("full_resolution_ms", full_resolution), ("forward_ms", whole_forward)):
             fn()
             samples = []
             for _ in range(runs):

@@ -54,9 +54,40 @@ def distribution_confidence(logits: Tensor, expected_level: Tensor) -> Tensor:
     return distribution_statistics(logits, expected_level)[0]
 
 
+def _window_reduce(x: Tensor, combine, pad_mode: str) -> Tensor:
+    """Reduce (B, 1, H, W) over a CUE_WINDOW x CUE_WINDOW window with `combine` (torch.maximum or
+    torch.add) as shifted slices, rows then columns: the CPU's max_pool2d / avg_pool2d run one
+    thread per channel and took 40-180x longer on a single-channel full-resolution map."""
+    half = CUE_WINDOW // 2
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (half, half, 0, 0), mode=pad_mode)
+    rows = padded[..., 0:width]
+    for shift in range(1, CUE_WINDOW):
+        rows = combine(rows, padded[..., shift:shift + width])
+    padded = F.pad(rows, (0, 0, half, half), mode=pad_mode)
+    out = padded[..., 0:height, :]
+    for shift in range(1, CUE_WINDOW):
+        out = combine(out, padded[..., shift:shift + height, :])
+    return out
+
+
+def _window_count(size: int, device: torch.device) -> Tensor:
+    """How many of a window's positions along one axis of `size` lie inside the image."""
+    index = torch.arange(size, device=device, dtype=torch.float32)
+    half = CUE_WINDOW // 2
+    return (index + half).clamp(max=size - 1) - (index - half).clamp(min=0) + 1
+
+
+def _local_max(x: Tensor) -> Tensor:
+    """(B, 1, H, W) -> the maximum over its window (image pixels only)."""
+    return _window_reduce(x, torch.maximum, "replicate")  # a replicated border pixel is in the window anyway
+
+
 def _local_mean(x: Tensor) -> Tensor:
-    """(B, 1, H, W) -> its CUE_WINDOW x CUE_WINDOW mean, same size."""
-    return F.avg_pool2d(x, CUE_WINDOW, stride=1, padding=CUE_WINDOW // 2, count_include_pad=False)
+    """(B, 1, H, W) -> the mean over its window of the pixels inside the image."""
+    height, width = x.shape[-2:]
+    count = _window_count(height, x.device).view(height, 1) * _window_count(width, x.device).view(1, width)
+    return _window_reduce(x, torch.add, "constant") / count
 
 
 def image_cues(disparity: Tensor, left: Tensor, right: Tensor) -> dict[str, Tensor]:
@@ -64,9 +95,7 @@ def image_cues(disparity: Tensor, left: Tensor, right: Tensor) -> dict[str, Tens
     edge, photometric, texture, outside; (B, H, W) each."""
     disparity = disparity.float().unsqueeze(1)  # (B, 1, H, W)
     left, right = left.float(), right.float()
-    half = CUE_WINDOW // 2
-    edge = F.max_pool2d(disparity, CUE_WINDOW, stride=1, padding=half) + \
-        F.max_pool2d(-disparity, CUE_WINDOW, stride=1, padding=half)
+    edge = _local_max(disparity) + _local_max(-disparity)
     height, width = disparity.shape[-2:]
     xs = torch.arange(width, device=disparity.device, dtype=torch.float32).view(1, 1, width) - disparity[:, 0]
     ys = torch.arange(height, device=disparity.device, dtype=torch.float32).view(1, height, 1).expand_as(xs)

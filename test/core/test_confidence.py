@@ -156,3 +156,25 @@ def test_threshold_helpers_keep_exactly_the_pixels_at_or_above():
     with pytest.raises(ValueError, match="min_confidence"):
         low_confidence(confidence, 1.5)
     assert 0.0 < DEFAULT_MIN_CONFIDENCE < 1.0
+
+
+def test_cli_min_confidence_removes_the_pixels_below_it_and_reports_the_density(held_out_pairs, tmp_path):
+    from stereo_kd_core.cli import main
+    from stereo_kd_core.data.io import read_pfm, write_image_rgb
+
+    sample = held_out_pairs[1]
+    write_image_rgb(tmp_path / "left.png", sample["left"])
+    write_image_rgb(tmp_path / "right.png", sample["right"])
+    runs = {}
+    for threshold in ("0", "0.8"):
+        out = tmp_path / threshold
+        assert main(["predict", "--model", "dsnet-fast", "--precision", "auto", "--device", "cpu",
+                     str(tmp_path / "left.png"), str(tmp_path / "right.png"), "--out", str(out),
+                     "--min-confidence", threshold, "--json", str(out / "summary.json")]) == 0
+        runs[threshold] = (read_pfm(out / "disparity.pfm"), json.loads((out / "summary.json").read_text()))
+    everything, summary_all = runs["0"]
+    kept, summary = runs["0.8"]
+    assert summary_all["density"] == 100.0 and summary["min_confidence"] == 0.8
+    assert 50.0 < summary["density"] < 100.0
+    assert summary["density"] == pytest.approx(100.0 * np.isfinite(kept).mean())
+    np.testing.assert_array_equal(kept[np.isfinite(kept)], everything[np.isfinite(kept)])  # the rest unchanged
