@@ -124,8 +124,10 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                expected_sha256: str | None = None) -> nn.Module:
-    """Rebuild the model from a checkpoint's config and load its weights strictly (eval mode)."""
+    """Rebuild the model from a checkpoint's config and load its weights strictly (eval mode), with
+    the confidence calibration `<stem>.confidence.json` beside the checkpoint when there is one."""
     from stereo_kd_core.models import build_model
+    from stereo_kd_core.models.confidence import ConfidenceCalibration, calibration_path
 
     ckpt = load_checkpoint(path, expected_sha256=expected_sha256)
     try:
@@ -133,4 +135,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} has a config that builds no model: {exc}") from None
     load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {path}")
+    calibration = calibration_path(path)  # its confidence calibration, a JSON table beside it
+    if calibration.is_file() and hasattr(model, "confidence_calibration"):
+        model.confidence_calibration = ConfidenceCalibration.read(calibration)
     return model.to(device).eval()

@@ -53,6 +53,21 @@ def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True
     parser.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
 
 
+def _add_min_confidence_arg(parser: argparse.ArgumentParser, meaning: str) -> None:
+    from stereo_kd_core.confidence import DEFAULT_MIN_CONFIDENCE
+
+    parser.add_argument("--min-confidence", type=_unit_interval, default=DEFAULT_MIN_CONFIDENCE,
+                        help=f"{meaning} (default {DEFAULT_MIN_CONFIDENCE:g}, the node's; confidence c = "
+                             "P(|error| <= 2 px))")
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from stereo_kd_core.train import run_training
 
@@ -107,12 +122,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.per_case:
             print(f"{case['name']:>24}  EPE {case['epe']:.3f}  bad2 {case['bad2']:.2f}%  D1 {case['d1']:.2f}%")
 
-    result = evaluate(estimator, samples, max_disparity=args.max_disparity, use_nocc=args.nocc, progress=show)
+    result = evaluate(estimator, samples, max_disparity=args.max_disparity, use_nocc=args.nocc, progress=show,
+                      min_confidence=args.min_confidence)
     result.update(ran, dataset=args.dataset, per_pair_ms=statistics.mean(case["ms"] for case in result["cases"]))
     mean = result["mean"]
     print(f"{args.dataset} ({len(result['cases'])} cases), {describe_line(ran)}: EPE {mean['epe']:.3f} px, "
           f"bad-1 {mean['bad1']:.2f}%, bad-2 {mean['bad2']:.2f}%, bad-3 {mean['bad3']:.2f}%, D1 {mean['d1']:.2f}%; "
           f"mean {result['per_pair_ms']:.0f} ms per pair")
+    if "kept" in mean:
+        print(f"confidence >= {args.min_confidence:g}: {mean['kept']:.1f}% of the pixels kept, "
+              f"bad-2 {mean['bad2_kept']:.2f}% and EPE {mean['epe_kept']:.3f} px on them")
     _write_json(args.json, result)
     return 0
 
@@ -120,6 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import cv2
 
+    from stereo_kd_core.confidence import density_percent, drop_low_confidence
     from stereo_kd_core.data.io import read_image_rgb, write_image_rgb, write_pfm
     from stereo_kd_core.geometry import StereoGeometry
     from stereo_kd_core.registry import SHA256_SHOWN, describe_line
@@ -130,10 +150,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     prediction = estimator.predict(left, right)
     ran["per_pair_ms"] = (time.perf_counter() - start) * 1e3  # a first run: includes one-time set-up
+    disparity = drop_low_confidence(prediction.disparity, prediction.confidence, args.min_confidence)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_pfm(out / "disparity.pfm", prediction.disparity)
-    colour = colorize_disparity(prediction.disparity, max_disparity=estimator.max_disparity)
+    write_pfm(out / "disparity.pfm", disparity)
+    colour = colorize_disparity(disparity, max_disparity=estimator.max_disparity)
     cv2.imwrite(str(out / "disparity.png"), cv2.cvtColor(colour, cv2.COLOR_RGB2BGR))
     # No calibration here: a nominal camera (focal = image width, unit baseline) shows the
     # shape of the scene up to scale.
@@ -141,14 +162,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     nominal = StereoGeometry.from_intrinsics(float(width), (width - 1) / 2, (height - 1) / 2, 1.0)
     sha = f" {ran['model_sha256'][:SHA256_SHOWN]}" if ran["model_sha256"] else ""
     title = f"{ran['model']}{sha} {ran['precision']} on {ran['device']}: {ran['per_pair_ms']:.0f} ms (first run)"
-    panel = stereo_panel(left, prediction.disparity, prediction.confidence,
-                         nominal.points_from_disparity(prediction.disparity), max_disparity=estimator.max_disparity,
-                         title=title)
+    panel = stereo_panel(left, disparity, prediction.confidence, nominal.points_from_disparity(disparity),
+                         max_disparity=estimator.max_disparity, title=title)
     write_image_rgb(out / "panel.png", panel)
+    density = density_percent(disparity)
     print(f"{describe_line(ran)}: {ran['per_pair_ms']:.0f} ms for this pair (a first run, one-time set-up "
           "included; `stereo-kd bench` measures steady latency)")
-    print(f"wrote {out / 'disparity.pfm'}, {out / 'disparity.png'} and {out / 'panel.png'}")
-    _write_json(args.json, ran)
+    print(f"wrote {out / 'disparity.pfm'}, {out / 'disparity.png'} and {out / 'panel.png'} "
+          f"({density:.1f}% of the pixels at confidence >= {args.min_confidence:g})")
+    _write_json(args.json, {**ran, "min_confidence": args.min_confidence, "density": density,
+                            "mean_confidence": float(prediction.confidence.mean())})
     return 0
 
 
@@ -161,7 +184,7 @@ def cmd_bag(args: argparse.Namespace) -> int:
                       right_image_topic=args.right_image_topic, left_info_topic=args.left_info_topic,
                       right_info_topic=args.right_info_topic, disparity_topic=args.disparity_topic,
                       points_topic=args.points_topic, use_color=not args.no_color, max_pairs=args.max_pairs,
-                      storage=args.storage, animation=args.animation)
+                      storage=args.storage, animation=args.animation, min_confidence=args.min_confidence)
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items()) or "none"
     per_pair = f", {summary['per_pair_ms']:.0f} ms per pair" if summary["per_pair_ms"] is not None else ""
     print(f"wrote {summary['output']} ({summary['storage']}): {summary['pairs_processed']} pairs with "
@@ -333,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic: pairs from real photographs (the test split) or procedural planes")
     p.add_argument("--nocc", action="store_true", help="only non-occluded pixels (where the data set has a mask)")
     p.add_argument("--per-case", action="store_true", help="print every case")
+    _add_min_confidence_arg(p, "also score only the pixels at or above this confidence (kept %%, bad2_kept, "
+                               "epe_kept); 0: off")
     p.add_argument("--json", default=None, help="write per-case and mean figures to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -341,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("left", help="left image")
     p.add_argument("right", help="right image")
     p.add_argument("--out", default="predict_out", help="output folder")
+    _add_min_confidence_arg(p, "pixels below this confidence are left out of the outputs; 0 keeps all")
     p.add_argument("--json", default=None, help="write what ran (model, file, SHA-256, backend, device, "
-                   "precision) and the time per pair to this JSON file")
+                   "precision), the time per pair and the density left to this JSON file")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bag", help="estimate a recorded ROS 2 bag offline: a new bag with disparity and points2")
@@ -361,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pairs", type=int, default=None, help="estimate at most this many pairs")
     p.add_argument("--animation", default=None, metavar="FILE.gif",
                    help="also write the result panels of the first 60 pairs as an animated GIF")
+    _add_min_confidence_arg(p, "pixels below this confidence are invalid in disparity and points2; 0 keeps all")
     p.add_argument("--json", default=None, help="write the summary to this JSON file")
     p.set_defaults(func=cmd_bag)
 

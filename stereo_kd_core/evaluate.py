@@ -19,8 +19,12 @@ def open_eval_dataset(name: str, root: str | None = None, **kwargs) -> Iterable[
 
 
 def evaluate(estimator: StereoEstimator, samples: Iterable[dict], max_disparity: int | None = None,
-             use_nocc: bool = False, progress=None) -> dict:
-    """Run the estimator on every sample that has ground truth; returns {"cases": [...], "mean": {...}}."""
+             use_nocc: bool = False, progress=None, min_confidence: float = 0.0) -> dict:
+    """Run the estimator on every sample that has ground truth; returns {"cases": [...], "mean": {...}}.
+    The usual figures score every pixel; with `min_confidence` > 0 each case also has the figures of
+    what a threshold publishes: `kept` (% of the valid pixels at or above it) and `epe_kept`,
+    `bad2_kept` (over those pixels)."""
+    from stereo_kd_core.confidence import drop_low_confidence
     from stereo_kd_core.metrics import aggregate_metrics, stereo_metrics
 
     max_disparity = max_disparity or estimator.max_disparity
@@ -33,6 +37,10 @@ def evaluate(estimator: StereoEstimator, samples: Iterable[dict], max_disparity:
         elapsed_ms = (time.perf_counter() - start) * 1e3
         mask = sample.get("nocc") if use_nocc else None
         metrics = stereo_metrics(prediction.disparity, sample["disparity"], max_disparity=max_disparity, mask=mask)
+        if min_confidence > 0:
+            disparity = drop_low_confidence(prediction.disparity, prediction.confidence, min_confidence)
+            kept = stereo_metrics(disparity, sample["disparity"], max_disparity=max_disparity, mask=mask)
+            metrics.update(kept=kept["density"], epe_kept=kept["epe"], bad2_kept=bad2_of_kept(kept))
         metrics.update(name=sample["name"], ms=elapsed_ms)
         cases.append(metrics)
         if progress is not None:
@@ -40,5 +48,14 @@ def evaluate(estimator: StereoEstimator, samples: Iterable[dict], max_disparity:
     if not cases:
         raise ValueError("no sample with ground truth disparity in the data set")
     numeric = [{k: v for k, v in c.items() if k not in ("name",)} for c in cases]
-    return {"model": estimator.name, "max_disparity": max_disparity, "cases": cases,
+    return {"model": estimator.name, "max_disparity": max_disparity, "min_confidence": min_confidence, "cases": cases,
             "mean": aggregate_metrics(numeric)}
+
+
+def bad2_of_kept(metrics: dict) -> float:
+    """bad-2 (%) over the pixels with a prediction, from stereo_metrics' bad2 and density (which
+    count the pixels without one as wrong)."""
+    density = metrics["density"]
+    if not density > 0:
+        return float("nan")
+    return 100.0 * max(metrics["bad2"] - (100.0 - density), 0.0) / density

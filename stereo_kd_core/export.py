@@ -15,7 +15,8 @@ ONNX_OPSET = 18  # "17 or newer"; 18 is what the dynamo exporter emits natively
 
 OUTPUT_MEANINGS = {
     "disparity": "float32 (B, H, W): left-view disparity in pixels at input resolution",
-    "confidence": "float32 (B, H, W) in [0, 1]: peakedness of the disparity distribution",
+    "confidence": "float32 (B, H, W) in [0, 1]: P(|error| <= 2 px) with the network's confidence calibration "
+                  "(in the graph), else the peak probability of the disparity distribution",
 }
 
 

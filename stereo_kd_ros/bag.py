@@ -4,8 +4,8 @@ Reads the rectified stereo topics of a rosbag2 bag (sqlite3 or MCAP), pairs left
 images by equal header stamps (as the node's exact sync does), runs StereoEstimator on every
 pair and writes a new bag holding every input message unchanged plus `disparity`
 (stereo_msgs/msg/DisparityImage) and `points2` (sensor_msgs/msg/PointCloud2), built with the
-same payload code and defaults as the node (organized cloud, rgb when use_color, no
-confidence threshold, no depth limits). Each output is logged at the receive time of the image
+same payload code and defaults as the node (organized cloud, rgb when use_color, the node's
+default minimum confidence, no depth limits). Each output is logged at the receive time of the image
 that completed its pair and stamped with the left image's header.
 
 Skipped pairs are counted by reason in the summary, with the node's reason names:
@@ -29,6 +29,7 @@ from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
 from stereo_kd_core import StereoEstimator, registry
+from stereo_kd_core.confidence import DEFAULT_MIN_CONFIDENCE, density_percent, drop_low_confidence, low_confidence
 from stereo_kd_core.data.bag import SkippedPairError, StereoPairing
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_core.viz import stereo_panel, write_animation
@@ -105,6 +106,7 @@ def run_bag(
     animation: str | Path | None = None,
     animation_fps: float = 5.0,
     animation_frames: int = 60,
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
 ) -> dict:
     """Run the estimator over a bag's stereo pairs; write `output_path` (a new bag) and return a summary
     (with what ran: registry.describe_estimator). model: as StereoEstimator.load (None: the default).
@@ -113,6 +115,8 @@ def run_bag(
     max_pairs: estimate at most this many pairs (every input message is still copied).
     animation: also write the first `animation_frames` result panels (left, disparity, confidence,
     point cloud) as an animated GIF (or MP4 where Pillow is missing) at this path.
+    min_confidence: pixels below this confidence are invalid in disparity and points2; the summary's
+    `density` is the mean percentage of pixels left.
     """
     input_path, output_path = Path(input_path), Path(output_path)
     if storage is not None and storage not in STORAGES:
@@ -130,6 +134,8 @@ def run_bag(
     skipped: Counter = Counter()
     processed, copied, inference_s = 0, 0, 0.0
     panels: list[np.ndarray] = []
+    densities: list[float] = []
+    low_confidence(np.zeros(1), min_confidence)  # a bad threshold fails before any work
     start = time.perf_counter()
 
     with Reader(input_path) as reader:
@@ -156,7 +162,8 @@ def run_bag(
                 prediction = estimator.predict(left_rgb, pair.right_rgb)
             except (ValueError, RuntimeError) as error:
                 raise SkippedPairError("estimator_error") from error
-            disparity = prediction.disparity  # (H, W) float32, NaN invalid
+            disparity = drop_low_confidence(prediction.disparity, prediction.confidence, min_confidence)
+            densities.append(density_percent(disparity))  # (H, W) float32 above, NaN invalid
             if animation is not None and len(panels) < animation_frames:
                 panels.append(stereo_panel(left_rgb, disparity, prediction.confidence,
                                            geometry.points_from_disparity(disparity), estimator.max_disparity))
@@ -218,5 +225,7 @@ def run_bag(
         "messages_added": 2 * processed,
         "topics_added": {disparity_topic: DISPARITY_TYPE, points_topic: POINTS_TYPE},
         "per_pair_ms": 1e3 * inference_s / processed if processed else None,
+        "min_confidence": min_confidence,
+        "density": float(np.mean(densities)) if densities else None,
         "seconds": time.perf_counter() - start,
     }

@@ -47,6 +47,7 @@ from stereo_msgs.msg import DisparityImage
 
 from stereo_kd_core import StereoEstimator, StereoPrediction
 from stereo_kd_core.checkpoint import CheckpointError
+from stereo_kd_core.confidence import DEFAULT_MIN_CONFIDENCE
 from stereo_kd_core.estimator import NetworkEstimator
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_core.rectification import (
@@ -129,7 +130,7 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("dense_points", False,
                   "points2 holds only valid points in one row (is_dense) instead of an organized cloud.",
                   read_only=False),
-    ParameterSpec("confidence_threshold", 0.0, "Pixels with lower confidence are invalid in every output.",
+    ParameterSpec("confidence_threshold", DEFAULT_MIN_CONFIDENCE, "Pixels below this confidence: invalid everywhere.",
                   read_only=False, value_range=(0.0, 1.0, 0)),
     ParameterSpec("min_depth_m", 0.0, "Points nearer than this are invalid in points2 and depth.",
                   read_only=False, value_range=(0.0, 10000.0, 0)),

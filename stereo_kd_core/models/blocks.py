@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .confidence import ConfidenceCalibration, distribution_statistics, image_cues
+
 FEATURE_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -311,16 +313,6 @@ def soft_argmin(logits: Tensor) -> Tensor:
     return (probability * levels.view(1, -1, 1, 1)).sum(1)
 
 
-def distribution_confidence(logits: Tensor, expected_level: Tensor) -> Tensor:
-    """Probability mass within +-1 level of the expected level: near 1 for a sharp
-    unimodal distribution, low for flat or multimodal ones.
-    (B, D, h, w), (B, h, w) -> (B, h, w) in [0, 1], float32."""
-    probability = torch.softmax(logits.float(), dim=1)
-    levels = torch.arange(logits.shape[1], device=logits.device, dtype=probability.dtype)
-    near = (levels.view(1, -1, 1, 1) - expected_level.unsqueeze(1)).abs() <= 1.0
-    return (probability * near).sum(1).clamp(0.0, 1.0)
-
-
 def full_resolution_regression(logits: Tensor, max_disparity: int, size: tuple[int, int]) -> Tensor:
     """ACVNet/GwcNet regression: upsample the cost to (max_disparity, H, W), softmax over
     disparity, soft argmin. (B, D, h, w) -> (B, H, W) in pixels.
@@ -400,6 +392,8 @@ class StereoNetwork(nn.Module):
     LAYER_STRIDES: tuple[int, int, int, int]
     NUM_HOURGLASSES: int
     feature_stages = FEATURE_STAGES
+    # Set by checkpoint.load_model from the checkpoint's calibration table, when there is one.
+    confidence_calibration: ConfidenceCalibration | None = None
 
     def __init__(
         self,
@@ -459,28 +453,52 @@ class StereoNetwork(nn.Module):
         features, left then right along the batch), or None for networks without a refinement."""
         return None
 
+    def upsample_cues(self, cues: Tensor, mask: Tensor | None) -> Tensor:
+        """Cost-resolution cues (B, C, h, w) -> (B, C, H, W) as the disparity is upsampled; here bilinear."""
+        return F.interpolate(cues, scale_factor=self.cost_stride, mode="bilinear")
+
+    def confidence(self, cues: dict[str, Tensor]) -> Tensor:
+        """Cues -> confidence (B, H, W) in [0, 1]: the calibration's P(|error| <= 2 px) when the
+        network has one (`confidence_calibration`), else the full-resolution peak probability."""
+        if self.confidence_calibration is None:
+            return cues["peak"]
+        return self.confidence_calibration(cues)
+
+    def infer_with_cues(self, left: Tensor, right: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eval-mode disparity (B, H, W) px and the uncalibrated confidence cues (B, H, W) each
+        (stereo_kd_core.models.confidence), from left, right (B, 3, H, W) RGB in [0, 1]."""
+        batch, _, height, width = left.shape
+        images = pad_to_multiple((torch.cat([left, right], dim=0) - self.mean) / self.std, self.stride)
+        stages, correlation, concat = self.features(images)
+        volume, _, _ = self.volume((correlation[:batch], correlation[batch:]), (concat[:batch], concat[batch:]))
+        logits = self.aggregation(volume, all_outputs=False)[-1]  # (B, D, h, w)
+        mask = self.upsample_mask(correlation[:batch])
+        levels = soft_argmin(logits)
+        unrefined = self.full_resolution_disparity(logits, levels, mask)  # (B, Hp, Wp)
+        refined = self.refine(unrefined, stages)
+        disparity = unrefined if refined is None else refined
+        peak, spread = distribution_statistics(logits, levels)
+        coarse_edge = F.max_pool2d(levels.unsqueeze(1), 3, 1, 1) + F.max_pool2d(-levels.unsqueeze(1), 3, 1, 1)
+        in_pixels = levels.new_tensor([1.0, self.cost_stride, self.cost_stride]).view(1, 3, 1, 1)
+        upsampled = self.upsample_cues(torch.stack([peak, spread, coarse_edge[:, 0]], dim=1) * in_pixels, mask)
+        cues = {"peak": upsampled[:, 0].clamp(0.0, 1.0), "spread": upsampled[:, 1], "coarse_edge": upsampled[:, 2],
+                "refinement": (disparity - unrefined).abs().float(), "disparity": disparity.float(),
+                **image_cues(disparity, images[:batch], images[batch:])}
+        return disparity[:, :height, :width].float(), {k: v[:, :height, :width].float() for k, v in cues.items()}
+
     def forward(self, left: Tensor, right: Tensor) -> dict[str, Tensor] | tuple[Tensor, Tensor]:
         """left, right: (B, 3, H, W) RGB in [0, 1]."""
+        if not self.training:
+            disparity, cues = self.infer_with_cues(left, right)
+            return disparity, self.confidence(cues)
         batch, _, height, width = left.shape
         images = torch.cat([left, right], dim=0)
         images = pad_to_multiple((images - self.mean) / self.std, self.stride)
         stages, correlation, concat = self.features(images)  # (2B, Cg, h, w), (2B, Cc, h, w)
         correlation_pair = correlation[:batch], correlation[batch:]
         volume, gwc, attention = self.volume(correlation_pair, (concat[:batch], concat[batch:]))
-        logits = self.aggregation(volume, all_outputs=self.training)  # K x (B, D, h, w)
+        logits = self.aggregation(volume, all_outputs=True)  # K x (B, D, h, w)
         mask = self.upsample_mask(correlation_pair[0])
-
-        if not self.training:
-            levels = soft_argmin(logits[-1])
-            disparity = self.full_resolution_disparity(logits[-1], levels, mask)
-            refined = self.refine(disparity, stages)
-            disparity = disparity if refined is None else refined
-            confidence = distribution_confidence(logits[-1], levels)
-            confidence = F.interpolate(confidence.unsqueeze(1), size=disparity.shape[-2:], mode="bilinear").squeeze(1)
-            return (
-                disparity[:, :height, :width].float(),
-                confidence[:, :height, :width].clamp(0.0, 1.0).float(),
-            )
 
         outputs: dict[str, Tensor] = {}
         for name in self.feature_stages:
@@ -566,3 +584,7 @@ class ConvexUpsamplingStereoNetwork(StereoNetwork):
 
     def full_resolution_disparity(self, logits: Tensor, levels: Tensor, mask: Tensor | None) -> Tensor:
         return self.upsampler(levels, mask)
+
+    def upsample_cues(self, cues: Tensor, mask: Tensor | None) -> Tensor:
+        """With the disparity's own convex weights (values unscaled)."""
+        return convex_upsample(cues / self.cost_stride, mask, self.cost_stride)

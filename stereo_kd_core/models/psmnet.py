@@ -29,10 +29,10 @@ from .blocks import (
     concat_volume,
     conv2d_bn_relu,
     conv3d_bn_relu,
-    distribution_confidence,
     init_weights,
     soft_argmin,
 )
+from .confidence import distribution_confidence
 
 PAD_MULTIPLE = 16  # 1/4 backbone, then the hourglasses halve h and w twice
 COST_STRIDE = 4

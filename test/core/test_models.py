@@ -14,11 +14,11 @@ from stereo_kd_core.models.blocks import (
     concat_volume,
     conv_layout,
     convex_upsample,
-    distribution_confidence,
     group_correlation_volume,
     pad_to_multiple,
     soft_argmin,
 )
+from stereo_kd_core.models.confidence import distribution_confidence
 from stereo_kd_core.models.profile import count_flops, count_parameters
 
 HEIGHT, WIDTH = 37, 61  # odd on purpose: exercises padding and cropping
