@@ -8,6 +8,7 @@ import torch
 
 from stereo_kd_core.checkpoint import save_checkpoint
 from stereo_kd_core.cli import main
+from stereo_kd_core.confidence import DEFAULT_MIN_CONFIDENCE
 from stereo_kd_core.data.io import read_pfm, write_image_rgb
 from stereo_kd_core.metrics import stereo_metrics
 from stereo_kd_core.models import build_model, default_config
@@ -155,9 +156,12 @@ def test_estimator_commands_default_to_the_shipped_student_at_auto_precision(tmp
         assert line in capsys.readouterr().out, name
         timing = {"predict": "per_pair_ms", "eval": "per_pair_ms", "bench": "median_ms", "bag": "per_pair_ms"}[name]
         assert result[timing] > 0, name
-    # the student's dense disparity, not SGBM's holes
+    # the student's disparity, NaN exactly where its confidence is under the default threshold (on this
+    # 64x128 noise pair the student is far off and says so: few or no pixels are kept)
     disparity = read_pfm(tmp_path / "p" / "disparity.pfm")
-    assert np.isfinite(disparity).all()
+    predicted = json.loads((tmp_path / "predict.json").read_text())
+    assert predicted["min_confidence"] == DEFAULT_MIN_CONFIDENCE
+    assert np.isfinite(disparity).mean() * 100 == pytest.approx(predicted["density"], abs=1e-6)
 
 
 def test_adapt_starts_from_the_default_student_and_says_so(tmp_path, capsys):
