@@ -48,7 +48,7 @@ from stereo_kd_core.data.io import read_image_rgb, read_middlebury_calib
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_core.rectification import CalibrationError, CameraCalibration, distort
 from stereo_kd_ros.conversions import image_to_numpy, numpy_to_image, stamp_to_ns
-from stereo_kd_ros.node import run
+from stereo_kd_ros.runner import run
 
 LEFT_FRAME = "left_optical"
 RIGHT_FRAME = "right_optical"
@@ -481,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--recorded-timing needs a bag source")
     return run(lambda: StereoPlayer(source, description, rate_hz=args.rate, frames=args.frames,
                                     loop=args.loop or repeats, recorded_timing=args.recorded_timing,
-                                    restamp=args.restamp, topics=topics), args_in)
+                                    restamp=args.restamp, topics=topics), args_in,
+               program="stereo_kd_player")
 
 
 if __name__ == "__main__":
