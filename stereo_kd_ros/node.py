@@ -160,10 +160,11 @@ class StereoNode(Node):
         """How long close() waits for the inference worker: covers the slowest inference seen so far."""
         return self.pipeline.shutdown_wait_s()
 
-    def close(self, timeout_s: float | None = None) -> None:
-        """Stop the inference worker: a frame in flight is not published. Waits up to `timeout_s`
-        (default shutdown_wait_s()) for it; a result arriving later is dropped without touching the node."""
-        self.pipeline.close(timeout_s)
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop taking pairs and stop the inference worker: a frame in flight is not published.
+        Waits up to `timeout_s` (default shutdown_wait_s()) for it; a result arriving later is
+        dropped without touching the node. Returns whether the worker has ended."""
+        return self.pipeline.close(timeout_s)
 
 
 def input_qos(values: dict[str, Any]) -> QoSProfile:
@@ -177,7 +178,8 @@ def input_qos(values: dict[str, Any]) -> QoSProfile:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console script `stereo_kd_node` (ROS arguments after --ros-args as usual)."""
+    """Run the node until SIGINT/SIGTERM (the console script `stereo_kd_node` calls this through
+    entry.node_main, which handles a stop signal during the imports too)."""
     from stereo_kd_ros.runner import run
 
     return run(StereoNode, argv)

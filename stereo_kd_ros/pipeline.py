@@ -168,6 +168,8 @@ class PairPipeline:
             self.reject("missing_camera_info", f"no camera_info received yet on {missing}/camera_info")
 
     def _submit(self, left: Image, right: Image) -> None:
+        if self._stopping:
+            return
         try:
             pair = self.prepare(left, right)
         except RejectedPairError as rejection:
@@ -342,15 +344,22 @@ class PairPipeline:
         with self.stats.lock:
             return max(MIN_SHUTDOWN_WAIT_S, 2.0 * self.stats.longest_inference_s)
 
-    def close(self, timeout_s: float | None = None) -> None:
-        """Stop the worker: a frame in flight is not published. Waits up to `timeout_s` (default
-        shutdown_wait_s()) for it; a result arriving later is dropped without touching the node."""
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop taking pairs and stop the worker: a frame in flight is not published. Waits up to
+        `timeout_s` (default shutdown_wait_s()) for it; a result arriving later is dropped without
+        touching the node. Returns whether the worker has ended."""
         with self._output_lock, self._wake:
             self._stopping = True
+            if self.waiting is not None:
+                self.waiting = None
+                with self.stats.lock:
+                    self.stats.discarded += 1
             self._wake.notify()
         wait_s = self.shutdown_wait_s() if timeout_s is None else timeout_s
         self.worker.join(wait_s)
         if self.worker.is_alive():
             self.node.get_logger().warning(
                 f"inference still running after {wait_s:.1f} s: its result will be dropped")
+            return False
+        return True
 
