@@ -74,10 +74,12 @@ class StereoNode(Node):
                                                   max_disparity=values["max_disparity"])
         self._rectification_device = (self._choose_rectification_device(values["rectify_on"])
                                       if values["rectify"] else None)
+        range_limit_px = self._network_range_limit(values["max_disparity"]) if estimator is None else None
 
         overrides = QoSOverridingOptions.with_default_policies()
         self.outputs = StereoOutputs(self, overrides, values["depth_encoding"], values["publish_depth"],
-                                     values["publish_confidence"], values["publish_rgb"], values["rectify"])
+                                     values["publish_confidence"], values["publish_rgb"], values["rectify"],
+                                     range_limit_px)
         tolerance = values["approximate_sync_tolerance_seconds"] if values["approximate_sync"] else None
         self.pipeline = PairPipeline(
             self, self.outputs, lambda: (self.estimator, self.settings), input_qos(values), overrides,
@@ -89,7 +91,8 @@ class StereoNode(Node):
         self.get_logger().info(
             f"model '{self.estimator.name}' ({self.estimator.backend}) on {self.estimator.device} "
             f"({self.estimator.precision}), "
-            f"max_disparity {self.estimator.max_disparity}, "
+            f"max_disparity {self.outputs.search_range_px(self.estimator)}"
+            f"{f' (of the {self.estimator.max_disparity} it was built for)' if range_limit_px else ''}, "
             f"{'approximate' if tolerance else 'exact'} sync"
             f"{' via message_filters' if self.pipeline.image_sync.uses_message_filters else ''}"
         )
@@ -136,6 +139,20 @@ class StereoNode(Node):
             self.estimator.rectifies_on_device = on_device
         return self.estimator.device if on_device else "cpu"
 
+    def _network_range_limit(self, max_disparity: int) -> int | None:
+        """A network searches the range it was built for: max_disparity below it is honoured by
+        invalidating larger disparities (returned as the limit); above it, it cannot be, and the
+        node refuses to start (ParameterError, also logged to /rosout)."""
+        built = self.estimator.max_disparity
+        if self._sgbm_max_disparity is not None or max_disparity == built:
+            return None
+        if max_disparity > built:
+            message = (f"max_disparity: {max_disparity} exceeds the {built} px that model '{self.estimator.name}' "
+                       f"was built for; give at most {built} (or a model built for more)")
+            self.get_logger().error(message)
+            raise ParameterError(message)
+        return max_disparity
+
     def _sgbm_for(self, input_scale: float) -> StereoEstimator:
         return StereoEstimator.load("sgbm", max_disparity=scaled_search_range(self._sgbm_max_disparity,
                                                                               input_scale))
@@ -149,7 +166,7 @@ class StereoNode(Node):
             values["rectification_device"] = self._rectification_device
         values.update(model=self.estimator.name, device=self.estimator.device,
                       input_scale=f"{self.settings.input_scale:g}",
-                      max_disparity=str(self.estimator.max_disparity))
+                      max_disparity=str(self.outputs.search_range_px(self.estimator)))
         return values
 
     def diagnostic_values(self) -> dict[str, str]:

@@ -33,12 +33,15 @@ class StereoOutputs:
 
     enabled: the optional outputs switched on (publish_depth, publish_confidence, publish_rgb;
     rectify adds left/image_rect_color).
+    range_limit_px: a search range narrower than the estimator's (a network built for more than
+    max_disparity asks for): larger disparities are invalid in every output.
     """
 
     def __init__(self, node: Node, overrides: QoSOverridingOptions, depth_encoding: str, publish_depth: bool,
-                 publish_confidence: bool, publish_rgb: bool, rectify: bool):
+                 publish_confidence: bool, publish_rgb: bool, rectify: bool, range_limit_px: int | None = None):
         self.node = node
         self.depth_encoding = depth_encoding
+        self.range_limit_px = range_limit_px
 
         def publisher(msg_type: type, topic: str, enabled: bool = True) -> Any:
             return (node.create_publisher(msg_type, topic, OUTPUT_QOS, qos_overriding_options=overrides)
@@ -70,6 +73,12 @@ class StereoOutputs:
         self.rect_color_msg = Image()
         self._deprecation_warned: set[str] = set()
 
+    def search_range_px(self, estimator: StereoEstimator) -> int:
+        """The disparity range the outputs hold: the estimator's, or the narrower limit."""
+        if self.range_limit_px is None:
+            return estimator.max_disparity
+        return min(self.range_limit_px, estimator.max_disparity)
+
     def wants_points(self) -> bool:
         """Whether a subscribed output needs the points (points2 or depth)."""
         return (self.points_pub.get_subscription_count() > 0
@@ -89,15 +98,21 @@ class StereoOutputs:
         """Build and publish every output somebody subscribes to, from `estimator`'s prediction
         for the (possibly resized) pair whose left image is `left` and geometry `geometry`."""
         disparity = prediction.disparity  # (H, W) float32, NaN invalid
-        low_confidence = None
+        search_range_px = self.search_range_px(estimator)
+        largest_px = estimator.min_disparity + search_range_px - 1
+        invalid = None  # (H, W) bool: below the confidence threshold or beyond the search range
         if settings.confidence_threshold > 0:
-            low_confidence = ~(prediction.confidence >= settings.confidence_threshold)
-            disparity = np.where(low_confidence, np.float32(np.nan), disparity)
+            invalid = ~(prediction.confidence >= settings.confidence_threshold)
+        if search_range_px < estimator.max_disparity:
+            with np.errstate(invalid="ignore"):
+                beyond = disparity > largest_px
+            invalid = beyond if invalid is None else invalid | beyond
+        if invalid is not None:
+            disparity = np.where(invalid, np.float32(np.nan), disparity)
         if self.disparity_pub.get_subscription_count():
             self.disparity_pub.publish(conversions.disparity_image(
                 disparity, header, geometry, min_disparity=estimator.min_disparity,
-                max_disparity=estimator.min_disparity + estimator.max_disparity - 1,
-                delta_d=DISPARITY_STEP, msg=self.disparity_msg))
+                max_disparity=largest_px, delta_d=DISPARITY_STEP, msg=self.disparity_msg))
 
         wants_cloud = self.points_pub.get_subscription_count() > 0
         wants_depth = subscribed(self.depth_pub)
@@ -109,8 +124,8 @@ class StereoOutputs:
             points = cloud[..., :3]  # (H, W, 3) metres, a view of the message data
             if prediction.points is not None:
                 conversions.write_points(cloud, prediction.points)
-                if low_confidence is not None:
-                    points[low_confidence] = np.nan
+                if invalid is not None:
+                    points[invalid] = np.nan
             else:
                 geometry.points_from_disparity(disparity, out=points)
             depth = cloud[..., 2]

@@ -35,7 +35,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
     ParameterSpec("device", "auto", "Inference device: auto (CUDA when available), cpu, cuda or cuda:N."),
     ParameterSpec("precision", "auto", "Network precision: auto (fp16 on CUDA; on the CPU the shipped model's "
                   "measured default, bf16 where the CPU has AMX/AVX-512 BF16, else fp32), fp32, fp16 or bf16."),
-    ParameterSpec("max_disparity", 192, "Disparity search range in pixels (multiple of 16).",
+    ParameterSpec("max_disparity", 192, "Disparity search range in pixels (multiple of 16). A network searches "
+                  "the range it was built for (192 for the shipped model): a smaller value invalidates larger "
+                  "disparities in every output; a larger one is refused.",
                   value_range=(16, 1024, 16)),
     ParameterSpec("approximate_sync", False, "Pair left/right images by nearest stamps instead of equal stamps."),
     ParameterSpec("approximate_sync_tolerance_seconds", 0.01,
