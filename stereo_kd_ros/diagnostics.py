@@ -12,6 +12,11 @@ from rclpy.node import Node
 
 from stereo_kd_ros.pipeline import PairPipeline
 
+# A status holds this long (and at least two periods) after the last pair, or the last rejected
+# pair, before it changes: input slower than the period (a loaded link, a slow camera) reads
+# "running", not "running" and "no input" in turn.
+STATUS_HOLD_S = 3.0
+
 
 def percentile(values: deque, q: float) -> float:
     return float(np.percentile(np.fromiter(values, dtype=np.float64), q)) if values else float("nan")
@@ -20,6 +25,9 @@ def percentile(values: deque, q: float) -> float:
 class StereoDiagnostics:
     """Publishes /diagnostics every `period_s` (rate, latency, counters of the last period) and
     logs a status line when the status changes, otherwise once per `status_log_period_s`.
+
+    The status (running, rejecting pairs, no input) changes with hysteresis: "no input" once no
+    pair came for STATUS_HOLD_S, "rejecting" until no pair was rejected for STATUS_HOLD_S.
 
     described: the node's own figures (model, device, ...) added to the pipeline's.
     """
@@ -30,6 +38,9 @@ class StereoDiagnostics:
         self.publisher = node.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._period_start = (time.monotonic(), 0, 0, 0)  # (t, processed, pairs, rejected)
         self._status_log_period_s = status_log_period_s
+        self._hold_s = max(STATUS_HOLD_S, 2.0 * period_s)
+        self._last_pair_s: float | None = None      # monotonic s of the last period with pairs
+        self._last_rejected_s: float | None = None  # ... with rejected pairs
         self._logged_status: tuple[str, float] | None = None  # (state, monotonic s) of the last status log
         node.create_timer(period_s, self.report)
 
@@ -71,10 +82,16 @@ class StereoDiagnostics:
             rejected_total = sum(stats.rejected.values())
             new_pairs, new_rejected = stats.pairs - start_pairs, rejected_total - start_rejected
             self._period_start = (time.monotonic(), stats.processed, stats.pairs, rejected_total)
+        now = time.monotonic()
+        if new_pairs:
+            self._last_pair_s = now
         if new_rejected:
+            self._last_rejected_s = now
+        if self._last_rejected_s is not None and now - self._last_rejected_s < self._hold_s:
             state, level, summary = ("rejecting", DiagnosticStatus.WARN,
-                                      f"{new_rejected} pairs rejected in the last period")
-        elif new_pairs == 0:
+                                     f"{new_rejected} pairs rejected in the last period" if new_rejected
+                                     else f"pairs rejected in the last {self._hold_s:g} s")
+        elif self._last_pair_s is None or now - self._last_pair_s >= self._hold_s:
             state, level, summary = "no_input", DiagnosticStatus.WARN, "no synchronized stereo input"
         else:
             state, level, summary = "running", DiagnosticStatus.OK, "running"
@@ -85,7 +102,6 @@ class StereoDiagnostics:
         array.header.stamp = self.node.get_clock().now().to_msg()
         self.publisher.publish(array)
         # A console line per period would flood a launch console: on change, else at a slow period.
-        now = time.monotonic()
         if (self._logged_status is not None and self._logged_status[0] == state
                 and now - self._logged_status[1] < self._status_log_period_s):
             return

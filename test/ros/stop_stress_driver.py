@@ -36,7 +36,7 @@ FLOWING_TIMEOUT_S = 60.0  # a node that processed no pair by then is signalled a
 
 def node_argv(index: int) -> list[str]:
     return ["stereo_kd_node", "--ros-args", "-r", f"__node:=stress_{index}", "-p", "model:=sgbm",
-            "-p", "max_disparity:=64", "-p", "use_system_default_qos:=true",
+            "-p", "max_disparity:=32", "-p", "use_system_default_qos:=true",
             "-p", "diagnostics_period_s:=0.1", "-p", "status_log_period_s:=0.1"]
 
 
@@ -109,9 +109,9 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=32, help="Node processes to start and stop.")
     parser.add_argument("--parallel", type=int, default=4, help="Nodes alive at once.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the signal moments.")
-    parser.add_argument("--max-delay", type=float, default=2.0,
+    parser.add_argument("--max-delay", type=float, default=1.0,
                         help="Latest first signal, s after the start or after the first frames.")
-    parser.add_argument("--rate", type=float, default=10.0, help="Published pairs per second.")
+    parser.add_argument("--rate", type=float, default=5.0, help="Published pairs per second.")
     args = parser.parse_args()
     threads = len(os.listdir("/proc/self/task"))
     if threads != 1:
@@ -121,7 +121,7 @@ def main() -> None:
     plans = [(index % 4 >= 2, rng.uniform(0.0, args.max_delay), rng.choice([signal.SIGINT, signal.SIGTERM]),
               rng.uniform(0.02, 0.5) if rng.random() < 0.3 else None) for index in range(args.cycles)]
     logs = tempfile.mkdtemp(prefix="stop_stress_")
-    publisher = start_publisher(args.rate, 320, 240)
+    publisher = start_publisher(args.rate, 160, 120)
     for first in range(0, args.cycles, args.parallel):
         batch = range(first, min(first + args.parallel, args.cycles))
         paths = {index: os.path.join(logs, f"{index}.log") for index in batch}

@@ -11,6 +11,7 @@ from stereo_scene import make_scene
 
 import stereo_kd_ros.pipeline as pipeline_module
 from stereo_kd_core.estimator import SGBMEstimator
+from stereo_kd_ros.diagnostics import STATUS_HOLD_S
 from stereo_kd_ros.pipeline import TIME_RESET_THRESHOLD_S, WARNING_INTERVAL_S
 
 ROS_DOMAIN_ID = 142 + TEST_DOMAIN_OFFSET
@@ -243,6 +244,22 @@ def test_status_line_is_logged_when_the_status_changes_not_every_period(make_har
     assert wait_until(lambda: harness.count("/diagnostics") >= reports + 10, timeout_s=30)
     assert (len(log.matching(RUNNING)), len(log.matching(NO_INPUT))) == (1, 2)
     assert harness.diagnostics()["rate_hz"] == "0.00"  # the rate stays on /diagnostics
+
+
+def test_input_slower_than_the_period_does_not_flap_the_status(make_harness, scene):
+    """Issue 25 D3: pairs every 0.5 s with a 0.1 s period (most periods without a pair) read
+    "running" throughout: one line when input starts, one when it stops (after STATUS_HOLD_S)."""
+    harness = make_harness(diagnostics_period_s=0.1, status_log_period_s=3600.0)
+    log = RosoutRecorder(harness)
+    assert wait_until(lambda: len(log.matching(NO_INPUT)) == 1)
+    harness.send_infos(*scene.camera_infos(Time(sec=10)))
+    for sec in range(10, 18):
+        harness.send_images(*scene.images(Time(sec=sec)))
+        time.sleep(0.5)
+        assert len(log.matching(NO_INPUT)) == 1, log.messages  # still the start-up line only
+    assert len(log.matching(RUNNING)) == 1
+    assert wait_until(lambda: len(log.matching(NO_INPUT)) == 2, timeout_s=STATUS_HOLD_S + 10)
+    assert len(log.matching(RUNNING)) == 1
 
 
 def test_an_unchanged_status_is_logged_once_per_status_log_period(make_harness):

@@ -110,10 +110,10 @@ def test_stop_signals_while_frames_flow_are_a_clean_exit(ros_context):
 
 
 def test_start_stop_stress_never_crashes_or_hangs():
-    """32 node processes, 4 at a time, stopped at seeded random moments (half while starting, half
+    """32 node processes, 8 at a time, stopped at seeded random moments (half while starting, half
     after their first frames; some with a second signal; odd ones ending under a busy worker)."""
     result = subprocess.run([sys.executable, str(REPO_ROOT / "test" / "ros" / "stop_stress_driver.py"),
-                             "--cycles", "32", "--parallel", "4", "--seed", "25"],
+                             "--cycles", "32", "--parallel", "8", "--seed", "25"],
                             env={**env(), "ROS_DOMAIN_ID": str(ROS_DOMAIN_ID + 1)}, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr
