@@ -17,6 +17,7 @@ was printed.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import random
@@ -30,7 +31,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no BLAS thread pool: this 
 import stereo_kd_core  # noqa: E402, F401 - PyTorch, OpenCV: the heavy imports, once, before any fork
 from stereo_kd_ros import entry  # noqa: E402
 
-HANG_S = 40.0  # a node not gone this long after its last signal is hung
+HANG_S = float(os.environ.get("STOP_STRESS_HANG_S", "40"))  # a node not gone this long after its last signal is hung
 FLOWING_TIMEOUT_S = 60.0  # a node that processed no pair by then is signalled anyway (and reported)
 
 
@@ -41,13 +42,15 @@ def node_argv(index: int) -> list[str]:
 
 
 def start_node(index: int, log_path: str) -> int:
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # before the fork: read at once
     pid = os.fork()
     if pid:
+        os.close(log)
         return pid
     # Child: output to the log, then the console script's path and the normal interpreter exit.
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(log, 1)
     os.dup2(log, 2)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung node shows its stacks
 
     def start() -> int:  # as the console script's entry.node_main, with the node's own arguments
         import stereo_kd_ros.node as node_module  # rclpy starts threads: imported after the fork
@@ -148,6 +151,8 @@ def main() -> None:
         for index in batch:
             code = wait_exit(pids[index], HANG_S)
             if code is None:
+                os.kill(pids[index], signal.SIGUSR1)
+                time.sleep(1.0)
                 os.kill(pids[index], signal.SIGKILL)
                 os.waitpid(pids[index], 0)
             output = open(paths[index], errors="replace").read()
