@@ -17,6 +17,7 @@ was printed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import faulthandler
 import json
 import os
@@ -32,7 +33,13 @@ import stereo_kd_core  # noqa: E402, F401 - PyTorch, OpenCV: the heavy imports, 
 from stereo_kd_ros import entry  # noqa: E402
 
 HANG_S = float(os.environ.get("STOP_STRESS_HANG_S", "40"))  # a node not gone this long after its last signal is hung
+PR_SET_PDEATHSIG = 1  # prctl option (Linux)
 FLOWING_TIMEOUT_S = 60.0  # a node that processed no pair by then is signalled anyway (and reported)
+
+
+def die_with_parent() -> None:
+    """A forked child gets SIGKILL when the driver ends (a driver killed on a timeout leaves no node)."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def node_argv(index: int) -> list[str]:
@@ -48,6 +55,7 @@ def start_node(index: int, log_path: str) -> int:
         os.close(log)
         return pid
     # Child: output to the log, then the console script's path and the normal interpreter exit.
+    die_with_parent()
     os.dup2(log, 1)
     os.dup2(log, 2)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a hung node shows its stacks
@@ -68,6 +76,7 @@ def start_publisher(rate_hz: float, width: int, height: int) -> int:
     pid = os.fork()
     if pid:
         return pid
+    die_with_parent()
     import numpy as np
     import rclpy
     from builtin_interfaces.msg import Time
