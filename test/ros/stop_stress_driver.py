@@ -106,6 +106,13 @@ def start_publisher(rate_hz: float, width: int, height: int) -> int:
     os._exit(0)
 
 
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed a SIGTERM handler (the entry point's stop handlers)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
 def wait_exit(pid: int, timeout_s: float) -> int | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -140,18 +147,22 @@ def main() -> None:
         start = time.monotonic()
         pids = {index: start_node(index, paths[index]) for index in batch}
         due: dict[int, list[tuple[float, int]]] = {}  # index -> [(monotonic s, signal)], once known
-        flowing_at: dict[int, float] = {}
+        flowing_at: dict[int, float] = {}  # monotonic s from which a node's delay counts
         while any(due.get(index, True) for index in batch):
             now = time.monotonic()
             for index in batch:
                 after_frames, delay_s, stop_signal, second_s = plans[index]
                 if index not in due:
-                    if after_frames and index not in flowing_at:
-                        text = open(paths[index], errors="replace").read()
-                        if "| running" in text or now - start > FLOWING_TIMEOUT_S:
+                    # The first moment that counts is the entry point's first line (its stop handlers):
+                    # before it, the child still runs this driver's code, as a process before its
+                    # interpreter reaches the entry point.
+                    if index not in flowing_at:
+                        text = open(paths[index], errors="replace").read() if after_frames else ""
+                        if (("| running" in text) if after_frames else handles_sigterm(pids[index])) \
+                                or now - start > FLOWING_TIMEOUT_S:
                             flowing_at[index] = now
                         continue
-                    origin = flowing_at[index] if after_frames else start
+                    origin = flowing_at[index]
                     due[index] = [(origin + delay_s, stop_signal)] + (
                         [(origin + delay_s + second_s, signal.SIGINT)] if second_s else [])
                 while due[index] and due[index][0][0] <= now:
