@@ -76,6 +76,10 @@ def run_guarded(start: Callable[[], int]) -> int:
         _exit_now()
     finally:
         _StopState.phase = STOPPING
+        # The interpreter's exit resets Python-level handlers to the default action, which would
+        # let a late signal kill the process (exit -2 or -15): ignore the stop signals instead.
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
     return 0
 
 
