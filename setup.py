@@ -29,8 +29,8 @@ except ImportError:
 
 package_name = "stereo_kd_ros"
 console_scripts = {
-    "stereo_kd_node": "stereo_kd_ros.node:main",
-    "stereo_kd_player": "stereo_kd_ros.player:main",
+    "stereo_kd_node": "stereo_kd_ros.entry:node_main",
+    "stereo_kd_player": "stereo_kd_ros.entry:player_main",
     "stereo_kd_demo": "stereo_kd_ros.demo:main",
     "stereo-kd": "stereo_kd_core.cli:main",
 }

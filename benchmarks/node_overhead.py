@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from stereo_kd_ros.node import STATS_WINDOW, StereoNode
+    from stereo_kd_ros.node import StereoNode
+    from stereo_kd_ros.pipeline import STATS_WINDOW
 
     left, right, _ = motorcycle_640x480()
     max_disparity = 192

@@ -30,6 +30,8 @@ NODE_PARAMETER_ARGUMENTS: dict[str, tuple[type, str]] = {
     "max_disparity": (int, "Disparity search range in pixels (multiple of 16)."),
     "input_scale": (float, "Resize factor (0.1..1) applied to both images before the estimator."),
     "approximate_sync": (bool, "Pair left/right images by nearest stamps instead of equal stamps."),
+    "use_system_default_qos": (bool, "Subscribe reliably instead of with sensor-data QoS (best effort): for large "
+                                     "images over a link that loses fragments; needs reliable publishers."),
     "rectify": (bool, "Take the cameras' raw images (image_raw) and rectify them in the node."),
     "rectify_on": (str, "With rectify: auto (the estimator's GPU when on CUDA, else CPU), cpu or estimator."),
     "publish_depth": (bool, "Publish depth/image_rect + depth/camera_info (RGB-D consumers)."),

@@ -2,6 +2,6 @@
 
 import sys
 
-from stereo_kd_ros.node import main
+from stereo_kd_ros.entry import node_main
 
-sys.exit(main())
+sys.exit(node_main())

@@ -26,6 +26,7 @@ d, and r (9 values: the rotation from the raw camera to the rectified one).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ from stereo_kd_core.data.io import read_image_rgb, read_middlebury_calib
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_core.rectification import CalibrationError, CameraCalibration, distort
 from stereo_kd_ros.conversions import image_to_numpy, numpy_to_image, stamp_to_ns
-from stereo_kd_ros.node import run
+from stereo_kd_ros.runner import run
 
 LEFT_FRAME = "left_optical"
 RIGHT_FRAME = "right_optical"
@@ -57,6 +58,7 @@ RECORDED_TIMING_POLL_S = 0.005
 KITTI_IMAGE_DIRS = (("image_2", "image_3"), ("colored_0", "colored_1"))
 KITTI_CALIBS = (("calib_cam_to_cam", "P_rect_02", "P_rect_03"), ("calib", "P2", "P3"))  # 2015, 2012
 BAG_SUFFIXES = (".db3", ".mcap")
+LARGE_IMAGES_PROFILE = "fastdds_large_images.xml"
 BAG_PAIRING_QUEUE = 64  # unmatched images kept per side while pairing a bag; the oldest is evicted
 
 
@@ -80,7 +82,7 @@ class PlayerFrame:
 
 def motorcycle_pair() -> StereoFrames:
     """Middlebury 2014 Motorcycle, quarter resolution (741x500), as in skimage.data."""
-    from stereo_kd_core.evaluate import motorcycle_geometry, motorcycle_sample
+    from stereo_kd_core.data.motorcycle import motorcycle_geometry, motorcycle_sample
 
     sample = motorcycle_sample()
     return StereoFrames(left=sample["left"], right=sample["right"], geometry=motorcycle_geometry(),
@@ -437,6 +439,27 @@ class StereoPlayer(Node):
         self._pass = self._next = None
 
 
+def use_large_images_profile() -> None:
+    """Unless the environment names a Fast DDS profile (or another RMW), the player's participant
+    uses config/fastdds_large_images.xml: Fast DDS's own transports with a shared memory segment
+    that holds its images. With the built-in 0.5 MB segment a 1.1 MB image goes over UDP in 64 kB
+    fragments and, to a sensor-data (best effort) subscriber, most images lose one (README "QoS
+    and large images")."""
+    if os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE") or os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp") \
+            != "rmw_fastrtps_cpp":
+        return
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+    candidates = [Path(__file__).resolve().parents[1]]  # a source checkout
+    try:
+        candidates.insert(0, Path(get_package_share_directory("stereo_kd_ros")))
+    except (PackageNotFoundError, OSError):
+        pass
+    profile = next((path / "config" / LARGE_IMAGES_PROFILE for path in candidates
+                    if (path / "config" / LARGE_IMAGES_PROFILE).is_file()), None)
+    if profile is not None:
+        os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(profile)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script `stereo_kd_player`."""
     args_in = sys.argv if argv is None else argv
@@ -479,9 +502,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.recorded_timing and not is_bag(Path(args.source)):
         parser.error("--recorded-timing needs a bag source")
+    use_large_images_profile()  # before rclpy creates the participant
     return run(lambda: StereoPlayer(source, description, rate_hz=args.rate, frames=args.frames,
                                     loop=args.loop or repeats, recorded_timing=args.recorded_timing,
-                                    restamp=args.restamp, topics=topics), args_in)
+                                    restamp=args.restamp, topics=topics), args_in,
+               program="stereo_kd_player")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from sensor_msgs.msg import CameraInfo, Image
 from stereo_scene import make_scene
 
 from stereo_kd_ros.conversions import image_to_numpy, point_cloud_to_numpy, stamp_to_ns
-from stereo_kd_ros.node import PARAMETERS, ParameterError, validate_parameters
+from stereo_kd_ros.parameters import PARAMETERS, ParameterError, validate_parameters
 from stereo_kd_ros.sync import ExactTimeSynchronizer
 
 ROS_DOMAIN_ID = 149 + TEST_DOMAIN_OFFSET
@@ -47,7 +47,8 @@ class RGBDConsumer:
         node = harness.node
         # The harness records these topics too: the consumer's subscriptions make it two each.
         assert wait_until(lambda: all(pub.get_subscription_count() >= 2
-                                      for pub in (node.depth_pub, node.depth_info_pub, node.rgb_pub)))
+                                      for pub in (node.outputs.depth_pub, node.outputs.depth_info_pub,
+                                                  node.outputs.rgb_pub)))
 
     def _on_triple(self, depth: Image, info: CameraInfo, rgb: Image) -> None:
         with self._lock:
@@ -183,14 +184,15 @@ def test_nothing_is_built_for_outputs_nobody_subscribes_to(make_harness, scene):
     node = harness.node
     send_pair(harness, scene, Time(sec=1))
     assert wait_until(lambda: harness.count("disparity") == 1)
-    unbuilt = (node._cloud_msg, node._depth_msg, node._depth_alias_msg, node._confidence_msg, node._rgb_msg)
+    outputs = node.outputs
+    unbuilt = (outputs.cloud_msg, outputs.depth_msg, outputs.depth_alias_msg, outputs.confidence_msg, outputs.rgb_msg)
     assert all(len(msg.data) == 0 for msg in unbuilt)
-    assert node._camera_info_msg.width == 0
+    assert node.outputs.camera_info_msg.width == 0
 
     # A camera_info subscriber alone gets camera_infos; the images stay unbuilt.
     infos = []
     harness.io.create_subscription(CameraInfo, "rgb/camera_info", infos.append, 10)
-    assert wait_until(lambda: node.rgb_info_pub.get_subscription_count() == 1)
+    assert wait_until(lambda: node.outputs.rgb_info_pub.get_subscription_count() == 1)
     send_pair(harness, scene, Time(sec=2))
     assert wait_until(lambda: len(infos) == 1 and harness.count("disparity") == 2)
     assert (infos[0].width, infos[0].height) == (WIDTH, HEIGHT)

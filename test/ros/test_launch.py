@@ -57,6 +57,7 @@ def test_every_node_parameter_argument_has_the_node_parameters_type():
     ("input_scale", "1", 1.0), ("input_scale", "0.5", 0.5), ("input_scale", "1e-1", 0.1),
     ("max_disparity", "64", 64), ("approximate_sync", "true", True), ("approximate_sync", "False", False),
     ("model", "123", "123"), ("model", "true", "true"), ("device", "cuda:0", "cuda:0"),
+    ("use_system_default_qos", "true", True),
 ])
 def test_arguments_become_values_of_the_node_parameters_type(name, text, value):
     typed = launch.node_parameter_overrides(arguments(**{name: text}))

@@ -13,7 +13,7 @@ from std_msgs.msg import Header
 from stereo_scene import make_scene
 
 from stereo_kd_ros.conversions import disparity_from_msg, stamp_to_ns
-from stereo_kd_ros.node import TIME_RESET_THRESHOLD_S
+from stereo_kd_ros.pipeline import TIME_RESET_THRESHOLD_S
 
 ROS_DOMAIN_ID = 146 + TEST_DOMAIN_OFFSET
 MAX_DISPARITY = 16

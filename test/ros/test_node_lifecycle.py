@@ -22,11 +22,11 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 from stereo_msgs.msg import DisparityImage
 
-import stereo_kd_ros.node as node_module
+import stereo_kd_ros.runner as runner_module
 from stereo_kd_core import StereoEstimator
 from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.conversions import numpy_to_image
-from stereo_kd_ros.node import MIN_SHUTDOWN_WAIT_S
+from stereo_kd_ros.pipeline import MIN_SHUTDOWN_WAIT_S
 
 ROS_DOMAIN_ID = 147 + TEST_DOMAIN_OFFSET
 
@@ -69,7 +69,7 @@ class Watcher:
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
 def test_signal_while_a_frame_is_in_flight_exits_cleanly(ros_context, stop_signal):
     # 1280x960 with a 256 px search range keeps SGBM busy for about 1 s: long enough to signal mid-frame.
-    process = subprocess.Popen(node_command("max_disparity:=256", "use_system_default_qos:=true",
+    process = subprocess.Popen(node_command("model:=sgbm", "max_disparity:=256", "use_system_default_qos:=true",
                                             "diagnostics_period_s:=0.1"),
                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     watcher = Watcher(ros_context)
@@ -169,7 +169,7 @@ def test_close_waits_for_an_inference_as_slow_as_the_slowest_seen(ros_context):
         harness.node.close()
         waited_s = time.monotonic() - start
         assert release_after_s - 0.1 <= waited_s < 2 * slowest_s, waited_s
-        assert not harness.node._worker.is_alive()
+        assert not harness.node.pipeline.worker.is_alive()
         assert (harness.node.stats.processed, harness.node.stats.discarded) == (1, 1)
         time.sleep(0.3)
         assert harness.count("disparity") == 1  # the frame in flight was not published
@@ -188,11 +188,11 @@ def test_a_result_after_close_is_dropped_without_touching_the_node(ros_context):
         send_pair(harness, 1)
         assert estimator.started.acquire(timeout=10)
         harness.node.close(timeout_s=0.1)
-        assert harness.node._worker.is_alive()  # still inside predict()
+        assert harness.node.pipeline.worker.is_alive()  # still inside predict()
         harness.close()  # node destroyed under the running inference
         estimator.release.set()
-        harness.node._worker.join(10)
-        assert not harness.node._worker.is_alive()
+        harness.node.pipeline.worker.join(10)
+        assert not harness.node.pipeline.worker.is_alive()
         assert (harness.node.stats.processed, harness.node.stats.discarded) == (0, 1)
         assert not harness.node.stats.rejected and not errors
     finally:
@@ -200,26 +200,27 @@ def test_a_result_after_close_is_dropped_without_touching_the_node(ros_context):
         estimator.release.set()
 
 
-def test_a_signal_between_the_spins_check_and_its_wait_set_is_a_clean_stop(monkeypatch):
-    """A clean-clone CI run saw SIGTERM land between rclpy's check of the context and its next
+def test_a_shutdown_between_the_spins_check_and_its_wait_set_is_a_clean_stop(monkeypatch):
+    """A clean-clone CI run saw the context shut down between rclpy's check of it and its next
     wait set: rclpy raised "the given context is not valid" and the player exited 1 with a
-    traceback. Here the context is shut down at exactly that point (as the signal handler does)."""
+    traceback. Stop signals no longer shut the context down, but a node may (the player at its
+    last frame): here the context is shut down at exactly that point."""
     raised = []
 
     class ShutdownUnderSpin(SingleThreadedExecutor):
-        def spin(self):
+        def spin_once(self, timeout_sec=None):
             assert self.context.ok()
-            self.context.try_shutdown()  # what rclpy's SIGTERM handler does
+            self.context.try_shutdown()  # what the player's last frame does
             try:
-                self.spin_once(timeout_sec=0)  # the next wait set, on the shut-down context
+                super().spin_once(timeout_sec=0)  # the next wait set, on the shut-down context
             except Exception as error:
                 raised.append(error)
                 raise
 
-    monkeypatch.setattr(node_module, "SingleThreadedExecutor", ShutdownUnderSpin)
+    monkeypatch.setattr(runner_module, "SingleThreadedExecutor", ShutdownUnderSpin)
     handlers = {stop: signal.getsignal(stop) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
-        assert node_module.run(lambda: Node("shutdown_race_probe")) == 0
+        assert runner_module.run(lambda: Node("shutdown_race_probe")) == 0
     finally:
         for stop, handler in handlers.items():
             signal.signal(stop, handler)

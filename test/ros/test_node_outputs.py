@@ -12,7 +12,7 @@ from stereo_kd_core import StereoEstimator
 from stereo_kd_core.confidence import DEFAULT_MIN_CONFIDENCE
 from stereo_kd_core.estimator import SGBMEstimator
 from stereo_kd_ros.conversions import disparity_from_msg, point_cloud_to_numpy, unpack_rgb
-from stereo_kd_ros.node import scaled_search_range
+from stereo_kd_ros.parameters import scaled_search_range
 
 ROS_DOMAIN_ID = 141 + TEST_DOMAIN_OFFSET
 CX_OFFSET = 2.0  # cx_left - cx_right: exercises the Q term stereo_image_proc also applies

@@ -9,9 +9,10 @@ from builtin_interfaces.msg import Time
 from conftest import TEST_DOMAIN_OFFSET, RosoutRecorder, wait_until
 from stereo_scene import make_scene
 
-import stereo_kd_ros.node as node_module
+import stereo_kd_ros.pipeline as pipeline_module
 from stereo_kd_core.estimator import SGBMEstimator
-from stereo_kd_ros.node import TIME_RESET_THRESHOLD_S, WARNING_INTERVAL_S
+from stereo_kd_ros.diagnostics import STATUS_HOLD_S
+from stereo_kd_ros.pipeline import TIME_RESET_THRESHOLD_S, WARNING_INTERVAL_S
 
 ROS_DOMAIN_ID = 142 + TEST_DOMAIN_OFFSET
 
@@ -127,7 +128,7 @@ def test_each_bad_input_is_rejected_counted_and_the_next_good_pair_processed(mak
     bad_info_times = rejected_at["bad_camera_info"]
     if bad_info_times[-1] - bad_info_times[0] < WARNING_INTERVAL_S:
         assert len(log.matching("[bad_camera_info]")) == 1, log.messages
-        assert harness.node._suppressed["bad_camera_info"] == 2
+        assert harness.node.pipeline._suppressed["bad_camera_info"] == 2
     else:  # a very slow machine: the third may open a new period, carrying the count of the second
         assert 1 <= len(log.matching("[bad_camera_info]")) <= 2, log.messages
     values = harness.diagnostics(until=lambda v: v["processed"] == str(len(BAD_INPUTS) + 1))
@@ -200,7 +201,7 @@ def test_latest_wins_under_load(make_harness):
     elapsed = time.monotonic() - start
     stats = harness.node.stats
     assert stats.dropped > 0
-    assert harness.node._waiting is None
+    assert harness.node.pipeline.waiting is None
     inference_s = np.median(stats.inference_ms) * 1e-3
     # Output rate is bounded by the estimator, not by the input rate.
     assert stats.processed <= elapsed / inference_s + 2
@@ -214,7 +215,7 @@ def test_a_pair_that_beats_the_first_camera_info_is_processed_when_it_arrives(ma
     (briefly) for them instead of being rejected. The wait is widened here from 1 s, so that a
     slow delivery of the camera_infos on a loaded machine cannot expire it (a clean-clone CI run
     once saw more than 1 s between the pair and its camera_infos)."""
-    monkeypatch.setattr(node_module, "AWAIT_CAMERA_INFO_S", 30.0)
+    monkeypatch.setattr(pipeline_module, "AWAIT_CAMERA_INFO_S", 30.0)
     harness = make_harness()
     harness.send_images(*scene.images(Time(sec=5)))
     assert wait_until(lambda: harness.node.stats.pairs == 1)
@@ -243,6 +244,22 @@ def test_status_line_is_logged_when_the_status_changes_not_every_period(make_har
     assert wait_until(lambda: harness.count("/diagnostics") >= reports + 10, timeout_s=30)
     assert (len(log.matching(RUNNING)), len(log.matching(NO_INPUT))) == (1, 2)
     assert harness.diagnostics()["rate_hz"] == "0.00"  # the rate stays on /diagnostics
+
+
+def test_input_slower_than_the_period_does_not_flap_the_status(make_harness, scene):
+    """Issue 25 D3: pairs every 0.5 s with a 0.1 s period (most periods without a pair) read
+    "running" throughout: one line when input starts, one when it stops (after STATUS_HOLD_S)."""
+    harness = make_harness(diagnostics_period_s=0.1, status_log_period_s=3600.0)
+    log = RosoutRecorder(harness)
+    assert wait_until(lambda: len(log.matching(NO_INPUT)) == 1)
+    harness.send_infos(*scene.camera_infos(Time(sec=10)))
+    for sec in range(10, 18):
+        harness.send_images(*scene.images(Time(sec=sec)))
+        time.sleep(0.5)
+        assert len(log.matching(NO_INPUT)) == 1, log.messages  # still the start-up line only
+    assert len(log.matching(RUNNING)) == 1
+    assert wait_until(lambda: len(log.matching(NO_INPUT)) == 2, timeout_s=STATUS_HOLD_S + 10)
+    assert len(log.matching(RUNNING)) == 1
 
 
 def test_an_unchanged_status_is_logged_once_per_status_log_period(make_harness):

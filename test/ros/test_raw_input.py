@@ -13,7 +13,7 @@ from stereo_scene import make_scene
 
 from stereo_kd_core.rectification import CameraCalibration, RectificationMaps, distort
 from stereo_kd_ros.conversions import disparity_from_msg, image_to_numpy, point_cloud_to_numpy
-from stereo_kd_ros.node import PARAMETERS, ParameterError, validate_parameters
+from stereo_kd_ros.parameters import PARAMETERS, ParameterError, validate_parameters
 
 ROS_DOMAIN_ID = 150 + TEST_DOMAIN_OFFSET
 WIDTH, HEIGHT = 192, 128
