@@ -20,7 +20,8 @@ LIMIT_PX = 16
 
 def test_a_network_honours_a_smaller_max_disparity(make_harness):
     scene = make_scene(plane_disparity=8, box_disparity=24)  # the box lies beyond the limit
-    harness = make_harness(model="dsnet-fast", max_disparity=LIMIT_PX)
+    # threshold 0: this test is about the disparity limit alone (the confidence threshold has its own)
+    harness = make_harness(model="dsnet-fast", max_disparity=LIMIT_PX, confidence_threshold=0.0)
     assert harness.node.estimator.max_disparity == 192  # the network as built
     stamp = Time(sec=1)
     harness.send_infos(*scene.camera_infos(stamp))
