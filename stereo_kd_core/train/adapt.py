@@ -31,7 +31,7 @@ import os
 import time
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from stereo_kd_core.distill import Distiller, SupervisedObjective, ground_truth_
 from stereo_kd_core.distill.losses import edge_aware_smoothness, photometric_loss
 from stereo_kd_core.distill.teacher_cache import write_npz_atomic
 from stereo_kd_core.estimator import NetworkEstimator, StereoEstimator, resolve_device
+from stereo_kd_core.train import adapt_judge
 from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, load_recipe
 from stereo_kd_core.train.trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, build_training_dataset
 
@@ -330,6 +331,11 @@ class LabelCache:
         with np.load(self.path(frame)) as stored:
             return stored["disparity"].astype(np.float32), stored["confidence"].astype(np.float32)
 
+    def confident(self, frame: Frame, min_confidence: float) -> np.ndarray:
+        """The label where its confidence is at least min_confidence, NaN elsewhere (H, W)."""
+        disparity, confidence = self.read(frame)
+        return np.where(confidence >= min_confidence, disparity, np.nan).astype(np.float32)
+
 
 # --- training data -----------------------------------------------------------------------
 class AdaptFrames(Dataset):
@@ -479,6 +485,12 @@ class AdaptTrainer(Trainer):
         self._teacher_network = teacher_network
         super().__init__(recipe, out_dir, dataset)
         load_state_dict_strict(self.student, dict(init_state), source="--init")
+        self.on_checkpoint: Callable[[int, nn.Module], None] | None = None  # the judge (adapt_judge.py)
+
+    def save(self, step: int, path: Path) -> None:
+        super().save(step, path)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, self.student)
 
     def build_objective(self, student: nn.Module) -> SupervisedObjective:
         adapt, loss = self.recipe["adapt"], self.recipe["loss"]
@@ -510,7 +522,7 @@ def adapt_recipe(source: str | Mapping, model_config: Mapping, overrides: Mappin
     recipe = load_recipe(source, {"model": dict(model_config), **overrides})
     adapt = recipe.get("adapt") or {}
     missing = {"every", "holdout", "min_confidence", "lr_check_px", "drop_worst", "photometric", "smoothness",
-               "replay_synthetic", "internal", "evaluation"} - set(adapt)
+               "replay_synthetic", "internal", "evaluation", "judge"} - set(adapt)
     if missing:
         raise RecipeError(f"an adapt recipe needs adapt.{', adapt.'.join(sorted(missing))}")
     if "teacher" in recipe:
@@ -538,9 +550,10 @@ def _predictions(network: nn.Module, samples: list[dict], device: str) -> list[n
 def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, teacher: str = "psmnet",
               init: str | None = None, recipe: str | Mapping = DEFAULT_RECIPE,
               overrides: Mapping[str, Any] | None = None, device: str = "auto",
-              topics: Mapping[str, str | None] | None = None) -> dict:
+              topics: Mapping[str, str | None] | None = None, keep_anyway: bool = False) -> dict:
     """Adapt a student to recorded stereo (see the module docstring); returns the report that
-    is also written to out_dir/before_after.json."""
+    is also written to out_dir/before_after.json. final.pt holds the start's weights unless the
+    judge (adapt_judge.py) finds the best adapted checkpoint better, or keep_anyway."""
     from stereo_kd_core.evaluate import open_eval_dataset
     from stereo_kd_core.viz import labelled_tiles
 
@@ -588,6 +601,16 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     dataset = ReplayMix(real, synthetic, float(replay))
 
     trainer = AdaptTrainer(recipe_dict, out_dir, dataset, student.state_dict(), teacher_network)
+    # the judge: the start, every checkpoint and the end, scored on the hold-out frames (else training frames)
+    judged = holdout_frames or train_frames
+    judged = [judged[i] for i in adapt_judge.pick_evenly(len(judged), int(adapt["judge"]["max_frames"]))]
+    judge_precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(trainer.autocast_dtype, "fp32")
+    judge = adapt_judge.Judge(
+        [adapt_judge.judge_frame(frame.sample(), None if cache is None else cache.confident(frame, adapt[
+            "min_confidence"]), student_max) for frame in judged],
+        [frame.key for frame in judged], out_dir, adapt["judge"], student.config, device, judge_precision)
+    judge.record(0, student)
+    trainer.on_checkpoint = judge.record
     started = time.perf_counter()
     last = out_dir / LAST_CHECKPOINT
     try:
@@ -597,7 +620,8 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     training_s = time.perf_counter() - started
     if final.name != FINAL_CHECKPOINT:
         raise RuntimeError(f"training stopped early at {final}")
-    adapted = load_model(final)
+    judge.record(trainer.total_steps, trainer.student)  # a resumed, finished run saves no checkpoint
+    adapted, candidate, decision = adapt_judge.settle(judge, student, final, recipe_dict, keep_anyway)
 
     # --- before / after ---
     def holdout_samples(with_labels: bool) -> list[dict]:
@@ -605,8 +629,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         for frame in holdout_frames:
             sample = frame.sample()
             if with_labels and cache is not None:
-                disparity, confidence = cache.read(frame)
-                sample = {**sample, "disparity": np.where(confidence >= adapt["min_confidence"], disparity, np.nan)}
+                sample = {**sample, "disparity": cache.confident(frame, adapt["min_confidence"])}
             elif with_labels:
                 sample.pop("disparity", None)
             samples.append(sample)
@@ -629,12 +652,15 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         "min_confidence": adapt["min_confidence"],
         "seconds": {"labels": labels_s, "training": training_s},
         "labels_computed": cache.computed if cache is not None else 0,
+        "judge": decision,
     }
     for key, samples in (("holdout_vs_teacher", labelled), ("holdout_vs_ground_truth", truth),
                          ("synthetic_test", synthetic_test)):
         before = _evaluate(student, samples, device, student_max)
-        report[key] = None if before is None else {"before": before, "after": _evaluate(adapted, samples, device,
-                                                                                         student_max)}
+        after = before if adapted is student else _evaluate(adapted, samples, device, student_max)
+        report[key] = None if before is None else {"before": before, "after": after}
+        if before is not None and adapted is student and candidate is not None:  # what the judge turned down
+            report[key]["adapted"] = _evaluate(candidate, samples, device, student_max)
     if report["holdout_vs_ground_truth"] is not None and cache is not None:
         from stereo_kd_core.metrics import aggregate_metrics, stereo_metrics
 

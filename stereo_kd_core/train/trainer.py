@@ -78,6 +78,18 @@ def lr_factor(schedule: Mapping, step: int, total_steps: int) -> float:
     return cosine(end, 1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
 
 
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.amp "auto" -> bf16 on CUDA with bf16 and on CPUs that compute it natively (AMX /
+    AVX-512 BF16, as inference's precision "auto"), fp16 on older CUDA, else none."""
+    from stereo_kd_core.estimator import cpu_has_native_bf16
+
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"
+
+
 # --- data --------------------------------------------------------------------------------
 class StepBatchSampler(Sampler):
     """Yields, for each step from start_step to end_step, this rank's list of (epoch, index).
@@ -210,7 +222,7 @@ class Trainer:
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         if train["init_from"] is not None:
             self._init_student(train["init_from"])
-        amp = train["amp"]
+        amp = resolve_amp(train["amp"], self.device)
         # bf16 autocast runs on the CPU too (AMX / AVX-512 BF16 units: 2.6x per step on our
         # Xeon); fp16 autocast needs CUDA
         if amp == "fp16" and self.device.type != "cuda":
