@@ -49,7 +49,7 @@ OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": CHECKPOINT_EVERY, "
              "adapt.evaluation": {"synthetic_n": 2, "synthetic_height": 256, "synthetic_width": 512}}
 
 
-def prepare(work: Path, group: str, teacher: str) -> tuple[Path, str]:
+def prepare(work: Path, group: str, teacher: str, realval: Path = REALVAL) -> tuple[Path, str]:
     """The group's pairs copied into work/<group>/frames and the teacher spec."""
     frames = work / group / "frames"
     for scene in GROUPS[group]:
@@ -57,7 +57,7 @@ def prepare(work: Path, group: str, teacher: str) -> tuple[Path, str]:
         if not target.is_dir():
             target.mkdir(parents=True)
             for name in ("im0.png", "im1.png", "disp0GT.pfm"):
-                shutil.copy(REALVAL / scene / name, target / name)
+                shutil.copy(realval / scene / name, target / name)
     if teacher == "sgbm":
         return frames, "sgbm"
     labels = work / group / f"labels-{teacher}"
@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="scratch folder: copies, labels, runs")
     parser.add_argument("--groups", nargs="*", default=list(GROUPS), help="scene groups to run")
     parser.add_argument("--teachers", nargs="*", default=list(TEACHERS), help="teachers to run")
+    parser.add_argument("--realval", type=Path, default=REALVAL, help="the realval folder")
     parser.add_argument("--summarize", action="store_true", help="only tabulate the runs already in --work")
     parser.add_argument("--min-gain", type=float, default=0.005, help="the judge's min_gain for the decisions")
     parser.add_argument("--json", type=Path, default=RESULTS / "adapt_criteria.json", help="results file")
@@ -136,7 +137,7 @@ def main() -> None:
                 out = args.work / group / f"run-{teacher}"
                 if (out / "before_after.json").is_file():
                     continue
-                frames, spec = prepare(args.work, group, teacher)
+                frames, spec = prepare(args.work, group, teacher, args.realval)
                 started = time.perf_counter()
                 run_adapt([frames], out, teacher=spec, init="dsnet-fast", device="cpu", overrides=OVERRIDES)
                 print(f"{group} {teacher}: {time.perf_counter() - started:.0f} s", flush=True)

@@ -17,10 +17,12 @@ resumes where the first stopped):
    is ignored; synthetic ground-truth batches (`replay_synthetic` of the samples) keep the
    student working elsewhere; optional self-supervision (`photometric`: SSIM + L1
    reconstruction of the left view, edge-aware smoothness); internal distillation points
-   (`internal`: features, volume, cost) when the teacher is a project network.
+   (`internal`, asked for: features, volume, cost) from a live teacher that is a project network.
 4. `before_after.json` and `before_after.png`: the student before and after against the
    teacher's labels (and ground truth where a folder has it) on the hold-out frames, and on
-   the fixed synthetic test split. The result, `final.pt`, is an ordinary checkpoint.
+   the fixed synthetic test split. The result, `final.pt`, is an ordinary checkpoint: the best
+   checkpoint by the judge (adapt_judge.py: evidence that is not the teacher's), or the start's
+   weights when that is not better than the start (`keep_anyway` takes the adapted ones).
 """
 
 from __future__ import annotations
@@ -652,6 +654,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         "min_confidence": adapt["min_confidence"],
         "seconds": {"labels": labels_s, "training": training_s},
         "labels_computed": cache.computed if cache is not None else 0,
+        "training_precision": judge_precision,
         "judge": decision,
     }
     for key, samples in (("holdout_vs_teacher", labelled), ("holdout_vs_ground_truth", truth),

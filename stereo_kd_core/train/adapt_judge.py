@@ -75,7 +75,8 @@ def sgbm_agreement(left: np.ndarray, right: np.ndarray, label: np.ndarray, max_d
 
 def pick_evenly(count: int, max_frames: int) -> list[int]:
     """At most max_frames indices of range(count), spread evenly, first and last included."""
-    return sorted({round(i * (count - 1) / max(max_frames - 1, 1)) for i in range(min(max_frames, count))})
+    picked = min(max_frames, count)
+    return sorted({round(i * (count - 1) / max(picked - 1, 1)) for i in range(picked)})
 
 
 def judge_frame(sample: Mapping, label: np.ndarray | None, max_disparity: int) -> JudgeFrame:
