@@ -198,7 +198,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    from stereo_kd_core.distill.teacher_cache import cache_teacher
+    from stereo_kd_core.train.label_cache import cache_teacher
 
     written = cache_teacher(args.teacher, args.data, top_k=args.top_k, precision=args.precision, device=args.device)
     print(f"teacher outputs written for {written} cases in {args.data}")

@@ -40,7 +40,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from stereo_kd_core.estimator import StereoEstimator, StereoPrediction, _check_pair, pair_peak
+from stereo_kd_core.estimator_base import StereoEstimator, StereoPrediction, check_pair, pair_peak
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ class OnnxEstimator(StereoEstimator):
         return -(-height // multiple) * multiple, -(-width // multiple) * multiple
 
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
-        left, right = _check_pair(left, right)
+        left, right = check_pair(left, right)
         height, width = left.shape[:2]
         outputs = self._run(self._feeds(left, right))
         disparity, scale = self._to_input_size(outputs[0], height, width, f"'{self.convention.disparity_output}'")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from stereo_kd_core.distill.teacher_cache import dense_probability, read_teacher_file, teacher_file
+
 from .augment import AugmentConfig, augment_sample
 from .io import read_image_rgb, read_kitti_disparity, read_mask, read_middlebury_calib, read_pfm
 from .synthetic import SyntheticStereoDataset
@@ -234,8 +236,6 @@ class TeacherCacheDataset(MiddleburyDataset):
     cost stride s, "teacher_stride")."""
 
     def __init__(self, root: str | os.PathLike, split_file: str | os.PathLike | None = None) -> None:
-        from stereo_kd_core.distill.teacher_cache import teacher_file
-
         super().__init__(root, split_file)
         missing = [case.name for case in self.cases if not teacher_file(case.left.parent).is_file()]
         if missing:
@@ -243,8 +243,6 @@ class TeacherCacheDataset(MiddleburyDataset):
                                     f"{missing[:3]}): run `stereo-kd cache-teacher --data {root}` first")
 
     def __getitem__(self, index: int) -> dict:
-        from stereo_kd_core.distill.teacher_cache import dense_probability, read_teacher_file, teacher_file
-
         sample = super().__getitem__(index)
         cached = read_teacher_file(teacher_file(self.cases[index].left.parent))
         sample["teacher_disparity"] = cached["disparity"].astype(np.float32)

@@ -39,7 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .synthetic import _plane, virtual_rig_calib
+from .virtual_rig import random_disparity_plane, virtual_rig_calib
 
 # scikit-image photographs that ship inside the wheel, of scenes only (stereo_motorcycle is an
 # evaluation pair and must never be a texture). Left out: text, page, grass, brick and coins (one repetitive pattern
@@ -250,8 +250,8 @@ class PhotoStereoGenerator:
         # back plane: anywhere from far to near (whole scene near happens: Motorcycle is 9-63 px)
         d_back = math.exp(rng.uniform(math.log(MIN_DISPARITY), math.log(0.75 * d_max)))
         span = rng.uniform(0, 0.5) * d_back
-        a, b, c = _plane(rng, (width / 2, height / 2), (width / 2, height / 2),
-                         max(MIN_DISPARITY, d_back - span), d_back + span, max_slope=0.3)
+        a, b, c = random_disparity_plane(rng, (width / 2, height / 2), (width / 2, height / 2),
+                                         max(MIN_DISPARITY, d_back - span), d_back + span, max_slope=0.3)
         planes = [a * x + b * y + c]
         if rng.random() < 0.6:  # ground plane: disparity linear in the row below a horizon, with roll
             horizon = rng.uniform(-0.3, 0.7) * height
@@ -354,7 +354,8 @@ class PhotoStereoGenerator:
         # most objects stand near what is behind them (clutter), fewer float close to the camera
         high = behind + 1.0 + (d_max - behind - 1.0) * rng.random() ** 2
         yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32)
-        a, b, c = _plane(rng, (cx, cy), (w / 2, h / 2), behind + 1.0, high, max_slope=MAX_PLANE_SLOPE)
+        a, b, c = random_disparity_plane(rng, (cx, cy), (w / 2, h / 2), behind + 1.0, high,
+                                         max_slope=MAX_PLANE_SLOPE)
         disparity = a * xx + b * yy + c
         if rng.random() < 0.3:  # curved: a dome or a bowl, staying within range
             bulge = rng.uniform(-0.15, 0.15) * min(radius, d_max)

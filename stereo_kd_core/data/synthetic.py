@@ -26,6 +26,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .io import write_image_rgb, write_middlebury_calib, write_pfm
+from .photo_stereo import PhotoStereoGenerator
+from .virtual_rig import random_disparity_plane, virtual_rig_calib
 
 # scikit-image images that ship inside the wheel (no download); unavailable ones are skipped
 PHOTO_NAMES = (
@@ -33,7 +35,6 @@ PHOTO_NAMES = (
     "page", "coins", "hubble_deep_field", "immunohistochemistry", "clock", "cell", "colorwheel",
 )  # never stereo_motorcycle: it is an evaluation pair
 BACKGROUND_DISPARITY_FRACTION = 0.12  # background disparities lie in [1, this * the scene range]
-MAX_SLOPE = 0.3  # |dd/dx|, |dd/dy| of a plane; keeps 1 - a well away from 0
 TEXTURE_BLUR_SIGMA = 0.8  # band-limits textures so sub-pixel (bilinear) lookups stay accurate
 OCCLUSION_TOLERANCE_PX = 1e-3
 MIN_DISPARITY = 1.0
@@ -201,41 +202,12 @@ class _Surface:
         return left_texel + weight * (right_texel - left_texel)
 
 
-def _plane(rng: np.random.Generator, centre: tuple[float, float], half_extent: tuple[float, float],
-           low: float, high: float, max_slope: float = MAX_SLOPE) -> tuple[float, float, float]:
-    """A random plane whose disparity stays within [low, high] over the box centre +- half_extent,
-    each slope also capped at max_slope."""
-    centre_disparity = rng.uniform(low, high)
-    room = min(centre_disparity - low, high - centre_disparity)
-    # split the allowed variation between the two slopes, each also capped at MAX_SLOPE
-    share = rng.uniform(0, 1)
-    slope_x = rng.uniform(-1, 1) * min(max_slope, share * room / max(half_extent[0], 1.0))
-    slope_y = rng.uniform(-1, 1) * min(max_slope, (1 - share) * room / max(half_extent[1], 1.0))
-    offset = centre_disparity - slope_x * centre[0] - slope_y * centre[1]
-    return slope_x, slope_y, offset
-
-
 def _attach_texture(rng: np.random.Generator, x_min: float, x_max: float, y_min: float, y_max: float,
                     device: torch.device) -> tuple[torch.Tensor, int, int]:
     x0, y0 = math.floor(x_min) - 1, math.floor(y_min) - 1
     width, height = math.ceil(x_max) + 2 - x0, math.ceil(y_max) + 2 - y0
     texture = torch.from_numpy(_texture(rng, height, width)).to(device)
     return texture, x0, y0
-
-
-VIRTUAL_BASELINE_MM = 100.0
-
-
-def virtual_rig_calib(width: int, height: int, max_disparity: int) -> dict:
-    """Middlebury-style calibration (same keys as `read_middlebury_calib`) of the generators' virtual
-    rig: focal length = image width (about 53 degrees field of view), principal point at the centre."""
-    focal_px = float(width)
-    cx, cy = (width - 1) / 2, (height - 1) / 2
-    camera = np.array([[focal_px, 0, cx], [0, focal_px, cy], [0, 0, 1]], dtype=np.float64)
-    return {
-        "cam0": camera, "cam1": camera.copy(), "doffs": 0.0, "baseline": VIRTUAL_BASELINE_MM,
-        "width": float(width), "height": float(height), "ndisp": float(max_disparity),
-    }
 
 
 # --------------------------------------------------------------------------- generator
@@ -272,7 +244,7 @@ class SyntheticStereoGenerator:
         y_min, y_max = -2.0, self.height + 1.0
         centre = ((x_min + x_max) / 2, (y_min + y_max) / 2)
         half = ((x_max - x_min) / 2, (y_max - y_min) / 2)
-        slope_x, slope_y, offset = _plane(rng, centre, half, MIN_DISPARITY, high)
+        slope_x, slope_y, offset = random_disparity_plane(rng, centre, half, MIN_DISPARITY, high)
         texture, tx0, ty0 = _attach_texture(rng, x_min, x_max, y_min, y_max, self.device)
         return _Surface(slope_x, slope_y, offset, x_min, x_max, y_min, y_max, texture, tx0, ty0)
 
@@ -306,7 +278,7 @@ class SyntheticStereoGenerator:
             (x_min, y_min), (x_max, y_max) = polygon.min(0), polygon.max(0)
         centre = ((x_min + x_max) / 2, (y_min + y_max) / 2)
         half = ((x_max - x_min) / 2, (y_max - y_min) / 2)
-        slope_x, slope_y, offset = _plane(rng, centre, half, low, self.scene_max_disparity)
+        slope_x, slope_y, offset = random_disparity_plane(rng, centre, half, low, self.scene_max_disparity)
         texture, tx0, ty0 = _attach_texture(rng, x_min, x_max, y_min, y_max, self.device)
         return _Surface(slope_x, slope_y, offset, x_min, x_max, y_min, y_max, texture, tx0, ty0, ellipse, polygon)
 
@@ -421,8 +393,6 @@ class SyntheticStereoDataset(Dataset):
     ) -> None:
         self.n = int(n)
         if kind == "photo":
-            from .photo_stereo import PhotoStereoGenerator
-
             self.generator = PhotoStereoGenerator(height, width, max_disparity, seed=seed, textures=textures,
                                                   builtin_photos=builtin_photos)
         elif kind == "planes":

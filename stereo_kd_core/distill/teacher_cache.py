@@ -16,6 +16,9 @@ Distillation from the cache uses the paper's output-side points: the aggregated 
 distribution (KL) and the disparity. Feature and cost-volume points need the teacher's
 internal tensors at every augmentation, which a cache would multiply in size; they remain
 available by running the teacher live (`Distiller`).
+
+This module is the file format and the teacher pass of one pair; `stereo_kd_core.train.label_cache`
+fills a folder (`stereo-kd cache-teacher`) and `data.datasets.TeacherCacheDataset` reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stereo_kd_core.distill.distiller import frozen_layers
 
 TEACHER_FILE = "teacher.npz"
 DEFAULT_TOP_K = 8
@@ -41,8 +46,6 @@ def teacher_targets(teacher: nn.Module, left: np.ndarray, right: np.ndarray, top
                     precision: str = "fp32") -> dict[str, np.ndarray]:
     """Run `teacher` once on one pair (uint8 HxWx3 RGB, sides multiples of 32) and return the
     arrays of a teacher.npz."""
-    from stereo_kd_core.distill.distiller import frozen_layers
-
     height, width = left.shape[:2]
     if height % 32 or width % 32:
         raise ValueError(f"teacher cache: image size {height}x{width} must be a multiple of 32")
@@ -97,21 +100,3 @@ def dense_probability(cost_index: np.ndarray, cost_prob: np.ndarray, levels: int
         np.add.at(dense, (cost_index[i].astype(np.int64), rows, cols), cost_prob[i].astype(np.float32))
     total = dense.sum(axis=0, keepdims=True)
     return np.divide(dense, total, out=np.zeros_like(dense), where=total > 0)
-
-
-def cache_teacher(teacher_path: str | os.PathLike, data_root: str | os.PathLike, top_k: int = DEFAULT_TOP_K,
-                  precision: str = "fp32", device: str = "cpu", progress: bool = True) -> int:
-    """Write CASE/teacher.npz for every case of a Middlebury-layout folder that lacks one
-    (resumable: existing files are kept). Returns the number of files written."""
-    from tqdm import tqdm
-
-    from stereo_kd_core.checkpoint import load_model
-    from stereo_kd_core.data import MiddleburyDataset, read_image_rgb
-
-    teacher = load_model(teacher_path, device=device)
-    dataset = MiddleburyDataset(data_root)
-    todo = [case for case in dataset.cases if not teacher_file(case.left.parent).is_file()]
-    for case in tqdm(todo, desc="teacher cache", disable=not progress):
-        targets = teacher_targets(teacher, read_image_rgb(case.left), read_image_rgb(case.right), top_k, precision)
-        write_npz_atomic(teacher_file(case.left.parent), targets)
-    return len(todo)

@@ -3,15 +3,13 @@
 The run, in order (everything lands in `out_dir`, and a second run with the same arguments
 resumes where the first stopped):
 
-1. Frames: every `--data` source (a rosbag2 bag, or a folder of rectified pairs in Middlebury
-   layout, KITTI layout or `left/` + `right/`) is read in time order (bags: log order of the
-   node's exact-stamp pairs; folders: name order), subsampled by `every`; the last `holdout`
-   fraction of each source never trains. Bag frames are written once to `frames/` as PNG.
-2. Pseudo-labels: the teacher runs once per frame; `labels/` holds the disparity and a
-   per-pixel confidence as compressed float16 (resumable). The confidence is the teacher's
-   own (from its disparity distribution) where the teacher agrees with itself run on the
-   mirrored, swapped pair (left-right check within `lr_check_px`), else 0. `labels:DIR`
-   teachers read precomputed files instead (confidence 1 wherever the file has a value).
+1. Frames (`stereo_kd_core.data.recordings`): every `--data` source (a rosbag2 bag, or a folder
+   of rectified pairs in Middlebury layout, KITTI layout or `left/` + `right/`) is read in time
+   order, subsampled by `every`; the last `holdout` fraction of each source never trains.
+2. Pseudo-labels (`stereo_kd_core.train.label_cache`): the teacher runs once per frame;
+   `labels/` holds the disparity and a per-pixel confidence (the teacher's own where its
+   left-right check passes within `lr_check_px`, else 0). `labels:DIR` teachers read
+   precomputed files instead.
 3. Training with the project's trainer: the student starts from `init`; pseudo-labels with
    confidence >= `min_confidence` supervise, the worst `drop_worst` fraction of them per batch
    is ignored; synthetic ground-truth batches (`replay_synthetic` of the samples) keep the
@@ -34,7 +32,6 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,325 +39,30 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from stereo_kd_core import registry
-from stereo_kd_core.checkpoint import CheckpointError, load_model, load_state_dict_strict, sha256_of_file
+from stereo_kd_core.checkpoint import load_model, load_state_dict_strict
 from stereo_kd_core.data import AugmentConfig, TrainingDataset
-from stereo_kd_core.data.datasets import KITTI_LAYOUT, MiddleburyDataset, PairFolderDataset, StereoFolderDataset
-from stereo_kd_core.data.io import read_kitti_disparity, read_pfm, write_image_rgb
+from stereo_kd_core.data.recordings import open_recordings, split_holdout
 from stereo_kd_core.distill import Distiller, SupervisedObjective, ground_truth_loss
 from stereo_kd_core.distill.losses import edge_aware_smoothness, photometric_loss
-from stereo_kd_core.distill.teacher_cache import write_npz_atomic
-from stereo_kd_core.estimator import NetworkEstimator, StereoEstimator, resolve_device
+from stereo_kd_core.estimator import NetworkEstimator, resolve_device
+from stereo_kd_core.evaluate import evaluate, open_eval_dataset
+from stereo_kd_core.metrics import aggregate_metrics, stereo_metrics
 from stereo_kd_core.train import adapt_judge
+from stereo_kd_core.train.label_cache import NO_TEACHER, AdaptFrames, FileTeacher, LabelCache, load_teacher
 from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, load_recipe
 from stereo_kd_core.train.trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, build_training_dataset
+from stereo_kd_core.viz import labelled_tiles
 
 DEFAULT_RECIPE = "adapt"
 DEFAULT_STUDENT = "dsnet-fast"  # the shipped default student, once its weights ship
-LABELS_PREFIX = "labels:"
-NO_TEACHER = "none"
-LABEL_SUFFIXES = (".pfm", ".png", ".npy")
-BAG_SUFFIXES = (".db3", ".mcap")
-FRAMES_DIR, LABELS_DIR = "frames", "labels"
-TEACHER_RECORD = "teacher.json"
 REPORT_JSON, REPORT_PICTURE = "before_after.json", "before_after.png"
 INTERNAL_TERMS = ("features", "volume", "cost")  # the teacher's disparity comes from the label cache
 PICTURE_FRAMES = 3  # hold-out frames shown in before_after.png
 
 
-# --- frames ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Frame:
-    """One stereo pair of a recording: case `index` of `dataset` (a folder data set)."""
-
-    source: int            # which --data
-    name: str              # the label file stem: Middlebury case, KITTI / left/ stem, bag index
-    dataset: StereoFolderDataset
-    index: int
-
-    @property
-    def key(self) -> str:
-        """Cache file stem, unique over all sources."""
-        return f"{self.source}/{self.name}"
-
-    def sample(self) -> dict:
-        return self.dataset[self.index]
-
-
-def open_folder(root: Path) -> StereoFolderDataset:
-    """A folder of rectified pairs: `left/` + `right/`, KITTI layout (image_2/ + image_3/ or
-    colored_0/ + colored_1/, optionally under training/ or testing/), or Middlebury layout."""
-    if (root / "left").is_dir() and (root / "right").is_dir():
-        return PairFolderDataset(root, "left", "right")
-    for base in (root, root / "training", root / "testing"):
-        for left_dir, right_dir, occ_dir, _ in KITTI_LAYOUT.values():
-            if (base / left_dir).is_dir() and (base / right_dir).is_dir():
-                return PairFolderDataset(base, left_dir, right_dir, occ_dir if (base / occ_dir).is_dir() else None)
-    if next(root.rglob("im0.png"), None) is not None:
-        return MiddleburyDataset(root)
-    raise FileNotFoundError(f"{root}: no stereo pairs: expected left/ + right/, KITTI layout (image_2/ + "
-                            "image_3/) or Middlebury layout (CASE/im0.png + CASE/im1.png)")
-
-
-def extract_bag(path: Path, frames_dir: Path, topics: Mapping[str, str | None] | None) -> StereoFolderDataset:
-    """Write a bag's usable stereo pairs as frames_dir/NNNNNN/{im0,im1}.png (six-digit index
-    among the pairs, time order) once, and open them as a folder data set."""
-    from stereo_kd_core.data.bag import read_stereo_frames
-
-    done = frames_dir / "complete.json"
-    if not done.is_file():
-        skipped: Counter = Counter()
-        count = 0
-        for frame in tqdm(read_stereo_frames(path, dict(topics or {}), skipped), desc=f"frames {path.name}",
-                          unit="pair", disable=None):
-            case = frames_dir / f"{frame.index:06d}"
-            case.mkdir(parents=True, exist_ok=True)
-            for name, image in (("im0.png", frame.left), ("im1.png", frame.right)):
-                rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, axis=2)
-                if rgb.dtype != np.uint8:  # 10-16 bit sensors: scaled by the pair's peak
-                    rgb = np.round(rgb.astype(np.float32) * (255.0 / max(int(frame.left.max()), 1))).astype(np.uint8)
-                write_image_rgb(case / name, rgb)
-            count += 1
-        done.write_text(json.dumps({"bag": str(path), "pairs": count, "skipped": dict(skipped)}) + "\n")
-    return MiddleburyDataset(frames_dir)
-
-
-def open_recordings(sources: Sequence[str | os.PathLike], out_dir: Path, every: int = 1,
-                    topics: Mapping[str, str | None] | None = None) -> list[list[Frame]]:
-    """The frames of every source, each list in time order and subsampled by `every`."""
-    if every < 1:
-        raise ValueError(f"--every must be >= 1, got {every}")
-    recordings = []
-    for number, source in enumerate(sources):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"--data {path}: no such file or folder")
-        is_bag = path.suffix in BAG_SUFFIXES or (path.is_dir() and (path / "metadata.yaml").is_file())
-        dataset = extract_bag(path, out_dir / FRAMES_DIR / str(number), topics) if is_bag else open_folder(path)
-        frames = [Frame(number, dataset.cases[index].name, dataset, index) for index in range(0, len(dataset), every)]
-        recordings.append(frames)
-    return recordings
-
-
-def split_holdout(recordings: Sequence[Sequence[Frame]], holdout: float) -> tuple[list[Frame], list[Frame]]:
-    """(training frames, hold-out frames): the last `holdout` fraction of each source (rounded
-    up) is held out, but every source keeps at least one training frame; ValueError when
-    holdout > 0 leaves no hold-out frame at all."""
-    if not 0.0 <= holdout < 1.0:
-        raise ValueError(f"--holdout must be in [0, 1), got {holdout}")
-    train, held = [], []
-    for frames in recordings:
-        count = min(math.ceil(holdout * len(frames)), len(frames) - 1) if holdout > 0 else 0
-        train.extend(frames[:len(frames) - count])
-        held.extend(frames[len(frames) - count:])
-    if holdout > 0 and not held:
-        raise ValueError(f"too few frames ({len(train)}) for --holdout {holdout}: give --holdout 0 or more frames")
-    return train, held
-
-
-# --- teachers and the pseudo-label cache -------------------------------------------------
-def left_right_consistent(disparity_left: np.ndarray, disparity_right: np.ndarray, threshold_px: float) -> np.ndarray:
-    """Left-right check: True where the right view's disparity, read at x - d(x), agrees with
-    d(x) within threshold_px. Both (H, W) pixels, NaN invalid; pixels whose match falls
-    outside the right image are inconsistent."""
-    import cv2
-
-    height, width = disparity_left.shape
-    xs = np.arange(width, dtype=np.float32)[None, :] - disparity_left.astype(np.float32)
-    ys = np.repeat(np.arange(height, dtype=np.float32)[:, None], width, axis=1)
-    right = np.nan_to_num(disparity_right.astype(np.float32), nan=-1e6)  # NaN poisons neighbours
-    seen = cv2.remap(right, np.nan_to_num(xs, nan=-1.0), ys, cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_CONSTANT, borderValue=-1e6)
-    with np.errstate(invalid="ignore"):
-        inside = np.isfinite(xs) & (xs >= 0) & (xs <= width - 1)
-        return inside & (np.abs(seen - disparity_left) <= threshold_px)
-
-
-class Teacher:
-    """Where pseudo-labels come from. label(frame, left, right) -> (disparity, confidence)."""
-
-    name: str
-    network: nn.Module | None = None  # a project network: internal distillation points
-    max_disparity: int | None = None
-
-    def identity(self) -> dict:
-        raise NotImplementedError
-
-    def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-
-class EstimatorTeacher(Teacher):
-    """Any StereoEstimator (network, ONNX model, SGBM); confidence = its own where the
-    left-right check on the mirrored, swapped pair passes, else 0."""
-
-    def __init__(self, estimator: StereoEstimator, identity: dict, lr_check_px: float) -> None:
-        self.estimator, self._identity, self.lr_check_px = estimator, identity, float(lr_check_px)
-        self.name = estimator.name
-        self.max_disparity = estimator.max_disparity
-        network = getattr(estimator, "network", None)
-        self.network = network if hasattr(network, "feature_stages") else None
-
-    def identity(self) -> dict:
-        return {**self._identity, "lr_check_px": self.lr_check_px}
-
-    def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        prediction = self.estimator.predict(left, right)
-        # mirrored, swapped: the right view becomes a left view with positive disparities
-        mirrored = self.estimator.predict(np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1]))
-        disparity_right = mirrored.disparity[:, ::-1]
-        consistent = left_right_consistent(prediction.disparity, disparity_right, self.lr_check_px)
-        confidence = np.where(consistent, prediction.confidence, 0.0).astype(np.float32)
-        return prediction.disparity, confidence
-
-
-def label_file(directory: Path, name: str) -> Path:
-    """DIR/<name>.pfm, .png (16-bit KITTI) or .npy; FileNotFoundError naming all three."""
-    for suffix in LABEL_SUFFIXES:
-        path = directory / f"{name}{suffix}"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"labels: no {' / '.join(f'{name}{s}' for s in LABEL_SUFFIXES)} in {directory}")
-
-
-def read_label(path: Path) -> np.ndarray:
-    """Disparity (H, W) float32 pixels, NaN where the file has none (0, inf, NaN)."""
-    if path.suffix == ".png":
-        disparity = read_kitti_disparity(path)
-    else:
-        disparity = read_pfm(path) if path.suffix == ".pfm" else np.load(path).astype(np.float32)
-        if disparity.ndim == 3:
-            disparity = disparity[:, :, 0]
-    disparity = np.array(disparity, dtype=np.float32)
-    with np.errstate(invalid="ignore"):
-        disparity[~(np.isfinite(disparity) & (disparity > 0))] = np.nan
-    return disparity
-
-
-class FileTeacher(Teacher):
-    """`labels:DIR`: precomputed disparity files, one per frame, named after the frame."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise FileNotFoundError(f"--teacher labels:{directory}: no such folder")
-        self.name = f"{LABELS_PREFIX}{self.directory}"
-
-    def identity(self) -> dict:
-        return {"teacher": f"{LABELS_PREFIX}{self.directory.resolve()}"}
-
-    def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        disparity = read_label(label_file(self.directory, frame.name))
-        if disparity.shape != left.shape[:2]:
-            raise ValueError(f"label of frame {frame.name} is {disparity.shape[1]}x{disparity.shape[0]}, "
-                             f"the frame {left.shape[1]}x{left.shape[0]}")
-        return disparity, np.isfinite(disparity).astype(np.float32)
-
-
-def psmnet_checkpoint() -> Path:
-    """The official PSMNet KITTI 2015 weights as our checkpoint, fetched, verified and converted
-    into the cache on first use (as `stereo-kd fetch-teacher` does)."""
-    from stereo_kd_core.teachers import convert_psmnet_checkpoint, default_cache_dir, fetch_psmnet_kitti2015
-
-    converted = default_cache_dir() / "psmnet_kitti2015.pt"
-    if not converted.is_file():
-        convert_psmnet_checkpoint(fetch_psmnet_kitti2015(), converted)
-    return converted
-
-
-def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0) -> Teacher | None:
-    """`none`, `labels:DIR`, a registry name (`psmnet` is fetched on first use), a checkpoint,
-    or an ONNX file (through StereoEstimator.load: output-level distillation only)."""
-    if spec == NO_TEACHER:
-        return None
-    if spec.startswith(LABELS_PREFIX):
-        return FileTeacher(spec[len(LABELS_PREFIX):])
-    if spec == "psmnet" and "psmnet" not in registry.shipped_models():
-        path = psmnet_checkpoint()
-        return EstimatorTeacher(StereoEstimator.load(str(path), device=device), {"teacher": "psmnet",
-                                "sha256": sha256_of_file(path)}, lr_check_px)
-    try:
-        estimator = StereoEstimator.load(spec, device=device)
-    except CheckpointError as error:
-        if spec.endswith(".onnx"):  # StereoEstimator.load runs ONNX files where its ONNX Runtime backend exists
-            raise ValueError(f"--teacher {spec}: this install's StereoEstimator cannot run ONNX models "
-                             f"({error})") from None
-        raise
-    path = Path(spec)
-    identity = {"teacher": spec, "sha256": sha256_of_file(path)} if path.is_file() else {
-        "teacher": spec, "sha256": registry.shipped_models().get(spec, {}).get("sha256")}
-    return EstimatorTeacher(estimator, identity, lr_check_px)
-
-
-class LabelCache:
-    """out_dir/labels/<source>/<name>.npz: float16 disparity (NaN invalid) and confidence,
-    compressed; written atomically, so a killed run loses at most the frame in flight."""
-
-    def __init__(self, out_dir: Path, teacher: Teacher) -> None:
-        self.root = out_dir / LABELS_DIR
-        self.root.mkdir(parents=True, exist_ok=True)
-        record = self.root / TEACHER_RECORD
-        identity = teacher.identity()
-        if record.is_file():
-            stored = json.loads(record.read_text())
-            if stored != identity:
-                raise ValueError(f"{self.root} holds labels of another teacher ({stored}, now {identity}): "
-                                 "give a new --out, or delete that folder to relabel")
-        else:
-            record.write_text(json.dumps(identity, indent=2) + "\n")
-        self.teacher = teacher
-        self.computed = 0  # frames the teacher ran on in this process
-
-    def path(self, frame: Frame) -> Path:
-        return self.root / f"{frame.key}.npz"
-
-    def fill(self, frames: Sequence[Frame]) -> None:
-        """Run the teacher on every frame without a cached label (progress bar)."""
-        missing = [frame for frame in frames if not self.path(frame).is_file()]
-        for frame in tqdm(missing, desc="teacher labels", unit="frame", disable=None):
-            sample = frame.sample()
-            disparity, confidence = self.teacher.label(frame, sample["left"], sample["right"])
-            path = self.path(frame)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_npz_atomic(path, {"disparity": disparity.astype(np.float16),
-                                    "confidence": np.clip(confidence, 0, 1).astype(np.float16)})
-            self.computed += 1
-
-    def read(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
-        """(disparity, confidence), float32 (H, W)."""
-        with np.load(self.path(frame)) as stored:
-            return stored["disparity"].astype(np.float32), stored["confidence"].astype(np.float32)
-
-    def confident(self, frame: Frame, min_confidence: float) -> np.ndarray:
-        """The label where its confidence is at least min_confidence, NaN elsewhere (H, W)."""
-        disparity, confidence = self.read(frame)
-        return np.where(confidence >= min_confidence, disparity, np.nan).astype(np.float32)
-
-
 # --- training data -----------------------------------------------------------------------
-class AdaptFrames(Dataset):
-    """Training frames as sample dicts; "disparity" is the pseudo-label where its confidence is
-    at least min_confidence, NaN elsewhere (all NaN without a teacher)."""
-
-    def __init__(self, frames: Sequence[Frame], cache: LabelCache | None, min_confidence: float) -> None:
-        self.frames, self.cache, self.min_confidence = list(frames), cache, float(min_confidence)
-
-    def __len__(self) -> int:
-        return len(self.frames)
-
-    def __getitem__(self, index: int) -> dict:
-        frame = self.frames[index]
-        sample = frame.sample()
-        if self.cache is None:
-            disparity = np.full(sample["left"].shape[:2], np.nan, dtype=np.float32)
-        else:
-            disparity, confidence = self.cache.read(frame)
-            disparity = np.where(confidence >= self.min_confidence, disparity, np.nan).astype(np.float32)
-        return {"left": sample["left"], "right": sample["right"], "disparity": disparity, "name": frame.name}
-
-
 class ReplayMix(Dataset):
     """Recorded frames followed by synthetic ground-truth samples, `fraction` of the whole;
     every item gets "real" (bool tensor). Epoch e reads synthetic samples e*k .. e*k + k - 1
@@ -533,8 +235,6 @@ def adapt_recipe(source: str | Mapping, model_config: Mapping, overrides: Mappin
 
 
 def _evaluate(network: nn.Module, samples: list[dict], device: str, max_disparity: int) -> dict | None:
-    from stereo_kd_core.evaluate import evaluate
-
     scored = [s for s in samples if s.get("disparity") is not None and np.isfinite(s["disparity"]).any()]
     if not scored:
         return None
@@ -556,9 +256,6 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     """Adapt a student to recorded stereo (see the module docstring); returns the report that
     is also written to out_dir/before_after.json. final.pt holds the start's weights unless the
     judge (adapt_judge.py) finds the best adapted checkpoint better, or keep_anyway."""
-    from stereo_kd_core.evaluate import open_eval_dataset
-    from stereo_kd_core.viz import labelled_tiles
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     student, init_name = load_student(init)
@@ -665,8 +362,6 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         if before is not None and adapted is student and candidate is not None:  # what the judge turned down
             report[key]["adapted"] = _evaluate(candidate, samples, device, student_max)
     if report["holdout_vs_ground_truth"] is not None and cache is not None:
-        from stereo_kd_core.metrics import aggregate_metrics, stereo_metrics
-
         teacher_labels = [cache.read(frame)[0] for frame in holdout_frames]
         per_case = [stereo_metrics(label, s["disparity"], max_disparity=student_max)
                     for label, s in zip(teacher_labels, truth, strict=True) if s.get("disparity") is not None]

@@ -160,9 +160,12 @@ class Judge:
         if int(config["max_frames"]) < 1:
             raise ValueError(f"adapt.judge.max_frames must be >= 1, got {config['max_frames']}")
         self.frames, self.criterion, self.min_gain = list(frames), criterion, float(config["min_gain"])
+        # left_right costs a second pass per frame: recorded when it judges or when asked (record_all)
+        self.recorded = tuple(name for name in RECORDED if name != "left_right" or config["record_all"]
+                              or criterion == "left_right")
         self.out_dir, self.model_config = Path(out_dir), dict(model_config)
         self.device, self.precision = device, precision
-        self.identity = {"criterion": criterion, "frames": list(frame_names)}
+        self.identity = {"criterion": criterion, "frames": list(frame_names), "recorded": list(self.recorded)}
         self.scores: dict[int, dict[str, float | None]] = {}
         path = self.out_dir / JUDGE_FILE
         if path.is_file():
@@ -187,7 +190,7 @@ class Judge:
         best adapted checkpoint so far."""
         if step in self.scores:
             return
-        self.scores[step] = measure(network, self.frames, self.device, self.precision)
+        self.scores[step] = measure(network, self.frames, self.device, self.precision, self.recorded)
         if step > 0 and self.best_adapted_step() == step:
             save_checkpoint(self.out_dir / ADAPTED_CHECKPOINT, network, self.model_config, step=step,
                             extra={"judge": {"criterion": self.criterion, "scores": self.scores[step]}})

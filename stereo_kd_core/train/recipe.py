@@ -45,7 +45,7 @@ SCHEMA: dict[str, Any] = {
         "every": ANY, "holdout": ANY, "min_confidence": ANY, "lr_check_px": ANY, "drop_worst": ANY,
         "photometric": ANY, "smoothness": ANY, "replay_synthetic": ANY, "internal": ANY,
         "evaluation": {"synthetic_n": ANY, "synthetic_height": ANY, "synthetic_width": ANY},
-        "judge": {"criterion": ANY, "min_gain": ANY, "max_frames": ANY},
+        "judge": {"criterion": ANY, "min_gain": ANY, "max_frames": ANY, "record_all": ANY},
     },
 }
 REQUIRED = ("model.arch", "data.train.name", "data.crop", "train.steps", "train.batch_size",

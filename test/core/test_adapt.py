@@ -16,20 +16,19 @@ from stereo_kd_core import StereoEstimator
 from stereo_kd_core.checkpoint import save_checkpoint
 from stereo_kd_core.cli import main as cli_main
 from stereo_kd_core.data.io import write_image_rgb, write_kitti_disparity, write_pfm
+from stereo_kd_core.data.recordings import open_recordings, split_holdout
 from stereo_kd_core.data.synthetic import SyntheticStereoGenerator, write_middlebury_dataset
 from stereo_kd_core.distill.losses import photometric_loss
 from stereo_kd_core.estimator import StereoPrediction
 from stereo_kd_core.models import build_model, default_config
-from stereo_kd_core.train import adapt
-from stereo_kd_core.train.adapt import (
+from stereo_kd_core.train import adapt, label_cache
+from stereo_kd_core.train.adapt import run_adapt
+from stereo_kd_core.train.label_cache import (
     AdaptFrames,
     EstimatorTeacher,
     FileTeacher,
     LabelCache,
     left_right_consistent,
-    open_recordings,
-    run_adapt,
-    split_holdout,
 )
 
 HEIGHT, WIDTH, MAX_DISPARITY = 64, 128, 32
@@ -143,7 +142,7 @@ def test_label_files_are_named_after_the_frame_in_every_layout(tmp_path):
             np.testing.assert_allclose(disparity, truth, atol=tolerance)
             assert (confidence == 1).all()
     with pytest.raises(FileNotFoundError, match=r"t0003\.pfm / t0003\.png / t0003\.npy"):
-        adapt.label_file(labels, "t0003")
+        label_cache.label_file(labels, "t0003")
     # --every keeps every Nth frame by time, --holdout the last fraction of each recording
     every = open_recordings([pairs], tmp_path / "out", every=2)
     assert [f.name for f in every[0]] == ["t0001"]
@@ -381,9 +380,9 @@ def test_onnx_teacher_goes_through_stereo_estimator(tmp_path):
         StereoEstimator.load(str(onnx), device="cpu")
     except CheckpointError:
         with pytest.raises(ValueError, match="cannot run ONNX models"):
-            adapt.load_teacher(str(onnx), "cpu")
+            label_cache.load_teacher(str(onnx), "cpu")
         return
-    teacher = adapt.load_teacher(str(onnx), "cpu")
+    teacher = label_cache.load_teacher(str(onnx), "cpu")
     assert teacher.network is None  # no internal points from a third-party graph
     image = np.zeros((HEIGHT, WIDTH, 3), np.uint8)
     disparity, confidence = teacher.label(None, image, image)

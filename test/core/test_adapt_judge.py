@@ -22,94 +22,84 @@ from stereo_kd_core.train.adapt import run_adapt
 from stereo_kd_core.train.adapt_judge import ADAPTED_CHECKPOINT, Judge, JudgeFrame, settle, visible_in_both
 from stereo_kd_core.train.trainer import resolve_amp
 
-GOOD_START_STEPS, ADAPT_STEPS = 40, 10
+EXACT_STEPS, SHIFTED_STEPS = 15, 6
+JUDGE = {"criterion": "photometric", "min_gain": 0.005, "max_frames": 8, "record_all": False}
 
 
-def labelled_folder(root, n: int, seed: int, kind: str, shift_px: float = 0.0) -> str:
+def labelled_folder(root, n: int, seed: int, shift_px: float = 0.0) -> tuple[str, str]:
     """n generator pairs (Middlebury layout, ground truth included) and labels/ = their ground
-    truth + shift_px, named after the cases; returns the frames folder."""
+    truth + shift_px, named after the cases: (frames folder, teacher spec)."""
     cases = write_middlebury_dataset(root / "frames", n, seed=seed, height=HEIGHT, width=WIDTH,
-                                     max_disparity=MAX_DISPARITY, kind=kind)
-    (root / "labels").mkdir()
+                                     max_disparity=MAX_DISPARITY, kind="planes")
+    labels = root / f"labels{shift_px:+.0f}"
+    labels.mkdir()
     for case in map(Path, cases):
         truth = read_pfm(case / "disp0GT.pfm")
-        write_pfm(root / "labels" / f"{case.name}.pfm",
-                  np.where(np.isfinite(truth), truth + shift_px, np.inf).astype(np.float32))
-    return str(root / "frames")
+        shifted = np.where(np.isfinite(truth), truth + shift_px, np.inf).astype(np.float32)
+        write_pfm(labels / f"{case.name}.pfm", shifted)
+    return str(root / "frames"), f"labels:{labels}"
 
 
-@pytest.fixture(scope="module")
-def good_start(tmp_path_factory) -> str:
-    """A tiny student trained on exact labels of one domain (procedural planes): the start."""
-    root = tmp_path_factory.mktemp("start")
-    frames = labelled_folder(root, 4, seed=3, kind="planes")
-    report = run_adapt([frames], root / "run", teacher=f"labels:{root / 'labels'}", init=tiny_checkpoint(
-        root / "init.pt"), device="cpu", overrides={**FAST, "train.steps": GOOD_START_STEPS, "adapt.holdout": 0.0,
-                                                    "train.optimizer.lr": 3e-3, "adapt.drop_worst": 0.0})
-    assert report["judge"]["final"] == "adapted"  # from random weights, exact labels must help
-    return report["final"]
-
-
-@pytest.fixture(scope="module")
-def new_domain(tmp_path_factory) -> dict[str, str]:
-    """Frames of another domain (pairs made from photographs), exact labels and labels 5 px off."""
-    folders = {}
-    for name, shift in (("exact", 0.0), ("shifted", 5.0)):
-        root = tmp_path_factory.mktemp(name)
-        folders[name] = (labelled_folder(root, 4, seed=11, kind="photo", shift_px=shift), f"labels:{root / 'labels'}")
-    return folders
-
-
-def adapt_on(frames_and_teacher, init: str, out, **overrides) -> dict:
-    frames, teacher = frames_and_teacher
+def adapt_on(frames: str, teacher: str, init: str, out, steps: int, **overrides) -> dict:
     return run_adapt([frames], out, teacher=teacher, init=init, device="cpu",
-                     overrides={**FAST, "train.steps": ADAPT_STEPS, "adapt.holdout": 0.0, "train.optimizer.lr": 2e-3,
+                     overrides={**FAST, "train.steps": steps, "train.checkpoint_every": steps // 2,
+                                "adapt.holdout": 0.0, "adapt.drop_worst": 0.0, "train.optimizer.lr": 3e-3,
                                 **overrides})
 
 
-def test_labels_five_pixels_off_keep_the_start_and_say_so(good_start, new_domain, tmp_path, capsys):
-    report = adapt_on(new_domain["shifted"], good_start, tmp_path / "run")
-    judge = report["judge"]
-    assert judge["kept"] == "start" and judge["final"] == "start", judge
-    assert judge["best"] >= judge["start"] * (1 - judge["min_gain"])
-    # what the teacher's labels say is the opposite: the student moved toward them ...
-    scores = {int(k): v for k, v in judge["scores"].items()}
-    assert scores[ADAPT_STEPS]["teacher"] < scores[0]["teacher"]
-    # ... and away from the truth, which the judge never saw
-    assert scores[ADAPT_STEPS]["ground_truth"] > scores[0]["ground_truth"]
-    # final.pt holds the start's weights; adapted.pt the turned-down ones
-    start, final = load_checkpoint(good_start), load_checkpoint(report["final"])
-    for key, value in start["state_dict"].items():
-        torch.testing.assert_close(final["state_dict"][key], value, rtol=0, atol=0)
-    assert final["extra"]["judge"]["final"] == "start"
-    stored = json.loads((tmp_path / "run" / "before_after.json").read_text())
-    assert stored["judge"]["kept"] == "start" and stored["judge"]["start"] == pytest.approx(judge["start"])
-    # the console says so with the numbers
-    print(adapt_judge.describe(judge))
-    line = capsys.readouterr().out
-    assert "KEEPS THE STARTING weights" in line and f"{judge['start']:.4f}" in line and f"{judge['best']:.4f}" in line
-    # --keep-anyway: final.pt gets the adapted weights
-    command = ["adapt", "--data", new_domain["shifted"][0], "--teacher", new_domain["shifted"][1], "--init",
-               good_start, "--out", str(tmp_path / "run"), "--device", "cpu", "--steps", str(ADAPT_STEPS),
-               "--holdout", "0", "--keep-anyway"]
-    for key, value in {**FAST, "train.optimizer.lr": 2e-3}.items():
-        command += ["--set", f"{key}={json.dumps(value)}"]
-    assert cli_main(command) == 0  # resumes the finished run: no relabelling, no training
-    assert "--keep-anyway: final.pt holds the adapted weights" in capsys.readouterr().out
-    kept_anyway, adapted = load_checkpoint(tmp_path / "run" / "final.pt"), load_checkpoint(tmp_path / "run" /
-                                                                                           ADAPTED_CHECKPOINT)
-    for key, value in adapted["state_dict"].items():
-        torch.testing.assert_close(kept_anyway["state_dict"][key], value, rtol=0, atol=0)
+@pytest.fixture(scope="module")
+def exact_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny student from random weights (every domain is new to it) adapted on exact labels."""
+    root = tmp_path_factory.mktemp("exact")
+    frames, teacher = labelled_folder(root, 3, seed=3)
+    return root, adapt_on(frames, teacher, tiny_checkpoint(root / "init.pt"), root / "run", EXACT_STEPS)
 
 
-def test_exact_labels_on_a_new_domain_keep_the_adapted_weights(good_start, new_domain, tmp_path):
-    report = adapt_on(new_domain["exact"], good_start, tmp_path / "run")
+def test_exact_labels_on_a_new_domain_keep_the_adapted_weights(exact_run):
+    _, report = exact_run
     judge = report["judge"]
     assert judge["kept"] == "adapted" and judge["final"] == "adapted", judge
     scores = {int(k): v for k, v in judge["scores"].items()}
-    assert scores[judge["best_step"]]["ground_truth"] < scores[0]["ground_truth"]
+    assert set(scores) == {0, EXACT_STEPS // 2, EXACT_STEPS}  # the start, the checkpoint, the end
+    assert scores[judge["best_step"]]["ground_truth"] < 0.7 * scores[0]["ground_truth"]
     final = load_checkpoint(report["final"])
     assert final["step"] == judge["best_step"] and final["extra"]["judge"]["final"] == "adapted"
+    assert "left_right" not in scores[0]  # a second pass per frame only when asked (record_all)
+
+
+def test_labels_five_pixels_off_keep_the_start_and_say_so(exact_run, capsys):
+    root, start_report = exact_run
+    start = start_report["final"]
+    frames, teacher = labelled_folder(root / "shifted", 3, seed=3, shift_px=5.0)
+    report = adapt_on(frames, teacher, start, root / "shifted-run", SHIFTED_STEPS)
+    judge = report["judge"]
+    assert judge["kept"] == "start" and judge["final"] == "start", judge
+    assert judge["best"] >= judge["start"] * (1 - judge["min_gain"])
+    # the teacher's labels say the opposite: the student moved toward them, away from the truth
+    scores = {int(k): v for k, v in judge["scores"].items()}
+    assert scores[SHIFTED_STEPS]["teacher"] < scores[0]["teacher"]
+    assert scores[SHIFTED_STEPS]["ground_truth"] > scores[0]["ground_truth"]
+    # final.pt holds the start's weights; adapted.pt the turned-down ones
+    for key, value in load_checkpoint(start)["state_dict"].items():
+        torch.testing.assert_close(load_checkpoint(report["final"])["state_dict"][key], value, rtol=0, atol=0)
+    stored = json.loads((root / "shifted-run" / "before_after.json").read_text())
+    assert stored["judge"]["kept"] == "start" and stored["judge"]["start"] == pytest.approx(judge["start"])
+    assert stored["holdout_vs_ground_truth"] is None  # --holdout 0: no hold-out frames
+    # the console says so, with the numbers; --keep-anyway writes the adapted weights
+    command = ["adapt", "--data", frames, "--teacher", teacher, "--init", start, "--out", str(root / "shifted-run"),
+               "--device", "cpu", "--steps", str(SHIFTED_STEPS), "--holdout", "0", "--drop-worst", "0"]
+    overrides = {**FAST, "train.checkpoint_every": SHIFTED_STEPS // 2, "train.optimizer.lr": 3e-3}
+    for key, value in overrides.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    assert cli_main(command) == 0  # the finished run again: no relabelling, no training
+    line = capsys.readouterr().out
+    assert "KEEPS THE STARTING weights" in line and f"start {judge['start']:.4f}" in line
+    assert f"best adapted {judge['best']:.4f}" in line
+    assert cli_main([*command, "--keep-anyway"]) == 0
+    assert "--keep-anyway: final.pt holds the adapted weights" in capsys.readouterr().out
+    kept_anyway = load_checkpoint(root / "shifted-run" / "final.pt")
+    for key, value in load_checkpoint(root / "shifted-run" / ADAPTED_CHECKPOINT)["state_dict"].items():
+        torch.testing.assert_close(kept_anyway["state_dict"][key], value, rtol=0, atol=0)
 
 
 class Scripted(torch.nn.Module):
@@ -128,7 +118,7 @@ class Scripted(torch.nn.Module):
 def test_best_checkpoint_and_decision_follow_the_criterion(tmp_path, monkeypatch, values, best_step, kept):
     monkeypatch.setattr(adapt_judge, "measure", lambda network, *args: {
         "photometric": float(network.weight), "left_right": 1.0 - float(network.weight)})
-    judge = Judge([], [], tmp_path, {"criterion": "photometric", "min_gain": 0.005, "max_frames": 8}, {}, "cpu", "fp32")
+    judge = Judge([], [], tmp_path, JUDGE, {}, "cpu", "fp32")
     saved = {}
     monkeypatch.setattr(adapt_judge, "save_checkpoint", lambda path, network, config, **kw: saved.update(
         {path.name: float(network.weight), **({"step": kw["step"]} if path.name == ADAPTED_CHECKPOINT else {})}))
@@ -140,7 +130,7 @@ def test_best_checkpoint_and_decision_follow_the_criterion(tmp_path, monkeypatch
     assert saved[ADAPTED_CHECKPOINT] == values[best_step] and saved["step"] == best_step
     assert json.loads((tmp_path / "judge.json").read_text())["scores"]["5"]["photometric"] == values[5]
     # another criterion picks another checkpoint from the same scores
-    other = Judge([], [], tmp_path, {"criterion": "left_right", "min_gain": 0.005, "max_frames": 8}, {}, "cpu",
+    other = Judge([], [], tmp_path, {**JUDGE, "criterion": "left_right"}, {}, "cpu",
                   "fp32")
     other.scores = judge.scores
     assert other.best_adapted_step() == max(values, key=lambda s: values[s] if s else -1)
@@ -152,7 +142,7 @@ def test_settle_writes_the_start_or_the_adapted_weights(tmp_path, monkeypatch):
 
     start = load_model(start_path)
     monkeypatch.setattr(adapt_judge, "measure", lambda network, *args: {"photometric": 1.0})
-    judge = Judge([], [], tmp_path, {"criterion": "photometric", "min_gain": 0.005, "max_frames": 8},
+    judge = Judge([], [], tmp_path, JUDGE,
                   start.config, "cpu", "fp32")
     judge.record(0, start)
     judge.record(5, load_model(adapted_path))  # equal score: not better
@@ -175,7 +165,7 @@ def test_visible_pixels_exclude_matches_outside_and_occluded():
 
 
 def test_photometric_criterion_prefers_the_true_disparity():
-    sample = SyntheticStereoGenerator(HEIGHT, WIDTH, MAX_DISPARITY, seed=4, kind="photo").sample(0)
+    sample = SyntheticStereoGenerator(HEIGHT, WIDTH, MAX_DISPARITY, seed=4).sample(0)
     truth = np.nan_to_num(sample["disparity"], nan=0.0).astype(np.float32)
 
     class Fixed(torch.nn.Module):  # a "network" that outputs a fixed disparity map
@@ -210,7 +200,7 @@ def test_cpu_default_trains_in_bf16_from_the_label_cache_without_a_live_teacher(
     import stereo_kd_core.estimator as estimator
 
     monkeypatch.setattr(estimator, "cpu_has_native_bf16", lambda: True)
-    frames = labelled_folder(tmp_path, 2, seed=5, kind="planes")
+    frames, _ = labelled_folder(tmp_path, 2, seed=5)
     teacher = tiny_checkpoint(tmp_path / "teacher.pt", seed=1)
     bf16 = []
     network_class = type(build_model(load_checkpoint(teacher)["config"]))

@@ -14,13 +14,13 @@ from stereo_kd_core.data.synthetic import write_middlebury_dataset
 from stereo_kd_core.distill import frozen_layers
 from stereo_kd_core.distill.losses import cached_distribution_kl_loss, disparity_kl_loss
 from stereo_kd_core.distill.teacher_cache import (
-    cache_teacher,
     dense_probability,
     read_teacher_file,
     teacher_file,
 )
 from stereo_kd_core.models import build_model, default_config
 from stereo_kd_core.train import RecipeError, Trainer, load_recipe
+from stereo_kd_core.train.label_cache import cache_teacher
 
 HEIGHT, WIDTH = 64, 128
 TINY_STUDENT = dict(default_config("dsnet-fast", 32))

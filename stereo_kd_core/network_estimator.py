@@ -1,0 +1,179 @@
+"""PyTorch networks of the core model zoo behind the StereoEstimator seam."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import torch
+
+from stereo_kd_core.estimator_base import (
+    PRECISIONS,
+    RawPrediction,
+    StereoEstimator,
+    StereoPrediction,
+    check_pair,
+    pair_peak,
+)
+from stereo_kd_core.geometry import points_from_disparity_torch
+
+log = logging.getLogger(__name__)
+
+# Padded input sizes on CUDA are rounded up to a multiple of this, so that a compiled graph (and
+# cudnn's autotuning) sees a handful of shapes instead of one per camera resolution.
+SHAPE_BUCKET = 64
+
+
+class NetworkEstimator(StereoEstimator):
+    """A stereo network from the core model zoo, run under torch.inference_mode().
+
+    On CUDA: cudnn autotuning, channels_last, pinned host staging buffers with non-blocking
+    copies, shape buckets, optional torch.compile, and one device-to-host copy per frame for
+    disparity, confidence and (optionally) points together.
+    """
+
+    def __init__(self, network: torch.nn.Module, name: str, device: str, precision: str,
+                 max_disparity: int, compile: bool = False, channels_last: bool = False):
+        self.name = name
+        self.backend = "pytorch"
+        self.device = device
+        self.precision = precision
+        model_max = int(getattr(network, "max_disparity", max_disparity))
+        if max_disparity != model_max:
+            log.warning("max_disparity %d requested but model '%s' was built for %d; using %d",
+                        max_disparity, name, model_max, model_max)
+        self.max_disparity = model_max
+        self.min_disparity = 0.0
+        self._cuda = device.startswith("cuda")
+        if precision == "fp16" and not self._cuda:
+            log.warning("fp16 needs a CUDA device; running '%s' in fp32 on %s", name, device)
+            self.precision = "fp32"
+        self.network = network.to(device).eval()
+        self._host_buffer: torch.Tensor | None = None
+        self.channels_last = self._cuda or channels_last
+        if self._cuda:
+            torch.backends.cudnn.benchmark = True
+            self.network = self.network.to(memory_format=torch.channels_last)
+        elif channels_last:  # the 2D convolutions' weights: oneDNN follows them with NHWC activations
+            for module in self.network.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        self._forward = self.network
+        self.compiled = False
+        if compile:
+            self._forward = self._try_compile()
+
+    def _try_compile(self):
+        try:
+            mode = "reduce-overhead" if self._cuda else "default"  # reduce-overhead = CUDA graphs
+            compiled = torch.compile(self.network, mode=mode, dynamic=False)
+            self.compiled = True
+            return compiled
+        except Exception as exc:  # noqa: BLE001 (any failure means: run eager)
+            log.warning("torch.compile unavailable (%s); running '%s' eagerly", exc, self.name)
+            return self.network
+
+    def _stage(self, left: np.ndarray, right: np.ndarray) -> torch.Tensor:
+        """(2, H, W, 3) uint8/uint16 host pair -> device tensor, through a pinned buffer on CUDA."""
+        pair = torch.from_numpy(np.stack([left, right]).astype(np.int32 if left.dtype == np.uint16 else np.uint8,
+                                                              copy=False))
+        if not self._cuda:
+            return pair
+        if self._host_buffer is None or self._host_buffer.shape != pair.shape or self._host_buffer.dtype != pair.dtype:
+            self._host_buffer = torch.empty(pair.shape, dtype=pair.dtype).pin_memory()
+        self._host_buffer.copy_(pair)
+        return self._host_buffer.to(self.device, non_blocking=True)
+
+    def _run_network(self, left_t: torch.Tensor, right_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype,
+                            enabled=dtype != torch.float32):
+            try:
+                return self._forward(left_t, right_t)
+            except Exception as exc:  # compiled graph failed at first use: fall back to eager once
+                if not self.compiled:
+                    raise
+                log.warning("compiled '%s' failed (%s); falling back to eager", self.name, exc)
+                self._forward, self.compiled = self.network, False
+                return self._forward(left_t, right_t)
+
+    @torch.inference_mode()
+    def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
+        left, right = check_pair(left, right)
+        scale = 1.0 / pair_peak(left, right)
+        images = self._stage(left, right).permute(0, 3, 1, 2).float().mul_(scale)  # (2, 3, H, W) in [0, 1]
+        prediction, _ = self._predict_images(images, geometry)
+        return prediction
+
+    @torch.inference_mode()
+    def predict_raw(self, left: np.ndarray, right: np.ndarray, maps, size: tuple[int, int] | None = None,
+                    geometry=None, rectified_left: bool = False) -> RawPrediction:
+        """As StereoEstimator.predict_raw; with `rectifies_on_device` the raw pair goes to the
+        device as it came and is rectified there (grid_sample, bilinear) and resized there
+        (area), and the images the host needs come back in the same copy as the outputs."""
+        if not self.rectifies_on_device:
+            return super().predict_raw(left, right, maps, size, geometry, rectified_left)
+        mono = left.ndim == 2
+        dtype = left.dtype
+        left, right = check_pair(left, right)
+        height, width = left.shape[:2]
+        for side_maps, side in zip(maps, ("left", "right"), strict=True):
+            side_maps.check_size(height, width, f"{side} raw image")
+        raw = self._stage(left, right).permute(0, 3, 1, 2).float()        # (2, 3, H, W) raw values
+        full = torch.cat([maps[0].grid_sample(raw[0:1]), maps[1].grid_sample(raw[1:2])])
+        full = full.round_()  # as OpenCV, which rounds to the image's integer type after each resampling
+        small = full
+        if size is not None and size != (width, height):
+            rows = _area_weights(height, size[1], str(full.device))           # (H', H)
+            columns = _area_weights(width, size[0], str(full.device))         # (W', W)
+            small = (rows @ full @ columns.T).round_()
+        peak = 255.0 if dtype == np.uint8 else max(float(small.amax()), 1.0)
+        maximum = float(np.iinfo(dtype).max)
+        prediction, left_plane = self._predict_images(small / peak, geometry, extra=small[0])
+        small_left = _host_image(left_plane, dtype, mono, maximum)
+        full_left = None
+        if rectified_left:
+            full_left = _host_image(full[0].permute(1, 2, 0).cpu().numpy(), dtype, mono, maximum)
+        return RawPrediction(prediction, small_left, full_left)
+
+    def _predict_images(self, images: torch.Tensor, geometry,
+                        extra: torch.Tensor | None = None) -> tuple[StereoPrediction, np.ndarray | None]:
+        """The network on a (2, 3, H, W) pair in [0, 1] on the device; `extra` (C, H, W) comes
+        back to the host in the same copy as the outputs (as H x W x C)."""
+        height, width = images.shape[-2:]
+        if self._cuda:
+            padded_h = -(-height // SHAPE_BUCKET) * SHAPE_BUCKET
+            padded_w = -(-width // SHAPE_BUCKET) * SHAPE_BUCKET
+            images = torch.nn.functional.pad(images, (0, padded_w - width, 0, padded_h - height), mode="replicate")
+            images = images.contiguous(memory_format=torch.channels_last)
+        disparity, confidence = self._run_network(images[0:1], images[1:2])  # (1, Hp, Wp) each
+        disparity = disparity[0, :height, :width].float()
+        confidence = confidence[0, :height, :width].float().clamp(0, 1)
+        disparity = torch.where(torch.isfinite(disparity), disparity, torch.full_like(disparity, float("nan")))
+        planes = [disparity[..., None], confidence[..., None]]
+        if geometry is not None:
+            planes.append(points_from_disparity_torch(geometry, disparity))
+        if extra is not None:
+            planes.append(extra.permute(1, 2, 0).float())
+        packed = torch.cat(planes, dim=-1).cpu().numpy()                   # one device-to-host copy
+        prediction = StereoPrediction(
+            disparity=np.ascontiguousarray(packed[..., 0]), confidence=np.ascontiguousarray(packed[..., 1]),
+            points=np.ascontiguousarray(packed[..., 2:5]) if geometry is not None else None)
+        return prediction, (packed[..., -extra.shape[0]:] if extra is not None else None)
+
+
+@functools.lru_cache(maxsize=8)  # a camera's sizes: built once, not per frame
+def _area_weights(size_in: int, size_out: int, device: str) -> torch.Tensor:
+    """(size_out, size_in) weights of area interpolation (OpenCV's INTER_AREA when shrinking):
+    output pixel j averages input [j, j + 1) * size_in / size_out, partial pixels by overlap."""
+    edges = torch.arange(size_out + 1, dtype=torch.float64) * (size_in / size_out)
+    pixel = torch.arange(size_in, dtype=torch.float64)
+    overlap = (torch.minimum(edges[1:, None], pixel + 1) - torch.maximum(edges[:-1, None], pixel)).clamp_(min=0)
+    return (overlap / overlap.sum(dim=1, keepdim=True)).float().to(device)
+
+
+def _host_image(plane: np.ndarray, dtype, mono: bool, maximum: float) -> np.ndarray:
+    """A float H x W x 3 image from the device as the caller's image type (mono: H x W)."""
+    image = np.clip(np.rint(plane), 0, maximum).astype(dtype)
+    return np.ascontiguousarray(image[..., 0] if mono else image)

@@ -1,0 +1,256 @@
+"""Teacher outputs computed once per training pair and kept on disk, so training never waits for
+a teacher: adapt's pseudo-labels (`LabelCache`: disparity and confidence per recorded frame)
+and distillation's cost distributions (`cache_teacher`: CASE/teacher.npz, format in
+`stereo_kd_core.distill.teacher_cache`).
+
+Pseudo-labels: the teacher runs once per frame; `labels/` holds the disparity and a per-pixel
+confidence as compressed float16 (resumable). The confidence is the teacher's own (from its
+disparity distribution) where the teacher agrees with itself run on the mirrored, swapped pair
+(left-right check within `lr_check_px`), else 0. `labels:DIR` teachers read precomputed files
+instead (confidence 1 wherever the file has a value).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from stereo_kd_core import registry
+from stereo_kd_core.checkpoint import CheckpointError, load_model, sha256_of_file
+from stereo_kd_core.data.datasets import MiddleburyDataset
+from stereo_kd_core.data.io import read_image_rgb, read_kitti_disparity, read_pfm
+from stereo_kd_core.data.recordings import Frame
+from stereo_kd_core.distill.teacher_cache import (
+    DEFAULT_TOP_K,
+    teacher_file,
+    teacher_targets,
+    write_npz_atomic,
+)
+from stereo_kd_core.estimator import StereoEstimator
+from stereo_kd_core.teachers import convert_psmnet_checkpoint, default_cache_dir, fetch_psmnet_kitti2015
+
+LABELS_PREFIX = "labels:"
+NO_TEACHER = "none"
+LABEL_SUFFIXES = (".pfm", ".png", ".npy")
+LABELS_DIR = "labels"
+TEACHER_RECORD = "teacher.json"
+
+
+# --- teachers ----------------------------------------------------------------------------
+def left_right_consistent(disparity_left: np.ndarray, disparity_right: np.ndarray, threshold_px: float) -> np.ndarray:
+    """Left-right check: True where the right view's disparity, read at x - d(x), agrees with
+    d(x) within threshold_px. Both (H, W) pixels, NaN invalid; pixels whose match falls
+    outside the right image are inconsistent."""
+    height, width = disparity_left.shape
+    xs = np.arange(width, dtype=np.float32)[None, :] - disparity_left.astype(np.float32)
+    ys = np.repeat(np.arange(height, dtype=np.float32)[:, None], width, axis=1)
+    right = np.nan_to_num(disparity_right.astype(np.float32), nan=-1e6)  # NaN poisons neighbours
+    seen = cv2.remap(right, np.nan_to_num(xs, nan=-1.0), ys, cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=-1e6)
+    with np.errstate(invalid="ignore"):
+        inside = np.isfinite(xs) & (xs >= 0) & (xs <= width - 1)
+        return inside & (np.abs(seen - disparity_left) <= threshold_px)
+
+
+class Teacher:
+    """Where pseudo-labels come from. label(frame, left, right) -> (disparity, confidence)."""
+
+    name: str
+    network: nn.Module | None = None  # a project network: internal distillation points
+    max_disparity: int | None = None
+
+    def identity(self) -> dict:
+        raise NotImplementedError
+
+    def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class EstimatorTeacher(Teacher):
+    """Any StereoEstimator (network, ONNX model, SGBM); confidence = its own where the
+    left-right check on the mirrored, swapped pair passes, else 0."""
+
+    def __init__(self, estimator: StereoEstimator, identity: dict, lr_check_px: float) -> None:
+        self.estimator, self._identity, self.lr_check_px = estimator, identity, float(lr_check_px)
+        self.name = estimator.name
+        self.max_disparity = estimator.max_disparity
+        network = getattr(estimator, "network", None)
+        self.network = network if hasattr(network, "feature_stages") else None
+
+    def identity(self) -> dict:
+        return {**self._identity, "lr_check_px": self.lr_check_px}
+
+    def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prediction = self.estimator.predict(left, right)
+        # mirrored, swapped: the right view becomes a left view with positive disparities
+        mirrored = self.estimator.predict(np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1]))
+        disparity_right = mirrored.disparity[:, ::-1]
+        consistent = left_right_consistent(prediction.disparity, disparity_right, self.lr_check_px)
+        confidence = np.where(consistent, prediction.confidence, 0.0).astype(np.float32)
+        return prediction.disparity, confidence
+
+
+def label_file(directory: Path, name: str) -> Path:
+    """DIR/<name>.pfm, .png (16-bit KITTI) or .npy; FileNotFoundError naming all three."""
+    for suffix in LABEL_SUFFIXES:
+        path = directory / f"{name}{suffix}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"labels: no {' / '.join(f'{name}{s}' for s in LABEL_SUFFIXES)} in {directory}")
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Disparity (H, W) float32 pixels, NaN where the file has none (0, inf, NaN)."""
+    if path.suffix == ".png":
+        disparity = read_kitti_disparity(path)
+    else:
+        disparity = read_pfm(path) if path.suffix == ".pfm" else np.load(path).astype(np.float32)
+        if disparity.ndim == 3:
+            disparity = disparity[:, :, 0]
+    disparity = np.array(disparity, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        disparity[~(np.isfinite(disparity) & (disparity > 0))] = np.nan
+    return disparity
+
+
+class FileTeacher(Teacher):
+    """`labels:DIR`: precomputed disparity files, one per frame, named after the frame."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"--teacher labels:{directory}: no such folder")
+        self.name = f"{LABELS_PREFIX}{self.directory}"
+
+    def identity(self) -> dict:
+        return {"teacher": f"{LABELS_PREFIX}{self.directory.resolve()}"}
+
+    def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        disparity = read_label(label_file(self.directory, frame.name))
+        if disparity.shape != left.shape[:2]:
+            raise ValueError(f"label of frame {frame.name} is {disparity.shape[1]}x{disparity.shape[0]}, "
+                             f"the frame {left.shape[1]}x{left.shape[0]}")
+        return disparity, np.isfinite(disparity).astype(np.float32)
+
+
+def psmnet_checkpoint() -> Path:
+    """The official PSMNet KITTI 2015 weights as our checkpoint, fetched, verified and converted
+    into the cache on first use (as `stereo-kd fetch-teacher` does)."""
+    converted = default_cache_dir() / "psmnet_kitti2015.pt"
+    if not converted.is_file():
+        convert_psmnet_checkpoint(fetch_psmnet_kitti2015(), converted)
+    return converted
+
+
+def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0) -> Teacher | None:
+    """`none`, `labels:DIR`, a registry name (`psmnet` is fetched on first use), a checkpoint,
+    or an ONNX file (through StereoEstimator.load: output-level distillation only)."""
+    if spec == NO_TEACHER:
+        return None
+    if spec.startswith(LABELS_PREFIX):
+        return FileTeacher(spec[len(LABELS_PREFIX):])
+    if spec == "psmnet" and "psmnet" not in registry.shipped_models():
+        path = psmnet_checkpoint()
+        return EstimatorTeacher(StereoEstimator.load(str(path), device=device), {"teacher": "psmnet",
+                                "sha256": sha256_of_file(path)}, lr_check_px)
+    try:
+        estimator = StereoEstimator.load(spec, device=device)
+    except CheckpointError as error:
+        if spec.endswith(".onnx"):  # StereoEstimator.load runs ONNX files where its ONNX Runtime backend exists
+            raise ValueError(f"--teacher {spec}: this install's StereoEstimator cannot run ONNX models "
+                             f"({error})") from None
+        raise
+    path = Path(spec)
+    identity = {"teacher": spec, "sha256": sha256_of_file(path)} if path.is_file() else {
+        "teacher": spec, "sha256": registry.shipped_models().get(spec, {}).get("sha256")}
+    return EstimatorTeacher(estimator, identity, lr_check_px)
+
+
+# --- the pseudo-label cache --------------------------------------------------------------
+class LabelCache:
+    """out_dir/labels/<source>/<name>.npz: float16 disparity (NaN invalid) and confidence,
+    compressed; written atomically, so a killed run loses at most the frame in flight."""
+
+    def __init__(self, out_dir: Path, teacher: Teacher) -> None:
+        self.root = out_dir / LABELS_DIR
+        self.root.mkdir(parents=True, exist_ok=True)
+        record = self.root / TEACHER_RECORD
+        identity = teacher.identity()
+        if record.is_file():
+            stored = json.loads(record.read_text())
+            if stored != identity:
+                raise ValueError(f"{self.root} holds labels of another teacher ({stored}, now {identity}): "
+                                 "give a new --out, or delete that folder to relabel")
+        else:
+            record.write_text(json.dumps(identity, indent=2) + "\n")
+        self.teacher = teacher
+        self.computed = 0  # frames the teacher ran on in this process
+
+    def path(self, frame: Frame) -> Path:
+        return self.root / f"{frame.key}.npz"
+
+    def fill(self, frames: Sequence[Frame]) -> None:
+        """Run the teacher on every frame without a cached label (progress bar)."""
+        missing = [frame for frame in frames if not self.path(frame).is_file()]
+        for frame in tqdm(missing, desc="teacher labels", unit="frame", disable=None):
+            sample = frame.sample()
+            disparity, confidence = self.teacher.label(frame, sample["left"], sample["right"])
+            path = self.path(frame)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_npz_atomic(path, {"disparity": disparity.astype(np.float16),
+                                    "confidence": np.clip(confidence, 0, 1).astype(np.float16)})
+            self.computed += 1
+
+    def read(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        """(disparity, confidence), float32 (H, W)."""
+        with np.load(self.path(frame)) as stored:
+            return stored["disparity"].astype(np.float32), stored["confidence"].astype(np.float32)
+
+    def confident(self, frame: Frame, min_confidence: float) -> np.ndarray:
+        """The label where its confidence is at least min_confidence, NaN elsewhere (H, W)."""
+        disparity, confidence = self.read(frame)
+        return np.where(confidence >= min_confidence, disparity, np.nan).astype(np.float32)
+
+
+
+class AdaptFrames(Dataset):
+    """Training frames as sample dicts; "disparity" is the pseudo-label where its confidence is
+    at least min_confidence, NaN elsewhere (all NaN without a teacher)."""
+
+    def __init__(self, frames: Sequence[Frame], cache: LabelCache | None, min_confidence: float) -> None:
+        self.frames, self.cache, self.min_confidence = list(frames), cache, float(min_confidence)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> dict:
+        frame = self.frames[index]
+        sample = frame.sample()
+        if self.cache is None:
+            disparity = np.full(sample["left"].shape[:2], np.nan, dtype=np.float32)
+        else:
+            disparity, confidence = self.cache.read(frame)
+            disparity = np.where(confidence >= self.min_confidence, disparity, np.nan).astype(np.float32)
+        return {"left": sample["left"], "right": sample["right"], "disparity": disparity, "name": frame.name}
+
+
+# --- distillation's cache of teacher outputs --------------------------------------------
+def cache_teacher(teacher_path: str | os.PathLike, data_root: str | os.PathLike, top_k: int = DEFAULT_TOP_K,
+                  precision: str = "fp32", device: str = "cpu", progress: bool = True) -> int:
+    """Write CASE/teacher.npz for every case of a Middlebury-layout folder that lacks one
+    (resumable: existing files are kept). Returns the number of files written."""
+    teacher = load_model(teacher_path, device=device)
+    dataset = MiddleburyDataset(data_root)
+    todo = [case for case in dataset.cases if not teacher_file(case.left.parent).is_file()]
+    for case in tqdm(todo, desc="teacher cache", disable=not progress):
+        targets = teacher_targets(teacher, read_image_rgb(case.left), read_image_rgb(case.right), top_k, precision)
+        write_npz_atomic(teacher_file(case.left.parent), targets)
+    return len(todo)
