@@ -50,3 +50,19 @@ kd-data: $(STAMP) textures
 	test -d $(KD_DATA) || $(VENV)/bin/stereo-kd synth --out $(KD_DATA) --n 300 --seed 12 --height 160 \
 		--width 320 --max-disparity 96 $(foreach d,$(TEXTURE_DIRS),--textures $(d)) --no-builtin-photos
 	$(VENV)/bin/stereo-kd cache-teacher --teacher teachers/psmnet_kitti2015.pt --data $(KD_DATA)
+
+# Real stereo pairs without ground truth (stereo_kd_core/data/real_pairs.json), rectified and checked,
+# then psmnet's pseudo-labels and their confidence (README, "Real-pair corpus"). MIRRORS holds git
+# copies of the manifest's repositories (owner+name/repo, owner+name, name or owner/name).
+MIRRORS ?= mirrors
+REAL_CORPUS ?= runs/real_corpus
+
+.PHONY: real-corpus real-labels
+
+real-corpus: $(STAMP)
+	$(PY) -m stereo_kd_core.data.corpus --mirrors $(MIRRORS) --out $(REAL_CORPUS)
+
+real-labels: $(STAMP) real-corpus
+	test -f teachers/psmnet_kitti2015.pt || $(VENV)/bin/stereo-kd fetch-teacher
+	nice -n 10 $(PY) -m stereo_kd_core.data.corpus_labels --data $(REAL_CORPUS) \
+		--teacher teachers/psmnet_kitti2015.pt --confidence
