@@ -43,9 +43,9 @@ GROUPS = {  # scenes adapted on together (one "recording")
     "kitti+sawtooth": ["kitti2012_000070", "mb2001_Sawtooth"],
 }
 TEACHERS = ("exact", "shift5", "sgbm", "shift1")
-STEPS, CHECKPOINT_EVERY = 60, 10
-OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": CHECKPOINT_EVERY, "train.batch_size": 2,
-             "data.crop": [256, 384], "adapt.holdout": 0.0, "adapt.replay_synthetic": 0.0,
+STEPS, CHECKPOINT_EVERY = 40, 10
+OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": CHECKPOINT_EVERY, "train.batch_size": 4,
+             "data.crop": [128, 256], "train.log_every": 1, "adapt.holdout": 0.0, "adapt.replay_synthetic": 0.0,
              "adapt.judge": {"criterion": "photometric", "min_gain": 0.005, "max_frames": 8, "record_all": True},
              "adapt.evaluation": {"synthetic_n": 2, "synthetic_height": 256, "synthetic_width": 512}}
 

@@ -25,6 +25,7 @@ resumes where the first stopped):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -50,7 +51,14 @@ from stereo_kd_core.estimator import NetworkEstimator, resolve_device
 from stereo_kd_core.evaluate import evaluate, open_eval_dataset
 from stereo_kd_core.metrics import aggregate_metrics, stereo_metrics
 from stereo_kd_core.train import adapt_judge
-from stereo_kd_core.train.label_cache import NO_TEACHER, AdaptFrames, FileTeacher, LabelCache, load_teacher
+from stereo_kd_core.train.label_cache import (
+    NO_TEACHER,
+    AdaptFrames,
+    EstimatorTeacher,
+    FileTeacher,
+    LabelCache,
+    load_teacher,
+)
 from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, load_recipe
 from stereo_kd_core.train.trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, build_training_dataset
 from stereo_kd_core.viz import labelled_tiles
@@ -226,7 +234,7 @@ def adapt_recipe(source: str | Mapping, model_config: Mapping, overrides: Mappin
     recipe = load_recipe(source, {"model": dict(model_config), **overrides})
     adapt = recipe.get("adapt") or {}
     missing = {"every", "holdout", "min_confidence", "lr_check_px", "drop_worst", "photometric", "smoothness",
-               "replay_synthetic", "internal", "evaluation", "judge"} - set(adapt)
+               "replay_synthetic", "internal", "evaluation", "judge", "agreement"} - set(adapt)
     if missing:
         raise RecipeError(f"an adapt recipe needs adapt.{', adapt.'.join(sorted(missing))}")
     if "teacher" in recipe:
@@ -263,6 +271,9 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     adapt = recipe_dict["adapt"]
     device = resolve_device(device)
     teacher_obj = load_teacher(teacher, device, adapt["lr_check_px"])
+    if isinstance(teacher_obj, EstimatorTeacher) and adapt["agreement"] != "none":  # labels the student can trust
+        start = NetworkEstimator(copy.deepcopy(student), init_name, device, "fp32", student.max_disparity)
+        teacher_obj.use_agreement(adapt["agreement"], start, init_name)
     if teacher_obj is None and adapt["photometric"] <= 0:
         raise ValueError("--teacher none needs --photometric W > 0: without labels only self-supervision trains")
 

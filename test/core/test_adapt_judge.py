@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_adapt import FAST, HEIGHT, MAX_DISPARITY, WIDTH, tiny_checkpoint
+from test_adapt import FAST, HEIGHT, MAX_DISPARITY, WIDTH, ConstantEstimator, tiny_checkpoint
 
 from stereo_kd_core.checkpoint import load_checkpoint
 from stereo_kd_core.cli import main as cli_main
@@ -20,6 +20,7 @@ from stereo_kd_core.models import build_model
 from stereo_kd_core.train import adapt_judge
 from stereo_kd_core.train.adapt import run_adapt
 from stereo_kd_core.train.adapt_judge import ADAPTED_CHECKPOINT, Judge, JudgeFrame, settle, visible_in_both
+from stereo_kd_core.train.label_cache import EstimatorTeacher
 from stereo_kd_core.train.trainer import resolve_amp
 
 EXACT_STEPS, SHIFTED_STEPS = 15, 6
@@ -218,3 +219,35 @@ def test_cpu_default_trains_in_bf16_from_the_label_cache_without_a_live_teacher(
     assert report["labels_computed"] == 2 and report["internal_distillation"] is False
     with open(tmp_path / "run" / "log.csv") as f:
         assert f.readline().strip().split(",")[-1] == "loss.labels"  # no internal points
+
+
+class HalfEstimator(ConstantEstimator):
+    """`value` on the left half of the image, `other` on the right half."""
+
+    def __init__(self, value: float, other: float):
+        super().__init__(value)
+        self.other = other
+
+    def predict(self, left, right, geometry=None):
+        prediction = super().predict(left, right)
+        prediction.disparity[:, left.shape[1] // 2:] = self.other
+        return prediction
+
+
+def test_labels_where_independent_evidence_disagrees_do_not_supervise():
+    """The teacher passes its own left-right check everywhere (a constant 4 px); where the
+    starting student disagrees (10 px on the right half) and SGBM has no say (the pair is
+    narrower than SGBM's range), the label gets confidence 0 under "either" and "student"."""
+    rng = np.random.default_rng(0)
+    left, right = (rng.integers(0, 255, (8, 48, 3), dtype=np.uint8) for _ in range(2))
+    student = HalfEstimator(4.5, 10.0)
+    for agreement in ("student", "either"):
+        teacher = EstimatorTeacher(ConstantEstimator(4.0), {"teacher": "c"}, 1.0)
+        teacher.use_agreement(agreement, student, "start.pt")
+        _, confidence = teacher.label(None, left, right)
+        np.testing.assert_allclose(confidence[:, 4:24], 0.8, rtol=1e-6)  # agrees within 2 px: own confidence
+        assert (confidence[:, 24:] == 0).all() and (confidence[:, :4] == 0).all()  # disagrees; leaves the view
+        assert teacher.identity() == {"teacher": "c", "lr_check_px": 1.0, "agreement": agreement,
+                                      "student": "start.pt"}  # another rule -> other labels, not mixed
+    with pytest.raises(ValueError, match="needs the starting student"):
+        EstimatorTeacher(ConstantEstimator(4.0), {"teacher": "c"}, 1.0).use_agreement("either")
