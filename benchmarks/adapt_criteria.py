@@ -44,6 +44,7 @@ GROUPS = {  # scenes adapted on together (one "recording")
 }
 TEACHERS = ("exact", "shift5", "sgbm", "shift1")
 STEPS, CHECKPOINT_EVERY = 40, 10
+MIN_GAINS = (0.0, 0.0025, 0.005, 0.01, 0.02)
 OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": CHECKPOINT_EVERY, "train.batch_size": 4,
              "data.crop": [128, 256], "train.log_every": 1, "adapt.holdout": 0.0, "adapt.replay_synthetic": 0.0,
              "adapt.judge": {"criterion": "photometric", "min_gain": 0.005, "max_frames": 8, "record_all": True},
@@ -118,7 +119,21 @@ def summarize(work: Path, min_gain: float) -> dict:
             "mean_epe_change": float(np.mean([j["final_epe"] - r["start_epe"] for j, r in
                                               zip(judged, [r for r in runs if criterion in r], strict=True)])),
         }
-    return {"min_gain": min_gain, "steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "overrides": OVERRIDES,
+    sweep = {}  # the decision rule at other margins: runs no worse, mean final EPE change
+    for criterion in table:
+        for gain in MIN_GAINS:
+            changes = []
+            for run in runs:
+                if criterion not in run:
+                    continue
+                scores = {int(k): v for k, v in run["checkpoints"].items()}
+                best = min((s for s in scores if s > 0), key=lambda s: (scores[s][criterion], -s))
+                keep = scores[best][criterion] < scores[0][criterion] * (1 - gain)
+                changes.append((scores[best]["ground_truth"] if keep else run["start_epe"]) - run["start_epe"])
+            sweep.setdefault(criterion, {})[str(gain)] = {"runs_no_worse": int(sum(c <= 1e-9 for c in changes)),
+                                                          "runs": len(changes),
+                                                          "mean_epe_change": float(np.mean(changes))}
+    return {"min_gain": min_gain, "min_gain_sweep": sweep, "steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "overrides": OVERRIDES,
             "groups": GROUPS, "table": table, "runs": runs}
 
 
