@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from stereo_kd_core.checkpoint import save_checkpoint
+from stereo_kd_core.distill.label_confidence import ConfidenceRule, agrees
 from stereo_kd_core.distill.losses import photometric_loss, warp_right_to_left
 from stereo_kd_core.estimator import NetworkEstimator, StereoEstimator
 
@@ -67,10 +68,8 @@ def sgbm_agreement(left: np.ndarray, right: np.ndarray, label: np.ndarray, max_d
         sgbm = StereoEstimator.load("sgbm", max_disparity=max_disparity).predict(left, right).disparity
     except ValueError:
         return None
-    tolerance = np.maximum(SGBM_AGREEMENT_PX, SGBM_AGREEMENT_FRACTION * np.nan_to_num(np.abs(label)))
-    with np.errstate(invalid="ignore"):
-        agree = np.isfinite(label) & np.isfinite(sgbm) & (np.abs(label - sgbm) <= tolerance)
-    return np.where(agree, label, np.nan).astype(np.float32)
+    rule = ConfidenceRule(agreement_px=SGBM_AGREEMENT_PX, agreement_fraction=SGBM_AGREEMENT_FRACTION)
+    return np.where(agrees(label, sgbm, rule), label, np.nan).astype(np.float32)
 
 
 def pick_evenly(count: int, max_frames: int) -> list[int]:
