@@ -47,7 +47,7 @@ STEPS, CHECKPOINT_EVERY = 40, 10
 MIN_GAINS = (0.0, 0.0025, 0.005, 0.01, 0.02)
 OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": CHECKPOINT_EVERY, "train.batch_size": 4,
              "data.crop": [128, 256], "train.log_every": 1, "adapt.holdout": 0.0, "adapt.replay_synthetic": 0.0,
-             "adapt.judge": {"criterion": "photometric", "min_gain": 0.005, "max_frames": 8, "record_all": True},
+             "adapt.judge": {"criterion": "photometric", "min_gain": 0.0025, "max_frames": 8, "record_all": True},
              "adapt.evaluation": {"synthetic_n": 2, "synthetic_height": 256, "synthetic_width": 512}}
 
 
@@ -133,7 +133,8 @@ def summarize(work: Path, min_gain: float) -> dict:
             sweep.setdefault(criterion, {})[str(gain)] = {"runs_no_worse": int(sum(c <= 1e-9 for c in changes)),
                                                           "runs": len(changes),
                                                           "mean_epe_change": float(np.mean(changes))}
-    return {"min_gain": min_gain, "min_gain_sweep": sweep, "steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "overrides": OVERRIDES,
+    return {"min_gain": min_gain, "min_gain_sweep": sweep, "steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY,
+            "overrides": OVERRIDES,
             "groups": GROUPS, "table": table, "runs": runs}
 
 
@@ -144,7 +145,7 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="*", default=list(TEACHERS), help="teachers to run")
     parser.add_argument("--realval", type=Path, default=REALVAL, help="the realval folder")
     parser.add_argument("--summarize", action="store_true", help="only tabulate the runs already in --work")
-    parser.add_argument("--min-gain", type=float, default=0.005, help="the judge's min_gain for the decisions")
+    parser.add_argument("--min-gain", type=float, default=0.0025, help="the judge's min_gain for the decisions")
     parser.add_argument("--json", type=Path, default=RESULTS / "adapt_criteria.json", help="results file")
     args = parser.parse_args()
     if not args.summarize:
