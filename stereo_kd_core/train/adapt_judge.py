@@ -18,7 +18,9 @@ frames with --holdout 0) with evidence from the images themselves; lower is bett
 It scores the start, every checkpoint along the run and the end (`judge.json`); the best adapted
 checkpoint by the chosen criterion is kept as `adapted.pt`, and it replaces the start only when
 it beats the start by `min_gain` (a fraction of the start's score). benchmarks/adapt_criteria.py
-measures how well each criterion predicts the true change; its table is in the README.
+measures how well each criterion predicts the true change (README): left_right, the default,
+never let a run end worse than its start there; photometric ranks checkpoints best but is
+fooled by a teacher that is itself a photometric matcher (SGBM).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def test_exact_labels_on_a_new_domain_keep_the_adapted_weights(exact_run):
     assert scores[judge["best_step"]]["ground_truth"] < 0.7 * scores[0]["ground_truth"]
     final = load_checkpoint(report["final"])
     assert final["step"] == judge["best_step"] and final["extra"]["judge"]["final"] == "adapted"
-    assert "left_right" not in scores[0]  # a second pass per frame only when asked (record_all)
+    assert {"photometric", "left_right", "teacher", "ground_truth"} <= set(scores[0])  # recorded beside the criterion
 
 
 def test_labels_five_pixels_off_keep_the_start_and_say_so(tmp_path, capsys):
