@@ -228,7 +228,7 @@ def test_adapt_on_exact_labels_improves_holdout_and_never_trains_on_it(tmp_path,
     report = run_adapt([tmp_path / "frames"], tmp_path / "run", teacher=f"labels:{tmp_path / 'labels'}",
                        init=init, device="cpu",
                        overrides={**FAST, "train.steps": 15, "train.optimizer.lr": 3e-3, "adapt.holdout": 0.3,
-                                  "adapt.drop_worst": 0.0})
+                                  "adapt.drop_worst": 0.0, "adapt.judge.criterion": "photometric"})
     holdout = set(names[-2:])
     assert report["frames"] == {"train": 4, "holdout": 2, "holdout_names": [f"0/{n}" for n in names[-2:]]}
     assert read and not holdout & set(read), "a hold-out frame was read for training"
