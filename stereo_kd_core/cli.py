@@ -94,15 +94,20 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     topics = {"left_image": args.left_image_topic, "right_image": args.right_image_topic,
               "left_info": args.left_info_topic, "right_info": args.right_info_topic}
     report = run_adapt(args.data, args.out, teacher=args.teacher, init=args.init, recipe=args.recipe,
-                       overrides=overrides, device=args.device, topics=topics)
+                       overrides=overrides, device=args.device, topics=topics, keep_anyway=args.keep_anyway)
     seconds = report["seconds"]
     print(f"student {describe_line(report['student'])}: labels {seconds['labels']:.1f} s, "
           f"training {seconds['training']:.1f} s")
     for key in ("holdout_vs_teacher", "holdout_vs_ground_truth", "synthetic_test"):
         if report.get(key):
             before, after = report[key]["before"]["mean"], report[key]["after"]["mean"]
+            turned_down = report[key].get("adapted")
+            note = "" if turned_down is None else f" (adapted, not kept: EPE {turned_down['mean']['epe']:.3f} px)"
             print(f"{key}: EPE {before['epe']:.3f} -> {after['epe']:.3f} px, "
-                  f"bad-2 {before['bad2']:.2f} -> {after['bad2']:.2f} %")
+                  f"bad-2 {before['bad2']:.2f} -> {after['bad2']:.2f} %{note}")
+    from stereo_kd_core.train.adapt_judge import describe
+
+    print(describe(report["judge"]))
     print(f"final checkpoint: {report['final']}; report: {Path(args.out) / 'before_after.json'}")
     return 0
 
@@ -333,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the SSIM + L1 reconstruction and smoothness self-supervision (default 0)")
     p.add_argument("--replay-synthetic", type=float, default=None,
                    help="fraction of samples that are synthetic ground truth (default 0.25; 0 = off)")
+    p.add_argument("--keep-anyway", action="store_true",
+                   help="final.pt gets the best adapted weights even when the judge finds them no better than "
+                        "the start (by default the start is kept and the adapted weights are left in adapted.pt)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     for side in ("left", "right"):
         p.add_argument(f"--{side}-image-topic", default=None,

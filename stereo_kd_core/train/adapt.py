@@ -16,14 +16,17 @@ resumes where the first stopped):
    synthetic ground-truth samples (`replay_synthetic` of them, mixed into the same batches by
    `data.MixedDataset`) keep the student working elsewhere; optional self-supervision (`photometric`: SSIM + L1
    reconstruction of the left view, edge-aware smoothness); internal distillation points
-   (`internal`: features, volume, cost) when the teacher is a project network.
+   (`internal`, asked for: features, volume, cost) from a live teacher that is a project network.
 4. `before_after.json` and `before_after.png`: the student before and after against the
    teacher's labels (and ground truth where a folder has it) on the hold-out frames, and on
-   the fixed synthetic test split. The result, `final.pt`, is an ordinary checkpoint.
+   the fixed synthetic test split. The result, `final.pt`, is an ordinary checkpoint: the best
+   checkpoint by the judge (adapt_judge.py: evidence that is not the teacher's), or the start's
+   weights when that is not better than the start (`keep_anyway` takes the adapted ones).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from stereo_kd_core import registry
@@ -43,7 +47,15 @@ from stereo_kd_core.data.recordings import open_recordings, split_holdout
 from stereo_kd_core.estimator import NetworkEstimator, resolve_device
 from stereo_kd_core.evaluate import evaluate, open_eval_dataset
 from stereo_kd_core.metrics import aggregate_metrics, stereo_metrics
-from stereo_kd_core.train.label_cache import NO_TEACHER, AdaptFrames, FileTeacher, LabelCache, load_teacher
+from stereo_kd_core.train import adapt_judge
+from stereo_kd_core.train.label_cache import (
+    NO_TEACHER,
+    AdaptFrames,
+    EstimatorTeacher,
+    FileTeacher,
+    LabelCache,
+    load_teacher,
+)
 from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, load_recipe
 from stereo_kd_core.train.trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, build_training_dataset
 from stereo_kd_core.viz import labelled_tiles
@@ -70,7 +82,7 @@ def adapt_recipe(source: str | Mapping, model_config: Mapping, overrides: Mappin
     recipe = load_recipe(source, {"model": dict(model_config), **overrides})
     adapt = recipe.get("adapt") or {}
     missing = {"every", "holdout", "min_confidence", "lr_check_px", "drop_worst", "photometric", "smoothness",
-               "replay_synthetic", "internal", "evaluation"} - set(adapt)
+               "replay_synthetic", "internal", "evaluation", "judge", "agreement"} - set(adapt)
     if missing:
         raise RecipeError(f"an adapt recipe needs adapt.{', adapt.'.join(sorted(missing))}")
     if "teacher" in recipe:
@@ -96,9 +108,10 @@ def _predictions(network: nn.Module, samples: list[dict], device: str) -> list[n
 def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, teacher: str = "psmnet",
               init: str | None = None, recipe: str | Mapping = DEFAULT_RECIPE,
               overrides: Mapping[str, Any] | None = None, device: str = "auto",
-              topics: Mapping[str, str | None] | None = None) -> dict:
+              topics: Mapping[str, str | None] | None = None, keep_anyway: bool = False) -> dict:
     """Adapt a student to recorded stereo (see the module docstring); returns the report that
-    is also written to out_dir/before_after.json."""
+    is also written to out_dir/before_after.json. final.pt holds the start's weights unless the
+    judge (adapt_judge.py) finds the best adapted checkpoint better, or keep_anyway."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     student, init_name = load_student(init)
@@ -106,6 +119,9 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     adapt = recipe_dict["adapt"]
     device = resolve_device(device)
     teacher_obj = load_teacher(teacher, device, adapt["lr_check_px"])
+    if isinstance(teacher_obj, EstimatorTeacher) and adapt["agreement"] != "none":  # labels the student can trust
+        start = NetworkEstimator(copy.deepcopy(student), init_name, device, "fp32", student.max_disparity)
+        teacher_obj.use_agreement(adapt["agreement"], start, init_name)
     if teacher_obj is None and adapt["photometric"] <= 0:
         raise ValueError("--teacher none needs --photometric W > 0: without labels only self-supervision trains")
 
@@ -145,6 +161,16 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     dataset = MixedDataset(real, synthetic, float(replay))
 
     trainer = Trainer(recipe_dict, out_dir, dataset, teacher=teacher_network)
+    # the judge: the start, every checkpoint and the end, scored on the hold-out frames (else training frames)
+    judged = holdout_frames or train_frames
+    judged = [judged[i] for i in adapt_judge.pick_evenly(len(judged), int(adapt["judge"]["max_frames"]))]
+    judge_precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(trainer.autocast_dtype, "fp32")
+    judge = adapt_judge.Judge(
+        [adapt_judge.judge_frame(frame.sample(), None if cache is None else cache.confident(frame, adapt[
+            "min_confidence"]), student_max) for frame in judged],
+        [frame.key for frame in judged], out_dir, adapt["judge"], student.config, device, judge_precision)
+    judge.record(0, student)
+    trainer.on_checkpoint = judge.record
     started = time.perf_counter()
     last = out_dir / LAST_CHECKPOINT
     try:
@@ -154,7 +180,8 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     training_s = time.perf_counter() - started
     if final.name != FINAL_CHECKPOINT:
         raise RuntimeError(f"training stopped early at {final}")
-    adapted = load_model(final)
+    judge.record(trainer.total_steps, trainer.student)  # a resumed, finished run saves no checkpoint
+    adapted, candidate, decision = adapt_judge.settle(judge, student, final, recipe_dict, keep_anyway)
 
     # --- before / after ---
     def holdout_samples(with_labels: bool) -> list[dict]:
@@ -162,8 +189,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         for frame in holdout_frames:
             sample = frame.sample()
             if with_labels and cache is not None:
-                disparity, confidence = cache.read(frame)
-                sample = {**sample, "disparity": np.where(confidence >= adapt["min_confidence"], disparity, np.nan)}
+                sample = {**sample, "disparity": cache.confident(frame, adapt["min_confidence"])}
             elif with_labels:
                 sample.pop("disparity", None)
             samples.append(sample)
@@ -187,12 +213,16 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         "min_confidence": adapt["min_confidence"],
         "seconds": {"labels": labels_s, "training": training_s},
         "labels_computed": cache.computed if cache is not None else 0,
+        "training_precision": judge_precision,
+        "judge": decision,
     }
     for key, samples in (("holdout_vs_teacher", labelled), ("holdout_vs_ground_truth", truth),
                          ("synthetic_test", synthetic_test)):
         before = _evaluate(student, samples, device, student_max)
-        report[key] = None if before is None else {"before": before, "after": _evaluate(adapted, samples, device,
-                                                                                         student_max)}
+        after = before if adapted is student else _evaluate(adapted, samples, device, student_max)
+        report[key] = None if before is None else {"before": before, "after": after}
+        if before is not None and adapted is student and candidate is not None:  # what the judge turned down
+            report[key]["adapted"] = _evaluate(candidate, samples, device, student_max)
     if report["holdout_vs_ground_truth"] is not None and cache is not None:
         teacher_labels = [cache.read(frame)[0] for frame in holdout_frames]
         per_case = [stereo_metrics(label, s["disparity"], max_disparity=student_max)

@@ -6,8 +6,9 @@ and distillation's cost distributions (`cache_teacher`: CASE/teacher.npz, format
 Pseudo-labels: the teacher runs once per frame; `labels/` holds the disparity and a per-pixel
 confidence as compressed float16 (resumable). The confidence is the teacher's own (from its
 disparity distribution) where the teacher agrees with itself run on the mirrored, swapped pair
-(left-right check within `lr_check_px`), else 0. `labels:DIR` teachers read precomputed files
-instead (confidence 1 wherever the file has a value).
+(left-right check within `lr_check_px`) and, with `use_agreement`, agrees with SGBM and/or the
+starting student (distill/label_confidence.py's rule), else 0. `labels:DIR` teachers read
+precomputed files instead (confidence 1 wherever the file has a value).
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from stereo_kd_core.checkpoint import CheckpointError, load_model, sha256_of_fil
 from stereo_kd_core.data.datasets import MiddleburyDataset
 from stereo_kd_core.data.io import read_image_rgb, read_kitti_disparity, read_pfm
 from stereo_kd_core.data.recordings import Frame
-from stereo_kd_core.distill.label_confidence import left_right_consistent
+from stereo_kd_core.distill.label_confidence import (
+    ConfidenceEvidence,
+    ConfidenceRule,
+    label_confidence,
+)
 from stereo_kd_core.distill.signals import SOURCE_PSEUDO_LABEL
 from stereo_kd_core.distill.teacher_cache import (
     DEFAULT_TOP_K,
@@ -71,17 +76,39 @@ class EstimatorTeacher(Teacher):
         network = getattr(estimator, "network", None)
         self.network = network if hasattr(network, "feature_stages") else None
 
+        self.agreement, self.student, self._student_name = "none", None, None
+
+    def use_agreement(self, agreement: str, student: StereoEstimator | None = None, student_name: str | None = None
+                      ) -> None:
+        """Labels must also agree with independent estimators (distill/label_confidence.py's rule):
+        "sgbm", "student", "either" (SGBM where it has a disparity, else the student), "both" or
+        "none"; `student` is the student adapt starts from."""
+        if agreement in ("student", "either", "both") and student is None:
+            raise ValueError(f"adapt.agreement {agreement!r} needs the starting student")
+        self.agreement, self.student, self._student_name = agreement, student, student_name
+
     def identity(self) -> dict:
-        return {**self._identity, "lr_check_px": self.lr_check_px}
+        identity = {**self._identity, "lr_check_px": self.lr_check_px}
+        if self.agreement != "none":
+            identity.update(agreement=self.agreement, student=self._student_name)
+        return identity
 
     def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         prediction = self.estimator.predict(left, right)
         # mirrored, swapped: the right view becomes a left view with positive disparities
         mirrored = self.estimator.predict(np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1]))
-        disparity_right = mirrored.disparity[:, ::-1]
-        consistent = left_right_consistent(prediction.disparity, disparity_right, self.lr_check_px)
-        confidence = np.where(consistent, prediction.confidence, 0.0).astype(np.float32)
-        return prediction.disparity, confidence
+        sgbm = student = None
+        if self.agreement in ("sgbm", "either", "both"):
+            try:  # SGBM checks left-right itself: NaN where it fails
+                sgbm = StereoEstimator.load("sgbm", max_disparity=self.max_disparity).predict(left, right).disparity
+            except ValueError:  # narrower than SGBM's range: no SGBM evidence anywhere
+                sgbm = np.full(left.shape[:2], np.nan, np.float32)
+        if self.agreement in ("student", "either", "both"):
+            student = self.student.predict(left, right).disparity
+        evidence = ConfidenceEvidence(prediction.disparity, mirrored.disparity[:, ::-1], prediction.confidence,
+                                      sgbm, student)
+        rule = ConfidenceRule(lr_check_px=self.lr_check_px, agreement=self.agreement)
+        return prediction.disparity, label_confidence(evidence, rule=rule)
 
 
 def label_file(directory: Path, name: str) -> Path:
@@ -199,6 +226,11 @@ class LabelCache:
         """(disparity, confidence), float32 (H, W)."""
         with np.load(self.path(frame)) as stored:
             return stored["disparity"].astype(np.float32), stored["confidence"].astype(np.float32)
+
+    def confident(self, frame: Frame, min_confidence: float) -> np.ndarray:
+        """The label where its confidence is at least min_confidence, NaN elsewhere (H, W)."""
+        disparity, confidence = self.read(frame)
+        return np.where(confidence >= min_confidence, disparity, np.nan).astype(np.float32)
 
 
 

@@ -45,6 +45,8 @@ SCHEMA: dict[str, Any] = {
         "every": ANY, "holdout": ANY, "min_confidence": ANY, "lr_check_px": ANY, "drop_worst": ANY,
         "photometric": ANY, "smoothness": ANY, "replay_synthetic": ANY, "internal": ANY,
         "evaluation": {"synthetic_n": ANY, "synthetic_height": ANY, "synthetic_width": ANY},
+        "judge": {"criterion": ANY, "min_gain": ANY, "max_frames": ANY, "record_all": ANY},
+        "agreement": ANY,
     },
 }
 REQUIRED = ("model.arch", "data.train.name", "data.crop", "train.steps", "train.batch_size",
@@ -59,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
 }
 SCHEDULE_KEYS = {"one_cycle": {"pct_start"}, "multistep": {"milestones", "gamma"}}
 OPTIMIZERS = ("adam", "adamw")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: trainer.resolve_amp
 
 
 class RecipeError(ValueError):

@@ -23,7 +23,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,18 @@ def lr_factor(schedule: Mapping, step: int, total_steps: int) -> float:
     if step < warmup:
         return cosine(1.0, start, step / warmup)
     return cosine(end, 1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.amp "auto" -> bf16 on CUDA with bf16 and on CPUs that compute it natively (AMX /
+    AVX-512 BF16, as inference's precision "auto"), fp16 on older CUDA, else none."""
+    from stereo_kd_core.estimator import cpu_has_native_bf16
+
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "none"
 
 
 # --- data --------------------------------------------------------------------------------
@@ -208,6 +220,8 @@ class Trainer:
         self.rank, self.world_size, self.device = _distributed_setup()
         self.seed = int(train["seed"])
         self.total_steps = int(train["steps"])
+        # called with (step, student) after every checkpoint is written (adapt's judge scores it)
+        self.on_checkpoint: Callable[[int, nn.Module], None] | None = None
 
         seed_everything(self.seed)  # same initial weights on every rank
         self.config = model_config(self.recipe)
@@ -223,7 +237,7 @@ class Trainer:
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         if train["init_from"] is not None:
             self._init_student(train["init_from"])
-        amp = train["amp"]
+        amp = resolve_amp(train["amp"], self.device)
         # bf16 autocast runs on the CPU too (AMX / AVX-512 BF16 units: 2.6x per step on our
         # Xeon); fp16 autocast needs CUDA
         if amp == "fp16" and self.device.type != "cuda":
@@ -328,6 +342,8 @@ class Trainer:
                  "objective": self.objective.auxiliary_state_dict(),
                  "nonfinite_streak": self.nonfinite_streak}
         save_checkpoint(path, self.student, self.config, optimizer=self.optimizer, step=step, extra=extra)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, self.student)
 
     def restore(self, path: Path) -> int:
         checkpoint = load_checkpoint(path)

@@ -228,7 +228,7 @@ def test_adapt_on_exact_labels_improves_holdout_and_never_trains_on_it(tmp_path,
     report = run_adapt([tmp_path / "frames"], tmp_path / "run", teacher=f"labels:{tmp_path / 'labels'}",
                        init=init, device="cpu",
                        overrides={**FAST, "train.steps": 15, "train.optimizer.lr": 3e-3, "adapt.holdout": 0.3,
-                                  "adapt.drop_worst": 0.0})
+                                  "adapt.drop_worst": 0.0, "adapt.judge.criterion": "photometric"})
     holdout = set(names[-2:])
     assert report["frames"] == {"train": 4, "holdout": 2, "holdout_names": [f"0/{n}" for n in names[-2:]]}
     assert read and not holdout & set(read), "a hold-out frame was read for training"
@@ -333,7 +333,9 @@ def test_adapt_from_a_bag_with_a_project_teacher_internal_points_photometric_and
     report = run_adapt([tmp_path / "run.mcap"], tmp_path / "out", teacher=teacher,
                        init=tiny_checkpoint(tmp_path / "init.pt"), device="cpu",
                        overrides={**FAST, "train.steps": 3, "adapt.holdout": 0.25, "adapt.photometric": 0.5,
-                                  "adapt.replay_synthetic": 0.5, "adapt.min_confidence": 0.0})
+                                  "adapt.replay_synthetic": 0.5, "adapt.min_confidence": 0.0,
+                                  "adapt.internal": {"features": {"loss": "cosine", "weight": {"initial": 0.1}},
+                                                     "cost": {"temperature": 1.0, "weight": {"initial": 0.1}}}})
     # frames found on /stereo/... by name, named by their six-digit index, stored once as PNG
     assert report["frames"]["holdout_names"] == ["0/000003"]
     assert report["labels_computed"] == 4 and report["internal_distillation"] is True
