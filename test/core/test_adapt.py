@@ -18,18 +18,13 @@ from stereo_kd_core.cli import main as cli_main
 from stereo_kd_core.data.io import write_image_rgb, write_kitti_disparity, write_pfm
 from stereo_kd_core.data.recordings import open_recordings, split_holdout
 from stereo_kd_core.data.synthetic import SyntheticStereoGenerator, write_middlebury_dataset
+from stereo_kd_core.distill.label_confidence import left_right_consistent
 from stereo_kd_core.distill.losses import photometric_loss
 from stereo_kd_core.estimator import StereoPrediction
 from stereo_kd_core.models import build_model, default_config
 from stereo_kd_core.train import adapt, label_cache
 from stereo_kd_core.train.adapt import run_adapt
-from stereo_kd_core.train.label_cache import (
-    AdaptFrames,
-    EstimatorTeacher,
-    FileTeacher,
-    LabelCache,
-    left_right_consistent,
-)
+from stereo_kd_core.train.label_cache import AdaptFrames, EstimatorTeacher, FileTeacher, LabelCache
 
 HEIGHT, WIDTH, MAX_DISPARITY = 64, 128, 32
 TINY_ARGS = dict(stem_channels=8, layer_channels=[8, 8, 8, 8], layer_blocks=[1, 1, 1, 1], groups=2,
