@@ -77,7 +77,7 @@ setup(
     name=package_name,
     version="0.1.0",
     packages=find_packages(include=["stereo_kd_core", "stereo_kd_core.*", "stereo_kd_ros", "stereo_kd_ros.*"]),
-    package_data={"stereo_kd_core": ["weights/*", "recipes/*.yaml"]},
+    package_data={"stereo_kd_core": ["weights/*", "recipes/*.yaml", "data/*.json"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
