@@ -29,7 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from stereo_kd_core.data.io import read_image_rgb
-from stereo_kd_core.distill.label_confidence import DEFAULT_RULE, ConfidenceEvidence, label_confidence
+from stereo_kd_core.distill.label_confidence import (
+    DEFAULT_RULE,
+    ConfidenceEvidence,
+    label_confidence,
+    right_view_disparity,
+)
 from stereo_kd_core.distill.teacher_cache import write_npz_atomic
 
 LABEL_FILE = "labels.npz"
@@ -60,9 +65,8 @@ def cases_round_robin(root: Path) -> list[Path]:
 def teacher_labels(estimator, left: np.ndarray, right: np.ndarray) -> dict[str, np.ndarray]:
     """The teacher's disparity, confidence and right-view disparity of one rectified pair."""
     prediction = estimator.predict(left, right)
-    mirrored = estimator.predict(np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1]))
     return {"disparity": prediction.disparity.astype(np.float16),
-            "disparity_right": np.ascontiguousarray(mirrored.disparity[:, ::-1]).astype(np.float16),
+            "disparity_right": right_view_disparity(estimator, left, right).astype(np.float16),
             "teacher_confidence": prediction.confidence.astype(np.float16)}
 
 

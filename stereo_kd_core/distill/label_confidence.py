@@ -47,6 +47,13 @@ AGREEMENT_MODES = ("none", "sgbm", "student", "either", "both")
 PHOTOMETRIC_WINDOW_PX = 5
 
 
+def right_view_disparity(estimator, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The right view's disparity (H, W; positive; NaN invalid) from any estimator: run on the
+    mirrored, swapped pair (the right view becomes a left view), then mirrored back."""
+    mirrored = estimator.predict(np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1]))
+    return np.ascontiguousarray(mirrored.disparity[:, ::-1])
+
+
 def left_right_consistent(disparity_left: np.ndarray, disparity_right: np.ndarray, threshold_px: float) -> np.ndarray:
     """True where the right view's disparity read at x - d(x) agrees with d(x) within
     threshold_px; matches outside the right image and NaNs are inconsistent."""

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from stereo_kd_core.checkpoint import save_checkpoint
-from stereo_kd_core.distill.label_confidence import ConfidenceRule, agrees
+from stereo_kd_core.distill.label_confidence import ConfidenceRule, agrees, right_view_disparity
 from stereo_kd_core.distill.losses import photometric_loss, warp_right_to_left
 from stereo_kd_core.estimator import NetworkEstimator, StereoEstimator
 
@@ -131,9 +131,8 @@ def measure(network: nn.Module, frames: Sequence[JudgeFrame], device: str = "cpu
             add("photometric", float(photometric_loss(_image_tensor(frame.left), _image_tensor(frame.right),
                                                       disparity_t, visible)))
         if "left_right" in values:
-            mirrored = estimator.predict(np.ascontiguousarray(frame.right[:, ::-1]),
-                                         np.ascontiguousarray(frame.left[:, ::-1])).disparity[:, ::-1]
-            right_t = torch.from_numpy(np.nan_to_num(mirrored, nan=-1e6).copy()).view(1, 1, *mirrored.shape)
+            right_disparity = right_view_disparity(estimator, frame.left, frame.right)  # (H, W)
+            right_t = torch.from_numpy(np.nan_to_num(right_disparity, nan=-1e6)).view(1, 1, *right_disparity.shape)
             seen, _ = warp_right_to_left(right_t, disparity_t)  # (1, 1, H, W): the right view's disparity at x - d
             inconsistent = (seen[:, 0] - disparity_t).abs() > LEFT_RIGHT_PX
             if visible.any():

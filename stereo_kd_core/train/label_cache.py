@@ -32,6 +32,7 @@ from stereo_kd_core.distill.label_confidence import (
     ConfidenceEvidence,
     ConfidenceRule,
     label_confidence,
+    right_view_disparity,
 )
 from stereo_kd_core.distill.signals import SOURCE_PSEUDO_LABEL
 from stereo_kd_core.distill.teacher_cache import (
@@ -95,8 +96,7 @@ class EstimatorTeacher(Teacher):
 
     def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         prediction = self.estimator.predict(left, right)
-        # mirrored, swapped: the right view becomes a left view with positive disparities
-        mirrored = self.estimator.predict(np.ascontiguousarray(right[:, ::-1]), np.ascontiguousarray(left[:, ::-1]))
+        disparity_right = right_view_disparity(self.estimator, left, right)
         sgbm = student = None
         if self.agreement in ("sgbm", "either", "both"):
             try:  # SGBM checks left-right itself: NaN where it fails
@@ -105,7 +105,7 @@ class EstimatorTeacher(Teacher):
                 sgbm = np.full(left.shape[:2], np.nan, np.float32)
         if self.agreement in ("student", "either", "both"):
             student = self.student.predict(left, right).disparity
-        evidence = ConfidenceEvidence(prediction.disparity, mirrored.disparity[:, ::-1], prediction.confidence,
+        evidence = ConfidenceEvidence(prediction.disparity, disparity_right, prediction.confidence,
                                       sgbm, student)
         rule = ConfidenceRule(lr_check_px=self.lr_check_px, agreement=self.agreement)
         return prediction.disparity, label_confidence(evidence, rule=rule)
