@@ -91,7 +91,7 @@ class NetworkEstimator(StereoEstimator):
                     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
                 # static sizes: torch 2.13's inductor fails on this network's symbolic sizes
                 # (TensorReferenceAnalysis.python_mod), so each input size compiles once
-                compiled = torch.compile(self.network, dynamic=False, options={"freezing": True})
+                compiled = self._compile_cpu()
         except Exception as exc:  # noqa: BLE001 (any failure means: run eager)
             log.warning("torch.compile unavailable (%s); running '%s' eagerly", exc, self.name)
             return self.network
@@ -108,6 +108,21 @@ class NetworkEstimator(StereoEstimator):
             log.info("compiled '%s' for %dx%d %s in %.1f s (cache: %s)", self.name, size[0], size[1],
                      self.precision, time.perf_counter() - started, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
             return outputs
+
+        return forward
+
+    def _compile_cpu(self):
+        """Inductor with freezing on the weighted part of the network; the confidence head (cues
+        and calibration, no weights) as a second graph without freezing: torch 2.13's inductor
+        fails on the two in one frozen graph ("vr must not be None for symbol q0")."""
+        network = self.network
+        if not (hasattr(network, "infer_core") and hasattr(network, "confidence_head")):
+            return torch.compile(network, dynamic=False, options={"freezing": True})
+        core = torch.compile(network.infer_core, dynamic=False, options={"freezing": True})
+        head = torch.compile(network.confidence_head, dynamic=False)
+
+        def forward(left: torch.Tensor, right: torch.Tensor):
+            return head(core(left, right), left.shape[-2], left.shape[-1])
 
         return forward
 

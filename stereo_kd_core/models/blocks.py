@@ -464,10 +464,14 @@ class StereoNetwork(nn.Module):
             return cues["peak"]
         return self.confidence_calibration(cues)
 
-    def infer_with_cues(self, left: Tensor, right: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Eval-mode disparity (B, H, W) px and the uncalibrated confidence cues (B, H, W) each
-        (stereo_kd_core.models.confidence), from left, right (B, 3, H, W) RGB in [0, 1]."""
-        batch, _, height, width = left.shape
+    def infer_core(self, left: Tensor, right: Tensor) -> tuple[Tensor, ...]:
+        """The weighted part of the eval forward, from left, right (B, 3, H, W) RGB in [0, 1]:
+        (disparity, unrefined disparity) (B, Hp, Wp) px, the last cost logits (B, D, h, w), their
+        expected levels (B, h, w), the upsampling mask (or an empty tensor) and the normalised,
+        padded views (2B, 3, Hp, Wp). `cues_from_core` turns them into the confidence cues; the
+        two are separate graphs for torch.compile (freezing folds weights in the first; the
+        second has none, and inductor's freezing fails on the two together)."""
+        batch = left.shape[0]
         images = pad_to_multiple((torch.cat([left, right], dim=0) - self.mean) / self.std, self.stride)
         stages, correlation, concat = self.features(images)
         volume, _, _ = self.volume((correlation[:batch], correlation[batch:]), (concat[:batch], concat[batch:]))
@@ -477,20 +481,37 @@ class StereoNetwork(nn.Module):
         unrefined = self.full_resolution_disparity(logits, levels, mask)  # (B, Hp, Wp)
         refined = self.refine(unrefined, stages)
         disparity = unrefined if refined is None else refined
+        return disparity, unrefined, logits, levels, logits.new_zeros(0) if mask is None else mask, images
+
+    def cues_from_core(self, core: tuple[Tensor, ...], height: int, width: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """`infer_core`'s outputs -> the disparity (B, H, W) px cropped to the input size and the
+        uncalibrated confidence cues (B, H, W) each (stereo_kd_core.models.confidence)."""
+        disparity, unrefined, logits, levels, mask, images = core
+        batch = disparity.shape[0]
         peak, spread = distribution_statistics(logits, levels)
         coarse_edge = F.max_pool2d(levels.unsqueeze(1), 3, 1, 1) + F.max_pool2d(-levels.unsqueeze(1), 3, 1, 1)
         in_pixels = levels.new_tensor([1.0, self.cost_stride, self.cost_stride]).view(1, 3, 1, 1)
-        upsampled = self.upsample_cues(torch.stack([peak, spread, coarse_edge[:, 0]], dim=1) * in_pixels, mask)
+        upsampled = self.upsample_cues(torch.stack([peak, spread, coarse_edge[:, 0]], dim=1) * in_pixels,
+                                       mask if mask.numel() else None)
         cues = {"peak": upsampled[:, 0].clamp(0.0, 1.0), "spread": upsampled[:, 1], "coarse_edge": upsampled[:, 2],
                 "refinement": (disparity - unrefined).abs().float(), "disparity": disparity.float(),
                 **image_cues(disparity, images[:batch], images[batch:])}
         return disparity[:, :height, :width].float(), {k: v[:, :height, :width].float() for k, v in cues.items()}
 
+    def confidence_head(self, core: tuple[Tensor, ...], height: int, width: int) -> tuple[Tensor, Tensor]:
+        """`infer_core`'s outputs -> (disparity, confidence), each (B, H, W): the eval output."""
+        disparity, cues = self.cues_from_core(core, height, width)
+        return disparity, self.confidence(cues)
+
+    def infer_with_cues(self, left: Tensor, right: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Eval-mode disparity (B, H, W) px and the uncalibrated confidence cues (B, H, W) each
+        (stereo_kd_core.models.confidence), from left, right (B, 3, H, W) RGB in [0, 1]."""
+        return self.cues_from_core(self.infer_core(left, right), *left.shape[-2:])
+
     def forward(self, left: Tensor, right: Tensor) -> dict[str, Tensor] | tuple[Tensor, Tensor]:
         """left, right: (B, 3, H, W) RGB in [0, 1]."""
         if not self.training:
-            disparity, cues = self.infer_with_cues(left, right)
-            return disparity, self.confidence(cues)
+            return self.confidence_head(self.infer_core(left, right), *left.shape[-2:])
         batch, _, height, width = left.shape
         images = torch.cat([left, right], dim=0)
         images = pad_to_multiple((images - self.mean) / self.std, self.stride)

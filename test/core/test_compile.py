@@ -103,3 +103,17 @@ def test_a_compiled_graph_that_fails_at_its_first_call_falls_back_to_eager(monke
     assert "falling back to eager" in caplog.text and "C++ compile error" in caplog.text
     eager = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
     np.testing.assert_array_equal(got.disparity, eager.predict(left, right).disparity)
+
+
+def test_the_two_compiled_graphs_compose_to_the_eval_forward():
+    """The CPU compile path runs `infer_core` (frozen) and `confidence_head` as two graphs: eagerly
+    composed they must be exactly the network's eval output."""
+    network = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32").network
+    left, right = (torch.from_numpy(view).permute(2, 0, 1)[None].float() / 255 for view in shifted_pair())
+    with torch.inference_mode():
+        disparity, confidence = network(left, right)
+        split = network.confidence_head(network.infer_core(left, right), HEIGHT, WIDTH)
+    assert disparity.shape == confidence.shape == (1, HEIGHT, WIDTH)
+    torch.testing.assert_close(split[0], disparity, rtol=0, atol=0)
+    torch.testing.assert_close(split[1], confidence, rtol=0, atol=0)
+    assert np.median(np.abs(disparity[0, :, 24:].numpy() - SHIFT_PX)) < 0.5
