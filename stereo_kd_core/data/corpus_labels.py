@@ -94,26 +94,32 @@ def label_cases(root: str | os.PathLike, teacher: str, precision: str = "bf16", 
 
 
 def confidence_cases(root: str | os.PathLike, student: str | None, export: str | os.PathLike | None = None,
-                     recompute: bool = False, log=print) -> int:
+                     recompute: bool = False, log=print, agreement: str | None = None) -> int:
     """Write `confidence` into every labels.npz that lacks it (all with `recompute`, after a
     rule change) from the shared rule (SGBM and `student` as the independent estimators). With
     `export`, also write what `stereo-kd adapt` reads: export/pairs/<case>/im0.png, im1.png
     (links to the labelled cases) and export/labels/<case>.npy (the label where confidence >=
     KEEP_CONFIDENCE, NaN elsewhere), for `stereo-kd adapt --data export/pairs --teacher
-    labels:export/labels`. Returns the number of cases written."""
+    labels:export/labels`. `agreement` other than the shared rule's (e.g. "none": the teacher's
+    left-right check alone, for the ablation without independent evidence) is written to the
+    export only, never into labels.npz. Returns the number of cases written."""
     from stereo_kd_core.estimator import StereoEstimator
 
     sgbm = StereoEstimator.load("sgbm", max_disparity=192)
     student_estimator = StereoEstimator.load(student, device="cpu") if student else None
-    needs_student = DEFAULT_RULE.agreement not in ("none", "sgbm")
-    rule = replace(DEFAULT_RULE, agreement="sgbm") if needs_student and not student else DEFAULT_RULE
+    rule = DEFAULT_RULE if agreement is None else replace(DEFAULT_RULE, agreement=agreement)
+    store = rule == DEFAULT_RULE  # only the shared rule's confidence goes into the cache
+    if not store and export is None:
+        raise ValueError(f"agreement {agreement!r} is not the shared rule's: give an export folder for it")
+    if rule.agreement not in ("none", "sgbm") and not student:
+        rule = replace(rule, agreement="sgbm")
     cases = [case for case in cases_round_robin(Path(root)) if (case / LABEL_FILE).is_file()]
     done = 0
     for case in cases:
         with np.load(case / LABEL_FILE) as stored:
             arrays = {key: stored[key] for key in stored.files}
         exported = export is None or (Path(export) / "labels" / f"{case.name}.npy").is_file()
-        if "confidence" in arrays and exported and not recompute:
+        if "confidence" in arrays and exported and not recompute and store:
             continue
         left, right = read_image_rgb(case / "im0.png"), read_image_rgb(case / "im1.png")
         evidence = ConfidenceEvidence(
@@ -121,10 +127,12 @@ def confidence_cases(root: str | os.PathLike, student: str | None, export: str |
             disparity_right=arrays["disparity_right"].astype(np.float32),
             teacher_confidence=arrays["teacher_confidence"].astype(np.float32),
             sgbm=sgbm.predict(left, right).disparity,
-            student=student_estimator.predict(left, right).disparity if student_estimator else None)
+            student=student_estimator.predict(left, right).disparity
+            if student_estimator and rule.agreement not in ("none", "sgbm") else None)
         confidence = label_confidence(evidence, left, right, rule)
-        arrays["confidence"] = confidence.astype(np.float16)
-        write_npz_atomic(case / LABEL_FILE, arrays)
+        if store:
+            arrays["confidence"] = confidence.astype(np.float16)
+            write_npz_atomic(case / LABEL_FILE, arrays)
         kept = confidence >= KEEP_CONFIDENCE
         if export is not None:
             pairs_dir, labels_dir = Path(export) / "pairs" / case.name, Path(export) / "labels"
@@ -153,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="independent network for --confidence ('' for SGBM only)")
     parser.add_argument("--export", help="with --confidence: also write FOLDER/pairs + FOLDER/labels for "
                                          "`stereo-kd adapt --data FOLDER/pairs --teacher labels:FOLDER/labels`")
+    parser.add_argument("--agreement", choices=("sgbm", "student", "either", "both", "none"),
+                        help="with --confidence --export: this agreement instead of the shared rule's "
+                             "(none: the teacher's left-right check alone), written to the export only")
     parser.add_argument("--recompute", action="store_true",
                         help="with --confidence: rewrite every case's confidence (after a rule change)")
     args = parser.parse_args(argv)
     if args.teacher:
         label_cases(args.data, args.teacher, args.precision, args.limit)
     if args.confidence:
-        confidence_cases(args.data, args.student or None, args.export, args.recompute)
+        confidence_cases(args.data, args.student or None, args.export, args.recompute, agreement=args.agreement)
     if not (args.teacher or args.confidence):
         parser.error("give --teacher and/or --confidence")
     return 0

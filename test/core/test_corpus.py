@@ -159,3 +159,13 @@ def test_labels_are_cached_once_and_exported_for_adapt(tmp_path):
     assert np.nanmedian(exported) == pytest.approx(DISPARITY_PX, abs=0.5)
     assert np.allclose(exported[confidence >= 0.5], disparity[confidence >= 0.5])
     assert (tmp_path / "export" / "pairs" / "b-1" / "im1.png").resolve() == (corpus / "b-1" / "im1.png").resolve()
+    # the ablation without independent evidence: the left-right check alone, to its own export only
+    before = (corpus / "a-1" / "labels.npz").read_bytes()
+    with pytest.raises(ValueError, match="export folder"):
+        confidence_cases(corpus, student=None, agreement="none", log=lambda _: None)
+    assert confidence_cases(corpus, student=None, export=tmp_path / "lr-only", agreement="none",
+                            log=lambda _: None) == 2
+    assert (corpus / "a-1" / "labels.npz").read_bytes() == before
+    lr_only = np.load(tmp_path / "lr-only" / "labels" / "a-1.npy")
+    assert np.isfinite(lr_only).sum() >= np.isfinite(exported).sum()  # fewer conditions: at least as many kept
+    assert np.isfinite(exported)[np.isfinite(lr_only) == 0].sum() == 0
