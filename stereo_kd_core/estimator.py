@@ -58,6 +58,18 @@ def _measured_cpu_default(model: str) -> dict:
     return shipped_models().get(model, {}).get("cpu_default", {})
 
 
+def measured_as(network) -> str | None:
+    """The shipped model whose measured CPU default a checkpoint of `network`'s architecture
+    takes (same arch and config family, e.g. an `adapt`ed dsnet-fast), or None. bf16 and
+    channels_last were measured per architecture (the same weights within 0.003 px of fp32), so
+    a fine-tuned copy runs as fast as the shipped one instead of in plain fp32."""
+    arch = getattr(network, "config", {}).get("arch")
+    for name, entry in shipped_models().items():
+        if arch is not None and entry.get("arch") == arch and entry.get("cpu_default"):
+            return name
+    return None
+
+
 def resolve_channels_last(channels_last: bool | None, model: str) -> bool:
     """None -> the shipped model's measured CPU default layout (channels_last when its manifest's
     cpu_default backend is pytorch-channels-last; False for checkpoint paths)."""
@@ -91,10 +103,9 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
         raise ValueError(f"max_disparity must be an integer >= 16, got {max_disparity!r}")
     if model == "sgbm":
         return SGBMEstimator(max_disparity=max_disparity)
-    if precision == "auto":
-        precision = resolve_precision(precision, "cpu" if model.endswith(".onnx") else resolve_device(device),
-                                      model)
     if model.endswith(".onnx"):
+        if precision == "auto":
+            precision = resolve_precision(precision, "cpu", model)
         return OnnxEstimator(model, device=device, precision=precision, max_disparity=max_disparity,
                              threads=threads, engine_cache_dir=engine_cache_dir)
     if os.sep in model or model.endswith((".pt", ".pth", ".ckpt")) or Path(model).is_file():
@@ -106,9 +117,11 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
         path, sha = resolve_shipped(model)
         name = model
     network = load_model(path, expected_sha256=sha)
-    return NetworkEstimator(network, name=name, device=resolve_device(device),
-                            precision=precision, max_disparity=max_disparity, compile=compile,
-                            channels_last=resolve_channels_last(channels_last, model))
+    measured = model if sha is not None else (measured_as(network) or model)
+    device = resolve_device(device)
+    return NetworkEstimator(network, name=name, device=device,
+                            precision=resolve_precision(precision, device, measured), max_disparity=max_disparity,
+                            compile=compile, channels_last=resolve_channels_last(channels_last, measured))
 
 
 StereoEstimator.load = staticmethod(load)  # the seam's entry point (see estimator_base.StereoEstimator)

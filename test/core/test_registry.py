@@ -65,9 +65,19 @@ def test_auto_precision_follows_the_manifests_measured_cpu_default(shipped, monk
         loaded = StereoEstimator.load("tiny-fast", device="cpu", precision=precision, max_disparity=64)
         assert loaded.channels_last and loaded.precision == ("bf16" if precision == "auto" else "fp32")
     assert not StereoEstimator.load("tiny-fast", device="cpu", channels_last=False).channels_last
-    # a checkpoint path or a model without a measured default runs fp32; CUDA would take fp16
+    # a checkpoint path (e.g. what `adapt` wrote) runs as the shipped model of its architecture
+    # was measured to run; without an architecture in the manifest it runs fp32
     from_path = StereoEstimator.load(str(shipped), device="cpu", precision="auto")
-    assert from_path.precision == "fp32" and not from_path.channels_last
+    assert from_path.precision == "fp32" and not from_path.channels_last  # the entry names no arch
+    manifest["models"]["tiny-fast"]["arch"] = "dsnet-fast"
+    registry.MANIFEST_PATH.write_text(json.dumps(manifest))
+    from_path = StereoEstimator.load(str(shipped), device="cpu", precision="auto")
+    assert from_path.precision == "bf16" and from_path.channels_last and from_path.name == "tiny-fast"
+    other = default_config("dsnet", max_disparity=64)
+    other_path = save_checkpoint(shipped.parent / "other.pt", build_model(other), other)
+    from_other = StereoEstimator.load(str(other_path), device="cpu", precision="auto")
+    assert from_other.precision == "fp32" and not from_other.channels_last  # dsnet: never measured
+    # CUDA would take fp16
     assert estimator_module.resolve_precision("auto", "cuda:0", "tiny-fast") == "fp16"
     assert estimator_module.resolve_precision("fp32", "cpu", "tiny-fast") == "fp32"
     with pytest.raises(ValueError, match="precision must be one of auto"):
