@@ -49,6 +49,10 @@ def test_shipped_recipes_validate_and_never_train_on_the_test_split():
         recipe = load_recipe(name)
         assert recipe["data"]["train"].get("seed") != TEST_SPLIT_SEED
         assert ("teacher" in recipe) == name.startswith(("distill", "tiny-distill"))
+        if "adapt" in recipe:  # adapt recipes (adapt, real-mix-*) carry every key adapt needs
+            from stereo_kd_core.train.adapt import adapt_recipe
+
+            assert adapt_recipe(name, recipe["model"], {})["adapt"]["judge"]["criterion"]
 
 
 def test_recipe_errors_name_the_bad_key():
