@@ -29,13 +29,13 @@ import torch
 from stereo_kd_core.data.photo_stereo import PhotoStereoGenerator
 from stereo_kd_core.estimator import PRECISIONS, StereoEstimator
 from stereo_kd_core.evaluate import motorcycle_sample
-from stereo_kd_core.models.blocks import StereoNetwork
 from stereo_kd_core.models.confidence import (
     CUE_NAMES,
     ConfidenceCalibration,
     calibration_path,
     cue_features,
 )
+from stereo_kd_core.models.frames import StereoNetwork
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BAD_PX = 2.0

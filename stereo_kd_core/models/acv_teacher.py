@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .blocks import StereoNetwork, full_resolution_regression, init_weights
+from .blocks import full_resolution_regression, init_weights
+from .frames import StereoNetwork
 
 
 class AcvTeacher(StereoNetwork):

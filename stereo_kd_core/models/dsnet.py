@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .blocks import ConvexUpsamplingStereoNetwork, init_weights
+from .blocks import init_weights
+from .frames import ConvexUpsamplingStereoNetwork
 
 
 class DSNet(ConvexUpsamplingStereoNetwork):
