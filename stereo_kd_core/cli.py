@@ -333,11 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=None,
                    help="pseudo-labelled pixels below this confidence do not supervise (default 0.5)")
     p.add_argument("--drop-worst", type=float, default=None,
-                   help="fraction of the worst pseudo-labelled pixels per batch ignored (default 0.05)")
+                   help="fraction of the worst pseudo-labelled pixels per batch ignored (default 0)")
     p.add_argument("--photometric", type=float, default=None,
                    help="weight of the SSIM + L1 reconstruction and smoothness self-supervision (default 0)")
     p.add_argument("--replay-synthetic", type=float, default=None,
-                   help="fraction of samples that are synthetic ground truth (default 0.25; 0 = off)")
+                   help="fraction of samples that are synthetic ground truth (default 0.1; 0 = off)")
     p.add_argument("--keep-anyway", action="store_true",
                    help="final.pt gets the best adapted weights even when the judge finds them no better than "
                         "the start (by default the start is kept and the adapted weights are left in adapted.pt)")
