@@ -55,6 +55,7 @@ from stereo_kd_core.train.label_cache import (
     FileTeacher,
     LabelCache,
     load_teacher,
+    teacher_precision,
 )
 from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, load_recipe
 from stereo_kd_core.train.trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, build_training_dataset
@@ -118,7 +119,8 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     recipe_dict = adapt_recipe(recipe, student.config, {**(overrides or {}), "train.init_from": init_name})
     adapt = recipe_dict["adapt"]
     device = resolve_device(device)
-    teacher_obj = load_teacher(teacher, device, adapt["lr_check_px"])
+    label_precision = teacher_precision(adapt.get("teacher_precision", "auto"), device)
+    teacher_obj = load_teacher(teacher, device, adapt["lr_check_px"], label_precision)
     if isinstance(teacher_obj, EstimatorTeacher) and adapt["agreement"] != "none":  # labels the student can trust
         start = NetworkEstimator(copy.deepcopy(student), init_name, device, "fp32", student.max_disparity)
         teacher_obj.use_agreement(adapt["agreement"], start, init_name)
@@ -214,6 +216,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         "seconds": {"labels": labels_s, "training": training_s},
         "labels_computed": cache.computed if cache is not None else 0,
         "training_precision": judge_precision,
+        "label_precision": label_precision if isinstance(teacher_obj, EstimatorTeacher) else None,
         "judge": decision,
     }
     for key, samples in (("holdout_vs_teacher", labelled), ("holdout_vs_ground_truth", truth),

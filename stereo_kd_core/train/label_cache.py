@@ -163,19 +163,25 @@ def psmnet_checkpoint() -> Path:
     return converted
 
 
-def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0) -> Teacher | None:
+def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0,
+                 precision: str = "fp32") -> Teacher | None:
     """`none`, `labels:DIR`, a registry name (`psmnet` is fetched on first use), a checkpoint,
-    or an ONNX file (through StereoEstimator.load: output-level distillation only)."""
+    or an ONNX file (through StereoEstimator.load: output-level distillation only). `precision`:
+    the network teacher's labelling precision (ONNX teachers run fp32); a non-fp32 one is part of
+    the label cache's identity, so labels of another precision are never mixed in."""
     if spec == NO_TEACHER:
         return None
     if spec.startswith(LABELS_PREFIX):
         return FileTeacher(spec[len(LABELS_PREFIX):])
     if spec == "psmnet" and "psmnet" not in registry.shipped_models():
         path = psmnet_checkpoint()
-        return EstimatorTeacher(StereoEstimator.load(str(path), device=device, precision="fp32"),
-                                {"teacher": "psmnet", "sha256": sha256_of_file(path)}, lr_check_px)
+        return EstimatorTeacher(StereoEstimator.load(str(path), device=device, precision=precision),
+                                {"teacher": "psmnet", "sha256": sha256_of_file(path), **_tagged(precision)},
+                                lr_check_px)
+    if spec.endswith(".onnx"):
+        precision = "fp32"
     try:
-        estimator = StereoEstimator.load(spec, device=device, precision="fp32")
+        estimator = StereoEstimator.load(spec, device=device, precision=precision)
     except CheckpointError as error:
         if spec.endswith(".onnx"):  # StereoEstimator.load runs ONNX files where its ONNX Runtime backend exists
             raise ValueError(f"--teacher {spec}: this install's StereoEstimator cannot run ONNX models "
@@ -184,7 +190,24 @@ def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0) -> T
     path = Path(spec)
     identity = {"teacher": spec, "sha256": sha256_of_file(path)} if path.is_file() else {
         "teacher": spec, "sha256": registry.shipped_models().get(spec, {}).get("sha256")}
-    return EstimatorTeacher(estimator, identity, lr_check_px)
+    return EstimatorTeacher(estimator, {**identity, **_tagged(precision)}, lr_check_px)
+
+
+def _tagged(precision: str) -> dict:
+    """The precision entry of a teacher's identity: none for fp32 (caches made before it existed)."""
+    return {} if precision == "fp32" else {"precision": precision}
+
+
+def teacher_precision(choice: str, device: str) -> str:
+    """adapt.teacher_precision -> the labelling precision: auto = bf16 on a CPU with native bf16,
+    fp32 elsewhere (CUDA included: labels stay exact where they are cheap)."""
+    from stereo_kd_core.estimator import cpu_has_native_bf16
+
+    if choice not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"adapt.teacher_precision must be auto, fp32 or bf16, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "bf16" if device == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 # --- the pseudo-label cache --------------------------------------------------------------

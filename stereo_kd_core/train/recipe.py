@@ -46,7 +46,7 @@ SCHEMA: dict[str, Any] = {
         "photometric": ANY, "smoothness": ANY, "replay_synthetic": ANY, "internal": ANY,
         "evaluation": {"synthetic_n": ANY, "synthetic_height": ANY, "synthetic_width": ANY},
         "judge": {"criterion": ANY, "min_gain": ANY, "max_frames": ANY, "record_all": ANY},
-        "agreement": ANY,
+        "agreement": ANY, "teacher_precision": ANY,
     },
 }
 REQUIRED = ("model.arch", "data.train.name", "data.crop", "train.steps", "train.batch_size",

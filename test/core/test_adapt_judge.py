@@ -217,6 +217,9 @@ def test_cpu_default_trains_in_bf16_from_the_label_cache_without_a_live_teacher(
                        device="cpu", overrides={**FAST, "train.steps": 2, "adapt.holdout": 0.0})
     assert report["training_precision"] == "bf16" and bf16 == [True, True]
     assert report["labels_computed"] == 2 and report["internal_distillation"] is False
+    # the teacher labelled in bf16 too, and says so in the label cache's identity
+    assert report["label_precision"] == "bf16"
+    assert json.loads((tmp_path / "run" / "labels" / "teacher.json").read_text())["precision"] == "bf16"
     with open(tmp_path / "run" / "log.csv") as f:
         assert f.readline().strip().split(",")[-1] == "loss.labels"  # no internal points
 
@@ -251,3 +254,16 @@ def test_labels_where_independent_evidence_disagrees_do_not_supervise():
                                       "student": "start.pt"}  # another rule -> other labels, not mixed
     with pytest.raises(ValueError, match="needs the starting student"):
         EstimatorTeacher(ConstantEstimator(4.0), {"teacher": "c"}, 1.0).use_agreement("either")
+
+
+def test_teacher_precision_auto_is_bf16_only_on_a_cpu_that_computes_it(monkeypatch):
+    import stereo_kd_core.estimator as estimator
+    from stereo_kd_core.train.label_cache import teacher_precision
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(estimator, "cpu_has_native_bf16", lambda native=native: native)
+        assert teacher_precision("auto", "cpu") == expected
+        assert teacher_precision("auto", "cuda:0") == "fp32"
+        assert teacher_precision("fp32", "cpu") == "fp32" and teacher_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="teacher_precision"):
+        teacher_precision("fp16", "cpu")
