@@ -41,6 +41,8 @@ from stereo_kd_ros.pipeline import PairPipeline, PipelineStats
 
 NODE_NAME = "stereo_kd_node"
 
+COMPILED_NOTE = ", compiled at the first pair of each input size"
+
 
 class StereoNode(Node):
     """The ROS glue around StereoEstimator; see the module docstring for topics.
@@ -71,7 +73,7 @@ class StereoNode(Node):
         else:
             self.estimator = StereoEstimator.load(values["model"], device=values["device"],
                                                   precision=values["precision"],
-                                                  max_disparity=values["max_disparity"])
+                                                  max_disparity=values["max_disparity"], compile=values["compile"])
         self._rectification_device = (self._choose_rectification_device(values["rectify_on"])
                                       if values["rectify"] else None)
         range_limit_px = self._network_range_limit(values["max_disparity"]) if estimator is None else None
@@ -90,7 +92,7 @@ class StereoNode(Node):
                                              values["status_log_period_s"])
         self.get_logger().info(
             f"model '{self.estimator.name}' ({self.estimator.backend}) on {self.estimator.device} "
-            f"({self.estimator.precision}), "
+            f"({self.estimator.precision}{COMPILED_NOTE if getattr(self.estimator, 'compiled', False) else ''}), "
             f"max_disparity {self.outputs.search_range_px(self.estimator)}"
             f"{f' (of the {self.estimator.max_disparity} it was built for)' if range_limit_px else ''}, "
             f"{'approximate' if tolerance else 'exact'} sync"

@@ -35,6 +35,11 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "registry's default student, weights in the package), 'sgbm' (OpenCV SGBM), a checkpoint path, "
                   "or an ONNX model path (*.onnx, run in onnxruntime)."),
     ParameterSpec("device", "auto", "Inference device: auto (CUDA when available), cpu, cuda or cuda:N."),
+    ParameterSpec("compile", False, "torch.compile the network (CPU: inductor with freezing; CUDA: CUDA graphs). "
+                  "The first pair of each input size compiles (30 s to minutes on a CPU; pairs arriving meanwhile "
+                  "are dropped and counted), inductor's on-disk cache shortens later starts, and any failure runs "
+                  "eagerly with a warning. Measured at 384x640: 2.6x faster on an AMX Xeon, 1.3x on an AVX-512 "
+                  "BF16 EPYC (README). Networks only."),
     ParameterSpec("precision", "auto", "Network precision: auto (fp16 on CUDA; on the CPU the shipped model's "
                   "measured default, bf16 where the CPU has AMX/AVX-512 BF16, else fp32), fp32, fp16 or bf16."),
     ParameterSpec("max_disparity", 192, "Disparity search range in pixels (multiple of 16). A network searches "

@@ -1,0 +1,45 @@
+"""The node's `compile` parameter reaches the estimator: the network is compiled (here torch.compile
+is replaced by one that records its calls and returns the function, so no minutes-long inductor
+run), the pair is processed through the compiled path and published over DDS, with the same
+disparity as the estimator's eager output. The real compile is tested in test/core/test_compile.py."""
+
+import numpy as np
+import torch
+from builtin_interfaces.msg import Time
+from conftest import TEST_DOMAIN_OFFSET, wait_until
+from stereo_scene import make_scene
+
+from stereo_kd_ros.conversions import disparity_from_msg
+
+ROS_DOMAIN_ID = 151 + TEST_DOMAIN_OFFSET
+
+
+def test_compile_parameter_compiles_the_network_and_the_node_publishes_through_it(make_harness, monkeypatch):
+    calls = []
+
+    def recording_compile(function, **options):
+        calls.append((getattr(function, "__name__", type(function).__name__), options))
+        return function
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    scene = make_scene(plane_disparity=8, box_disparity=16)
+    harness = make_harness(model="dsnet-fast", compile=True, confidence_threshold=0.0)
+    assert harness.node.estimator.compiled
+    names = [name for name, _ in calls]
+    assert names == ["infer_core", "confidence_head"]  # the weights frozen, the confidence head apart
+    assert calls[0][1]["options"] == {"freezing": True} and calls[0][1]["dynamic"] is False
+    stamp = Time(sec=1)
+    harness.send_infos(*scene.camera_infos(stamp))
+    harness.send_images(*scene.images(stamp))
+    assert wait_until(lambda: harness.count("disparity"), timeout_s=120)
+    published = disparity_from_msg(harness.last("disparity"))
+    reference = harness.node.estimator.predict(scene.left, scene.right).disparity
+    finite = np.isfinite(reference)
+    assert finite.mean() > 0.5 and np.array_equal(np.isfinite(published), finite)
+    assert np.allclose(published[finite], reference[finite], atol=1e-3)
+
+
+def test_compile_is_off_by_default(make_harness, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError("compiled")))
+    harness = make_harness(model="sgbm")
+    assert harness.node.get_parameter("compile").value is False
