@@ -258,12 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                              "over the loopback-UDP-only DDS profile lose most frames to fragment loss.")
     parser.add_argument("--rate", type=float, default=30.0, help="Input frames per second.")
     parser.add_argument("--duration", type=float, default=60.0, help="Seconds of streaming.")
+    parser.add_argument("--compile", action="store_true",
+                        help="Node 'compile' parameter: the first pair compiles; the rate is taken from the "
+                             "windows after the first one with output (give --duration room for the compile).")
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
     args = parser.parse_args(argv)
 
     session = NodeSession({"model": args.model, "device": args.device, "input_scale": args.input_scale,
                            "max_disparity": args.max_disparity, "use_system_default_qos": not args.best_effort,
-                           "diagnostics_period_s": 1.0},
+                           "diagnostics_period_s": 1.0, "compile": args.compile},
                           rate_hz=args.rate)
     session.start()
     try:
@@ -274,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
         output = session.stop()
     windows = session.windows(start, args.duration)
     inference_ms = float(values.get("inference_p50_ms", "nan"))
-    steady = windows[1:] or windows  # the first window includes start-up
+    first_output = next((i for i, w in enumerate(windows) if w["rate_hz"] > 0), 0)
+    steady = windows[first_output + 1:] or windows  # the first window with output includes start-up (or compiling)
     figures = {
         "model": values.get("model"), "device": values.get("device"), "input_scale": args.input_scale,
+        "compile": args.compile,
         "image": f"{WIDTH}x{HEIGHT} rgb8", "reliable_input": not args.best_effort, "input_rate_hz": args.rate,
         "duration_s": args.duration,
         "output_rate_hz": float(np.mean([w["rate_hz"] for w in steady])),
