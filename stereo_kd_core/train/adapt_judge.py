@@ -38,8 +38,13 @@ import torch
 from torch import nn
 
 from stereo_kd_core.checkpoint import save_checkpoint
-from stereo_kd_core.distill.label_confidence import ConfidenceRule, agrees, right_view_disparity
-from stereo_kd_core.distill.losses import photometric_loss, warp_right_to_left
+from stereo_kd_core.distill.label_confidence import (
+    ConfidenceRule,
+    agrees,
+    left_right_consistent,
+    right_view_disparity,
+)
+from stereo_kd_core.distill.losses import photometric_loss
 from stereo_kd_core.estimator import NetworkEstimator, StereoEstimator
 
 CRITERIA = ("photometric", "left_right", "sgbm_agreement", "teacher")
@@ -132,9 +137,9 @@ def measure(network: nn.Module, frames: Sequence[JudgeFrame], device: str = "cpu
                                                       disparity_t, visible)))
         if "left_right" in values:
             right_disparity = right_view_disparity(estimator, frame.left, frame.right)  # (H, W)
-            right_t = torch.from_numpy(np.nan_to_num(right_disparity, nan=-1e6)).view(1, 1, *right_disparity.shape)
-            seen, _ = warp_right_to_left(right_t, disparity_t)  # (1, 1, H, W): the right view's disparity at x - d
-            inconsistent = (seen[:, 0] - disparity_t).abs() > LEFT_RIGHT_PX
+            # the labels' left-right check (distill/label_confidence.py), on the student's own two views
+            consistent = left_right_consistent(disparity, right_disparity, LEFT_RIGHT_PX)
+            inconsistent = torch.from_numpy(~consistent).unsqueeze(0)  # (1, H, W)
             if visible.any():
                 add("left_right", float((inconsistent & visible).sum() / visible.sum()))
         add("sgbm_agreement", _epe(disparity, frame.agreed))
