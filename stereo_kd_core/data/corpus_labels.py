@@ -30,6 +30,7 @@ import numpy as np
 
 from stereo_kd_core.data.io import read_image_rgb
 from stereo_kd_core.distill.label_confidence import (
+    AGREEMENT_NEEDS,
     DEFAULT_RULE,
     ConfidenceEvidence,
     label_confidence,
@@ -105,14 +106,15 @@ def confidence_cases(root: str | os.PathLike, student: str | None, export: str |
     export only, never into labels.npz. Returns the number of cases written."""
     from stereo_kd_core.estimator import StereoEstimator
 
-    sgbm = StereoEstimator.load("sgbm", max_disparity=192)
-    student_estimator = StereoEstimator.load(student, device="cpu") if student else None
     rule = DEFAULT_RULE if agreement is None else replace(DEFAULT_RULE, agreement=agreement)
     store = rule == DEFAULT_RULE  # only the shared rule's confidence goes into the cache
     if not store and export is None:
         raise ValueError(f"agreement {agreement!r} is not the shared rule's: give an export folder for it")
-    if rule.agreement not in ("none", "sgbm") and not student:
+    if "student" in AGREEMENT_NEEDS[rule.agreement] and not student:
         rule = replace(rule, agreement="sgbm")
+    needs = AGREEMENT_NEEDS[rule.agreement]  # only the estimators the rule reads run
+    sgbm = StereoEstimator.load("sgbm", max_disparity=192) if "sgbm" in needs else None
+    student_estimator = StereoEstimator.load(student, device="cpu") if "student" in needs else None
     cases = [case for case in cases_round_robin(Path(root)) if (case / LABEL_FILE).is_file()]
     done = 0
     for case in cases:
@@ -126,9 +128,8 @@ def confidence_cases(root: str | os.PathLike, student: str | None, export: str |
             disparity=arrays["disparity"].astype(np.float32),
             disparity_right=arrays["disparity_right"].astype(np.float32),
             teacher_confidence=arrays["teacher_confidence"].astype(np.float32),
-            sgbm=sgbm.predict(left, right).disparity,
-            student=student_estimator.predict(left, right).disparity
-            if student_estimator and rule.agreement not in ("none", "sgbm") else None)
+            sgbm=sgbm.predict(left, right).disparity if sgbm else None,
+            student=student_estimator.predict(left, right).disparity if student_estimator else None)
         confidence = label_confidence(evidence, left, right, rule)
         if store:
             arrays["confidence"] = confidence.astype(np.float16)

@@ -43,7 +43,10 @@ class ConfidenceRule:
 
 
 DEFAULT_RULE = ConfidenceRule()
-AGREEMENT_MODES = ("none", "sgbm", "student", "either", "both")
+# Each agreement mode and the independent estimators it reads (ConfidenceEvidence fields).
+AGREEMENT_NEEDS: dict[str, tuple[str, ...]] = {"none": (), "sgbm": ("sgbm",), "student": ("student",),
+                                               "either": ("sgbm", "student"), "both": ("sgbm", "student")}
+AGREEMENT_MODES = tuple(AGREEMENT_NEEDS)
 PHOTOMETRIC_WINDOW_PX = 5
 
 
@@ -112,9 +115,7 @@ def label_confidence(evidence: ConfidenceEvidence, left: np.ndarray | None = Non
         keep &= left_right_consistent(label, evidence.disparity_right, rule.lr_check_px)
     if rule.agreement not in AGREEMENT_MODES:
         raise ValueError(f"label confidence: agreement {rule.agreement!r} is not one of {AGREEMENT_MODES}")
-    needs = {"sgbm": ("sgbm",), "student": ("student",), "either": ("sgbm", "student"),
-             "both": ("sgbm", "student"), "none": ()}[rule.agreement]
-    for name in needs:
+    for name in AGREEMENT_NEEDS[rule.agreement]:
         if getattr(evidence, name) is None:
             raise ValueError(f"label confidence: agreement {rule.agreement!r} needs the {name} disparity")
     if rule.agreement == "sgbm":

@@ -29,6 +29,7 @@ from stereo_kd_core.data.datasets import MiddleburyDataset
 from stereo_kd_core.data.io import read_image_rgb, read_kitti_disparity, read_pfm
 from stereo_kd_core.data.recordings import Frame
 from stereo_kd_core.distill.label_confidence import (
+    AGREEMENT_NEEDS,
     ConfidenceEvidence,
     ConfidenceRule,
     label_confidence,
@@ -84,7 +85,7 @@ class EstimatorTeacher(Teacher):
         """Labels must also agree with independent estimators (distill/label_confidence.py's rule):
         "sgbm", "student", "either" (SGBM where it has a disparity, else the student), "both" or
         "none"; `student` is the student adapt starts from."""
-        if agreement in ("student", "either", "both") and student is None:
+        if "student" in AGREEMENT_NEEDS.get(agreement, ()) and student is None:
             raise ValueError(f"adapt.agreement {agreement!r} needs the starting student")
         self.agreement, self.student, self._student_name = agreement, student, student_name
 
@@ -98,12 +99,13 @@ class EstimatorTeacher(Teacher):
         prediction = self.estimator.predict(left, right)
         disparity_right = right_view_disparity(self.estimator, left, right)
         sgbm = student = None
-        if self.agreement in ("sgbm", "either", "both"):
+        needs = AGREEMENT_NEEDS.get(self.agreement, ())
+        if "sgbm" in needs:
             try:  # SGBM checks left-right itself: NaN where it fails
                 sgbm = StereoEstimator.load("sgbm", max_disparity=self.max_disparity).predict(left, right).disparity
             except ValueError:  # narrower than SGBM's range: no SGBM evidence anywhere
                 sgbm = np.full(left.shape[:2], np.nan, np.float32)
-        if self.agreement in ("student", "either", "both"):
+        if "student" in needs:
             student = self.student.predict(left, right).disparity
         evidence = ConfidenceEvidence(prediction.disparity, disparity_right, prediction.confidence,
                                       sgbm, student)
