@@ -73,23 +73,15 @@ def test_checkpoint_loads_its_table_and_the_forward_applies_it(tmp_path):
 
 
 def test_onnx_export_carries_the_calibrated_confidence(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from stereo_kd_core.export import export_model
+    from test_export import run_exported
 
     network = random_network()
     network.confidence_calibration = ConfidenceCalibration(TABLE)
-    height, width = 96, 160
-    path = export_model(network, tmp_path / "calibrated.onnx", "onnx", height, width)
-    generator = torch.Generator().manual_seed(1)
-    left = torch.rand(1, 3, height, width, generator=generator)
-    right = torch.roll(left, shifts=-6, dims=3) * 0.9 + 0.05 * torch.rand(1, 3, height, width, generator=generator)
-    with torch.no_grad():
-        _, expected = network(left, right)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    _, got = session.run(None, {"left": left.numpy(), "right": right.numpy()})
+    (_, expected), (_, got) = run_exported(network, tmp_path / "calibrated.onnx", 96, 160, shift_px=6)
     assert float(expected.std()) > 0.01  # a confidence that varies, not a constant
-    assert np.max(np.abs(got - expected.numpy())) < 1e-4
+    assert np.max(np.abs(got - expected)) < 1e-4
 
 
 @pytest.fixture(scope="module")

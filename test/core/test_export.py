@@ -29,19 +29,28 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-6))
 
 
-def test_onnx_matches_pytorch_at_real_size(fast_model, tmp_path):
-    height, width = 384, 640
-    path = export_model(fast_model, tmp_path / "fast.onnx", "onnx", height, width)
+def run_exported(network, path, height: int, width: int, shift_px: int) -> tuple[list, list]:
+    """Export `network` to ONNX at height x width, then run it and the graph (onnxruntime, CPU)
+    on one seeded pair (right = left shifted by shift_px, dimmed, plus noise): (PyTorch
+    outputs, ONNX outputs), numpy arrays each."""
+    path = export_model(network, path, "onnx", height, width)
     generator = torch.Generator().manual_seed(1)
     left = torch.rand(1, 3, height, width, generator=generator)
-    right = torch.roll(left, shifts=-12, dims=3) * 0.9 + 0.05 * torch.rand(1, 3, height, width, generator=generator)
+    right = torch.roll(left, shifts=-shift_px, dims=3) * 0.9 + 0.05 * torch.rand(1, 3, height, width,
+                                                                                   generator=generator)
     with torch.no_grad():
-        disparity, confidence = fast_model(left, right)
+        expected = [output.numpy() for output in network(left, right)]
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_disparity, onnx_confidence = session.run(None, {"left": left.numpy(), "right": right.numpy()})
+    return expected, session.run(None, {"left": left.numpy(), "right": right.numpy()})
+
+
+def test_onnx_matches_pytorch_at_real_size(fast_model, tmp_path):
+    height, width = 384, 640
+    (disparity, confidence), (onnx_disparity, onnx_confidence) = run_exported(
+        fast_model, tmp_path / "fast.onnx", height, width, shift_px=12)
     assert onnx_disparity.shape == (1, height, width)
-    assert relative_error(onnx_disparity, disparity.numpy()) < 1e-3
-    assert np.max(np.abs(onnx_confidence - confidence.numpy())) < 1e-3
+    assert relative_error(onnx_disparity, disparity) < 1e-3
+    assert np.max(np.abs(onnx_confidence - confidence)) < 1e-3
 
 
 def test_torchscript_matches_pytorch(fast_model, tmp_path):
