@@ -5,7 +5,8 @@ may hold samples of both sets."""
 
 from __future__ import annotations
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, default_collate
 
 
 class MixedDataset(Dataset):
@@ -36,3 +37,16 @@ class MixedDataset(Dataset):
         if index < len(self.first):
             return self.first[index]
         return self.second[(self.epoch * self.share + index - len(self.first)) % len(self.second)]
+
+
+def collate_mixed(items: list[dict]) -> dict:
+    """`default_collate`, where the items without cached teacher outputs ("teacher_prob",
+    "teacher_disparity": a set of real frames with a teacher's cost cache, mixed with replayed
+    generated pairs) get empty ones (no mass, no disparity) and `teacher_points` False."""
+    given = next((item for item in items if "teacher_prob" in item), None)
+    if given is not None:
+        empty = {"teacher_prob": torch.zeros_like(given["teacher_prob"]),
+                 "teacher_disparity": torch.full_like(given["teacher_disparity"], float("nan")),
+                 "teacher_points": torch.tensor(False)}
+        items = [item if "teacher_prob" in item else {**item, **empty} for item in items]
+    return default_collate(items)

@@ -136,16 +136,25 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
             raise ValueError(f"labels:DIR names files after frames, but several --data share frame names "
                              f"({', '.join(clashes[:5])}); adapt one source at a time")
 
+    # internal points: the teacher's cost distributions cached with the labels, or (asked for) live
+    source = adapt.get("internal_source", "cache")
+    if source not in ("cache", "live"):
+        raise RecipeError(f"adapt.internal_source must be cache or live, got {source!r}")
+    cached_costs = bool(adapt["internal"]) and source == "cache"
+    if cached_costs and not (isinstance(teacher_obj, EstimatorTeacher) and teacher_obj.network is not None):
+        raise ValueError(f"adapt.internal from the cache needs a teacher network with cost volumes (e.g. psmnet); "
+                         f"--teacher {teacher} has none: drop adapt.internal")
+
     started = time.perf_counter()
     cache = None
     if teacher_obj is not None:
-        cache = LabelCache(out_dir, teacher_obj)
+        cache = LabelCache(out_dir, teacher_obj, costs=cached_costs)
         cache.fill(train_frames + holdout_frames)
     labels_s = time.perf_counter() - started
 
-    # the teacher network joins training only for internal points, and only at the same range
+    # the teacher network joins training only for live internal points, and only at the same range
     teacher_network = None
-    if teacher_obj is not None and teacher_obj.network is not None and adapt["internal"]:
+    if teacher_obj is not None and teacher_obj.network is not None and adapt["internal"] and source == "live":
         if teacher_obj.network.max_disparity == student.max_disparity:
             teacher_network = teacher_obj.network
         else:
@@ -211,7 +220,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         "student": registry.describe(init_name, init_name, "pytorch", device, "fp32"),  # as _evaluate runs it
         "frames": {"train": len(train_frames), "holdout": len(holdout_frames),
                    "holdout_names": [frame.key for frame in holdout_frames]},
-        "internal_distillation": teacher_network is not None,
+        "internal_distillation": "live" if teacher_network is not None else "cache" if cached_costs else None,
         "min_confidence": adapt["min_confidence"],
         "seconds": {"labels": labels_s, "training": training_s},
         "labels_computed": cache.computed if cache is not None else 0,

@@ -38,6 +38,8 @@ from stereo_kd_core.distill.label_confidence import (
 from stereo_kd_core.distill.signals import SOURCE_PSEUDO_LABEL
 from stereo_kd_core.distill.teacher_cache import (
     DEFAULT_TOP_K,
+    dense_probability,
+    read_teacher_file,
     teacher_file,
     teacher_targets,
     write_npz_atomic,
@@ -50,6 +52,7 @@ NO_TEACHER = "none"
 LABEL_SUFFIXES = (".pfm", ".png", ".npy")
 LABELS_DIR = "labels"
 TEACHER_RECORD = "teacher.json"
+COST_SUFFIX = ".cost.npz"  # beside a frame's label: the teacher's top-K cost distribution
 
 
 # --- teachers ----------------------------------------------------------------------------
@@ -79,6 +82,23 @@ class EstimatorTeacher(Teacher):
         self.network = network if hasattr(network, "feature_stages") else None
 
         self.agreement, self.student, self._student_name = "none", None, None
+
+    def costs(self, left: np.ndarray, right: np.ndarray, top_k: int = DEFAULT_TOP_K) -> dict[str, np.ndarray]:
+        """The teacher's top-K cost distribution on one frame (teacher_cache's arrays, at the
+        labelling precision): the frame padded (replicated) to a multiple of 32 at the bottom and
+        right, the cells wholly in that padding emptied (no mass: no target)."""
+        if self.network is None or not hasattr(self.network, "num_costs"):
+            raise ValueError(f"teacher {self.name} is not a project network with cost volumes: "
+                             "its cost distributions cannot be cached (adapt.internal needs one)")
+        height, width = left.shape[:2]
+        padding = ((0, -height % 32), (0, -width % 32), (0, 0))
+        padded = [np.pad(image, padding, mode="edge") for image in (left, right)]
+        targets = teacher_targets(self.network, *padded, top_k, self.estimator.precision)
+        stride = int(targets["stride"])
+        rows, cols = -(-height // stride), -(-width // stride)
+        targets["cost_prob"][:, rows:], targets["cost_prob"][:, :, cols:] = 0, 0
+        targets.pop("disparity")  # the label is the estimator's (with its confidence)
+        return targets
 
     def use_agreement(self, agreement: str, student: StereoEstimator | None = None, student_name: str | None = None
                       ) -> None:
@@ -215,9 +235,11 @@ def teacher_precision(choice: str, device: str) -> str:
 # --- the pseudo-label cache --------------------------------------------------------------
 class LabelCache:
     """out_dir/labels/<source>/<name>.npz: float16 disparity (NaN invalid) and confidence,
-    compressed; written atomically, so a killed run loses at most the frame in flight."""
+    compressed; written atomically, so a killed run loses at most the frame in flight. With
+    `costs`, also <name>.cost.npz: the teacher's top-K cost distribution (teacher_cache's format,
+    `EstimatorTeacher.costs`), the source of adapt's cached internal points."""
 
-    def __init__(self, out_dir: Path, teacher: Teacher) -> None:
+    def __init__(self, out_dir: Path, teacher: Teacher, costs: bool = False) -> None:
         self.root = out_dir / LABELS_DIR
         self.root.mkdir(parents=True, exist_ok=True)
         record = self.root / TEACHER_RECORD
@@ -229,23 +251,47 @@ class LabelCache:
                                  "give a new --out, or delete that folder to relabel")
         else:
             record.write_text(json.dumps(identity, indent=2) + "\n")
-        self.teacher = teacher
+        if costs and not isinstance(teacher, EstimatorTeacher):
+            raise ValueError(f"teacher {teacher.name} has no cost volumes to cache")
+        self.teacher, self.costs = teacher, bool(costs)
         self.computed = 0  # frames the teacher ran on in this process
 
     def path(self, frame: Frame) -> Path:
         return self.root / f"{frame.key}.npz"
 
+    def cost_path(self, frame: Frame) -> Path:
+        return self.root / f"{frame.key}{COST_SUFFIX}"
+
     def fill(self, frames: Sequence[Frame]) -> None:
-        """Run the teacher on every frame without a cached label (progress bar)."""
-        missing = [frame for frame in frames if not self.path(frame).is_file()]
+        """Run the teacher on every frame without a cached label (and cost distribution, with
+        `costs`); progress bar."""
+        missing = [frame for frame in frames if not self.path(frame).is_file()
+                   or (self.costs and not self.cost_path(frame).is_file())]
         for frame in tqdm(missing, desc="teacher labels", unit="frame", disable=None):
             sample = frame.sample()
-            disparity, confidence = self.teacher.label(frame, sample["left"], sample["right"])
             path = self.path(frame)
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_npz_atomic(path, {"disparity": disparity.astype(np.float16),
-                                    "confidence": np.clip(confidence, 0, 1).astype(np.float16)})
+            if not path.is_file():
+                disparity, confidence = self.teacher.label(frame, sample["left"], sample["right"])
+                write_npz_atomic(path, {"disparity": disparity.astype(np.float16),
+                                        "confidence": np.clip(confidence, 0, 1).astype(np.float16)})
+            if self.costs and not self.cost_path(frame).is_file():
+                write_npz_atomic(self.cost_path(frame), self.teacher.costs(sample["left"], sample["right"]))
             self.computed += 1
+
+    def cost_targets(self, frame: Frame, confident: np.ndarray) -> tuple[np.ndarray, int]:
+        """(teacher_prob (levels, h/s, w/s) float32, stride s) of a frame, emptied in the cells
+        where fewer than half the pixels carry a confident label (`confident` (H, W) bool): the
+        distribution teaches only where the label's evidence holds."""
+        cached = read_teacher_file(self.cost_path(frame))
+        prob = dense_probability(cached["cost_index"], cached["cost_prob"], int(cached["levels"]))
+        stride = int(cached["stride"])
+        height, width = confident.shape
+        cells = np.zeros((prob.shape[1] * stride, prob.shape[2] * stride), np.float32)
+        cells[:height, :width] = confident
+        share = cells.reshape(prob.shape[1], stride, prob.shape[2], stride).mean(axis=(1, 3))
+        prob[:, share < 0.5] = 0.0
+        return prob, stride
 
     def read(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         """(disparity, confidence), float32 (H, W)."""
@@ -265,6 +311,7 @@ class AdaptFrames(Dataset):
 
     def __init__(self, frames: Sequence[Frame], cache: LabelCache | None, min_confidence: float) -> None:
         self.frames, self.cache, self.min_confidence = list(frames), cache, float(min_confidence)
+        self.costs = cache is not None and cache.costs  # + teacher_prob, teacher_stride, teacher_disparity
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -277,8 +324,12 @@ class AdaptFrames(Dataset):
         else:
             disparity, confidence = self.cache.read(frame)
             disparity = np.where(confidence >= self.min_confidence, disparity, np.nan).astype(np.float32)
-        return {"left": sample["left"], "right": sample["right"], "disparity": disparity, "name": frame.name,
+        item = {"left": sample["left"], "right": sample["right"], "disparity": disparity, "name": frame.name,
                 "source": SOURCE_PSEUDO_LABEL}
+        if self.costs:
+            item["teacher_prob"], item["teacher_stride"] = self.cache.cost_targets(frame, np.isfinite(disparity))
+            item["teacher_disparity"] = disparity
+        return item
 
 
 # --- distillation's cache of teacher outputs --------------------------------------------

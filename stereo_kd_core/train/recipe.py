@@ -25,6 +25,7 @@ SCHEMA: dict[str, Any] = {
     "train": {
         "steps": ANY, "batch_size": ANY, "seed": ANY, "grad_clip": ANY, "amp": ANY,
         "checkpoint_every": ANY, "log_every": ANY, "max_nonfinite_steps": ANY, "init_from": ANY,
+        "freeze_batchnorm": ANY,
         "optimizer": {"name": ANY, "lr": ANY, "weight_decay": ANY, "betas": ANY},
         "schedule": {"name": ANY, "pct_start": ANY, "milestones": ANY, "gamma": ANY},
     },
@@ -46,7 +47,7 @@ SCHEMA: dict[str, Any] = {
         "photometric": ANY, "smoothness": ANY, "replay_synthetic": ANY, "internal": ANY,
         "evaluation": {"synthetic_n": ANY, "synthetic_height": ANY, "synthetic_width": ANY},
         "judge": {"criterion": ANY, "min_gain": ANY, "max_frames": ANY, "record_all": ANY},
-        "agreement": ANY, "teacher_precision": ANY,
+        "agreement": ANY, "teacher_precision": ANY, "internal_source": ANY,
     },
 }
 REQUIRED = ("model.arch", "data.train.name", "data.crop", "train.steps", "train.batch_size",
@@ -55,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {"max_disparity": 192},
     "data": {"augment": {}, "num_workers": 0},
     "train": {"seed": 0, "grad_clip": None, "amp": "none", "checkpoint_every": 1000, "init_from": None,
-              "log_every": 10, "max_nonfinite_steps": 10,
+              "log_every": 10, "max_nonfinite_steps": 10, "freeze_batchnorm": False,
               "optimizer": {"weight_decay": 0.0, "betas": [0.9, 0.999]}},
     "loss": {"kind": "smooth_l1", "output_weights": [0.5, 0.7, 1.0]},
 }

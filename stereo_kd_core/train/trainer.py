@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from stereo_kd_core.checkpoint import load_checkpoint, load_model, load_state_dict_strict, save_checkpoint
+from stereo_kd_core.data.mixed import collate_mixed
 from stereo_kd_core.distill import (
     PHOTOMETRIC_TERM,
     CachedTeacherDistiller,
@@ -85,6 +86,16 @@ def lr_factor(schedule: Mapping, step: int, total_steps: int) -> float:
     if step < warmup:
         return cosine(1.0, start, step / warmup)
     return cosine(end, 1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
+
+
+def freeze_batchnorm(network: nn.Module) -> int:
+    """Put every batch-norm layer of `network` in eval mode (running statistics stay as they
+    are; the affine weights still train); returns how many. For fine-tuning on a few frames,
+    whose statistics are not the world's."""
+    layers = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.eval()
+    return len(layers)
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -294,12 +305,13 @@ class Trainer:
         self-supervision on the recorded frames, and the teacher network's internal points."""
         adapt = self.recipe["adapt"]
         teacher, internal = self._given_teacher, adapt["internal"]
-        if teacher is not None and internal:
+        cached = adapt.get("internal_source", "cache") == "cache"
+        if internal and (teacher is not None or cached):
             unknown = set(internal) - {*ADAPT_INTERNAL_TERMS, "weighting", "stages"}
             if unknown:
                 raise RecipeError(f"adapt.internal: unknown keys {sorted(unknown)}; takes "
                                   f"{', '.join(ADAPT_INTERNAL_TERMS)}, weighting, stages")
-        else:
+        else:  # no live teacher and no cache: the labels alone
             teacher, internal = None, None
         fixed = {"labels": 1.0}
         if adapt["photometric"] > 0:
@@ -405,7 +417,7 @@ class Trainer:
                 yaml.safe_dump(self.recipe, f, sort_keys=False)
         sampler = StepBatchSampler(len(self.dataset), int(train["batch_size"]), self.seed,
                                    start_step, end_step, self.rank, self.world_size)
-        loader = DataLoader(EpochIndexedDataset(self.dataset), batch_sampler=sampler,
+        loader = DataLoader(EpochIndexedDataset(self.dataset), batch_sampler=sampler, collate_fn=collate_mixed,
                             num_workers=int(self.recipe["data"]["num_workers"]),
                             pin_memory=self.device.type == "cuda")
         log_file, log = self._open_log(start_step) if is_main else (None, None)
@@ -413,6 +425,8 @@ class Trainer:
         progress = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         disable=not (is_main and sys.stderr.isatty()))
         self.objective.train()
+        if train["freeze_batchnorm"]:  # fine-tuning on few frames: keep the start's statistics
+            freeze_batchnorm(self.student)
         done = start_step
         try:
             for step, batch in enumerate(loader, start=start_step):

@@ -329,11 +329,12 @@ def test_adapt_from_a_bag_with_a_project_teacher_internal_points_photometric_and
                        init=tiny_checkpoint(tmp_path / "init.pt"), device="cpu",
                        overrides={**FAST, "train.steps": 3, "adapt.holdout": 0.25, "adapt.photometric": 0.5,
                                   "adapt.replay_synthetic": 0.5, "adapt.min_confidence": 0.0,
+                                  "adapt.internal_source": "live",
                                   "adapt.internal": {"features": {"loss": "cosine", "weight": {"initial": 0.1}},
                                                      "cost": {"temperature": 1.0, "weight": {"initial": 0.1}}}})
     # frames found on /stereo/... by name, named by their six-digit index, stored once as PNG
     assert report["frames"]["holdout_names"] == ["0/000003"]
-    assert report["labels_computed"] == 4 and report["internal_distillation"] is True
+    assert report["labels_computed"] == 4 and report["internal_distillation"] == "live"
     from stereo_kd_core.data.io import read_image_rgb
 
     np.testing.assert_array_equal(read_image_rgb(tmp_path / "out/frames/0/000002/im0.png"), lefts[2])

@@ -216,7 +216,7 @@ def test_cpu_default_trains_in_bf16_from_the_label_cache_without_a_live_teacher(
     report = run_adapt([frames], tmp_path / "run", teacher=teacher, init=tiny_checkpoint(tmp_path / "init.pt"),
                        device="cpu", overrides={**FAST, "train.steps": 2, "adapt.holdout": 0.0})
     assert report["training_precision"] == "bf16" and bf16 == [True, True]
-    assert report["labels_computed"] == 2 and report["internal_distillation"] is False
+    assert report["labels_computed"] == 2 and report["internal_distillation"] is None
     # the teacher labelled in bf16 too, and says so in the label cache's identity
     assert report["label_precision"] == "bf16"
     assert json.loads((tmp_path / "run" / "labels" / "teacher.json").read_text())["precision"] == "bf16"
