@@ -27,7 +27,8 @@ NODE_PARAMETER_ARGUMENTS: dict[str, tuple[type, str]] = {
     "model": (str, "Estimator: sgbm, a shipped model name, a checkpoint path or an ONNX model (*.onnx)."),
     "device": (str, "Inference device: auto, cpu, cuda or cuda:N."),
     "precision": (str, "Network precision: auto, fp32, fp16 or bf16."),
-    "compile": (bool, "torch.compile the network; the first pair of each input size compiles (CPU: 30 s+)."),
+    "compile": (bool, "torch.compile the network; each input size compiles at its first pair "
+                      "(CPU: 30 s+, in the background, eager meanwhile)."),
     "max_disparity": (int, "Disparity search range in pixels (multiple of 16)."),
     "input_scale": (float, "Resize factor (0.1..1) applied to both images before the estimator."),
     "approximate_sync": (bool, "Pair left/right images by nearest stamps instead of equal stamps."),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class NetworkEstimator(StereoEstimator):
                     module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
         self._forward = self.network
         self.compiled = False
+        self._compiling: dict[tuple[int, ...], threading.Thread] = {}  # input size -> background compile
         if compile:
             self._forward = self._try_compile()
 
@@ -78,8 +80,11 @@ class NetworkEstimator(StereoEstimator):
         CUDA: CUDA graphs. CPU: inductor with freezing (weights folded as constants, so oneDNN
         convolutions run on prepacked weights with their BatchNorm and ReLU fused), its caches
         (FX graphs, C++ kernels) under the stereo-kd cache dir unless TORCHINDUCTOR_CACHE_DIR is
-        set by the user, so a second start reuses the first one's work. Compilation runs at the first call
-        per input size (`warm_up` does it at start-up); its time is logged."""
+        set by the user, so a second start reuses the first one's work. Compilation runs at the
+        first call per input size (`warm_up` does it at start-up); its time is logged. On the CPU
+        it runs in a background thread while the eager network answers (the first frames come at
+        eager speed instead of after 30 s or more without output); the compiled graph takes over
+        for that size once it is ready (`wait_for_compile` waits for it)."""
         try:
             if self._cuda:  # reduce-overhead = CUDA graphs
                 compiled = torch.compile(self.network, mode="reduce-overhead", dynamic=False)
@@ -97,19 +102,50 @@ class NetworkEstimator(StereoEstimator):
             return self.network
         self.compiled = True
         seen_sizes: set[tuple[int, ...]] = set()
+        lock = threading.Lock()
+
+        def compile_size(left: torch.Tensor, right: torch.Tensor, size: tuple[int, ...]):
+            started = time.perf_counter()
+            outputs = compiled(left, right)
+            with lock:
+                seen_sizes.add(size)
+            log.info("compiled '%s' for %dx%d %s in %.1f s%s (cache: %s)", self.name, size[0], size[1],
+                     self.precision, time.perf_counter() - started, "" if self._cuda else " in the background",
+                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+            return outputs
+
+        def compile_in_background(left: torch.Tensor, right: torch.Tensor, size: tuple[int, ...]):
+            dtype = PRECISIONS[self.precision]  # autocast and inference mode are per thread
+            try:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    compile_size(left, right, size)
+            except Exception as exc:  # noqa: BLE001 (any failure means: run eager from now on)
+                log.warning("compiling '%s' for %dx%d failed (%s); running it eagerly", self.name, size[0],
+                            size[1], exc)
+                self._forward, self.compiled = self.network, False
 
         def forward(left: torch.Tensor, right: torch.Tensor):
             size = tuple(left.shape[-2:])
             if size in seen_sizes:
                 return compiled(left, right)
-            started = time.perf_counter()
-            outputs = compiled(left, right)
-            seen_sizes.add(size)
-            log.info("compiled '%s' for %dx%d %s in %.1f s (cache: %s)", self.name, size[0], size[1],
-                     self.precision, time.perf_counter() - started, os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
-            return outputs
+            if self._cuda:  # CUDA graphs capture on the calling thread's stream: compile here
+                return compile_size(left, right, size)
+            with lock:
+                if size not in self._compiling and size not in seen_sizes:
+                    self._compiling[size] = threading.Thread(
+                        target=compile_in_background, args=(left.clone(), right.clone(), size), daemon=True,
+                        name=f"compile-{self.name}-{size[0]}x{size[1]}")
+                    self._compiling[size].start()
+            return self.network(left, right)  # eager until the compiled graph is ready
 
         return forward
+
+    def wait_for_compile(self, timeout_s: float | None = None) -> bool:
+        """Wait for the background compilations started so far; True when none is still running."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for thread in list(self._compiling.values()):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._compiling.values())
 
     def _compile_cpu(self):
         """Inductor with freezing on the weighted part of the network; the confidence head (cues
@@ -128,10 +164,12 @@ class NetworkEstimator(StereoEstimator):
 
     def warm_up(self, height: int, width: int) -> float:
         """One prediction on a blank height x width pair, so that a compiled network compiles (or
-        loads from its cache) now instead of at the first frame; returns its seconds."""
+        loads from its cache) now instead of at the first frame, and waits for it; returns its
+        seconds."""
         started = time.perf_counter()
         blank = np.zeros((height, width, 3), np.uint8)
         self.predict(blank, blank)
+        self.wait_for_compile()
         return time.perf_counter() - started
 
     def _stage(self, left: np.ndarray, right: np.ndarray) -> torch.Tensor:

@@ -41,7 +41,7 @@ from stereo_kd_ros.pipeline import PairPipeline, PipelineStats
 
 NODE_NAME = "stereo_kd_node"
 
-COMPILED_NOTE = ", compiled at the first pair of each input size"
+COMPILED_NOTE = ", compiled at the first pair of each input size (CPU: in the background, eager meanwhile)"
 
 
 class StereoNode(Node):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -98,11 +99,51 @@ def test_a_compiled_graph_that_fails_at_its_first_call_falls_back_to_eager(monke
     estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
     assert estimator.compiled
     with caplog.at_level(logging.WARNING, logger="stereo_kd_core.network_estimator"):
-        got = estimator.predict(left, right)
+        got = estimator.predict(left, right)  # eager meanwhile: the compile runs in the background
+        assert estimator.wait_for_compile(timeout_s=120)
+        again = estimator.predict(left, right)
     assert not estimator.compiled
-    assert "falling back to eager" in caplog.text and "C++ compile error" in caplog.text
+    assert "running it eagerly" in caplog.text and "C++ compile error" in caplog.text
     eager = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
-    np.testing.assert_array_equal(got.disparity, eager.predict(left, right).disparity)
+    expected = eager.predict(left, right).disparity
+    np.testing.assert_array_equal(got.disparity, expected)
+    np.testing.assert_array_equal(again.disparity, expected)
+
+
+def test_the_cpu_compiles_in_the_background_while_the_eager_network_answers(monkeypatch, caplog):
+    """The compiled graph's first call (where inductor compiles) is held until the test releases it:
+    predictions meanwhile come from the eager network, and the compiled graph serves that input
+    size once its compile has finished; another size starts its own compile."""
+    release, first_calls, calls = threading.Event(), [], []
+
+    def held_compile(function, **kwargs):
+        def compiled(*args):
+            if not first_calls:
+                first_calls.append(threading.current_thread().name)
+                assert release.wait(timeout=300), "never released"
+            calls.append(function.__name__)
+            return function(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", held_compile)
+    left, right = shifted_pair()
+    estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
+    eager = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32").predict(left, right).disparity
+    answers = []
+    worker = threading.Thread(target=lambda: answers.extend(estimator.predict(left, right) for _ in range(2)))
+    worker.start()
+    worker.join(timeout=300)
+    assert len(answers) == 2, "predict waited for the compile"
+    assert first_calls == [f"compile-dsnet-fast-{HEIGHT}x{WIDTH}"] and calls == []  # held in its thread
+    assert all(np.array_equal(a.disparity, eager) for a in answers)
+    assert not estimator.wait_for_compile(timeout_s=0)
+    release.set()
+    with caplog.at_level(logging.INFO, logger="stereo_kd_core.network_estimator"):
+        assert estimator.wait_for_compile(timeout_s=300)
+    assert f"compiled 'dsnet-fast' for {HEIGHT}x{WIDTH} fp32" in caplog.text and "in the background" in caplog.text
+    assert calls == ["infer_core", "confidence_head"]
+    np.testing.assert_array_equal(estimator.predict(left, right).disparity, eager)
+    assert calls == ["infer_core", "confidence_head"] * 2 and estimator.compiled  # now through the graph
 
 
 def test_the_two_compiled_graphs_compose_to_the_eval_forward():
