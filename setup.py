@@ -95,8 +95,9 @@ setup(
         ],
         "export": ["onnx>=1.15", "onnxscript>=0.1", "onnxruntime>=1.17"],
         "bag": ["rosbags>=0.10"],
+        "int8": ["torchao>=0.18"],  # precision int8 on the CPU (PT2E quantisation)
         "test": ["pytest>=7", "hypothesis>=6", "onnx>=1.15", "onnxscript>=0.1", "onnxruntime>=1.17",
-                 "rosbags>=0.10", "ruff"],
+                 "torchao>=0.18", "rosbags>=0.10", "ruff"],
     },
     zip_safe=False,
     maintainer="stereo-kd developers",

@@ -44,16 +44,34 @@ def passes(group: str, before: float, after: float) -> bool:
     return after <= before + 0.02 if group == "student-better" else after <= 0.6 * before
 
 
-def score(model: str, frames: Path, scenes: list[str]) -> dict[str, dict]:
-    """Per scene: EPE / bad-2 of `model` (registry name or checkpoint) against the ground truth."""
+NEAR_PX = 80  # "near": ground truth at or above this; the generated pairs the student learned from reach 96-128
+
+
+def score(model: str, frames: Path, scenes: list[str], labels: Path | None = None) -> dict[str, dict]:
+    """Per scene: EPE / bad-2 of `model` (registry name or checkpoint) against the ground truth, and
+    where the error is: EPE on the ground-truth pixels with and without a trusted label in
+    `labels` (adapt's label cache) and on near pixels (disparity >= NEAR_PX), each with its share
+    of the mean."""
     estimator = StereoEstimator.load(model, device="cpu", precision="auto")
     out = {}
     for scene in scenes:
         left, right = read_image_rgb(frames / scene / "im0.png"), read_image_rgb(frames / scene / "im1.png")
         truth = read_pfm(REALVAL / scene / "disp0GT.pfm")
-        metrics = stereo_metrics(estimator.predict(left, right).disparity, truth,
-                                 max_disparity=estimator.max_disparity)
+        disparity = estimator.predict(left, right).disparity
+        metrics = stereo_metrics(disparity, truth, max_disparity=estimator.max_disparity)
         out[scene] = {"epe": metrics["epe"], "bad2": metrics["bad2"]}
+        valid = np.isfinite(truth) & (truth > 0)
+        error = np.where(valid, np.abs(disparity - np.where(valid, truth, 0)), 0)
+        regions = {"near": valid & (truth >= NEAR_PX)}
+        label_file = labels / f"{scene}.npz" if labels is not None else None
+        if label_file is not None and label_file.is_file():
+            with np.load(label_file) as stored:
+                trusted = stored["confidence"].astype(np.float32) >= 0.5
+            regions.update(labelled=valid & trusted, unlabelled=valid & ~trusted)
+        out[scene]["where"] = {
+            name: {"pixels": int(mask.sum()), "epe": float(error[mask].mean()) if mask.any() else None,
+                   "share_of_mean_px": float(error[mask].sum() / max(valid.sum(), 1))}
+            for name, mask in regions.items()}
     return out
 
 
@@ -86,7 +104,8 @@ def main() -> None:
         report = run_adapt([frames], out, teacher="psmnet", overrides=overrides, device="cpu")
         seconds = time.perf_counter() - started
         start = str(registry.resolve_shipped("dsnet-fast")[0])  # loaded as final.pt is: from its file
-        before, after = score(start, frames, scenes), score(str(out / "final.pt"), frames, scenes)
+        labels = out / "labels" / "0"
+        before, after = score(start, frames, scenes, labels), score(str(out / "final.pt"), frames, scenes, labels)
         mean_before = float(np.mean([v["epe"] for v in before.values()]))
         mean_after = float(np.mean([v["epe"] for v in after.values()]))
         row = {"group": group, "scenes": scenes, "rule": GROUPS[group]["rule"], "overrides": overrides,

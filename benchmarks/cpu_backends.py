@@ -1,4 +1,5 @@
-"""CPU backends study: one model in PyTorch (fp32, bf16 autocast, channels_last) and ONNX Runtime
+"""CPU backends study: one model in PyTorch (fp32, bf16 autocast, channels_last, torch.compile, PT2E
+int8 compiled: stereo_kd_core.int8_cpu) and ONNX Runtime
 (fp32 with graph optimisations, int8 static quantisation calibrated on synthetic pairs): latency at
 the deployment size, accuracy on Motorcycle and the synthetic test split, and the CPU default that
 stereo_kd_core.backend_choice's rule picks. Writes benchmarks/results/<label>_cpu_backends.json.
@@ -40,7 +41,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The fixed synthetic test split of benchmarks/model_results.py: seed 2026, 256x512, scenes up to 0.8 x 128 px.
 SYNTHETIC_SPLIT = {"seed": 2026, "height": 256, "width": 512, "max_disparity": 128}
 VARIANTS = [("pytorch", "fp32"), ("pytorch", "bf16"), ("pytorch-channels-last", "fp32"),
-            ("pytorch-channels-last", "bf16"), ("pytorch-channels-last-compiled", "bf16"),
+            ("pytorch-channels-last", "bf16"), ("pytorch-channels-last-compiled", "bf16"), ("pytorch", "int8"),
             ("onnxruntime", "fp32"), ("onnxruntime", "int8")]
 
 
@@ -79,7 +80,7 @@ class Variants:
         estimator = StereoEstimator.load(str(self.checkpoint), device="cpu", precision=precision,
                                          max_disparity=self.network.max_disparity,
                                          channels_last=backend.startswith("pytorch-channels-last"), compile=compiled)
-        if compiled:
+        if estimator.compiled:  # torch.compile, or int8 (PT2E, compiled): built here, not in the timing
             seconds = estimator.warm_up(height, width)
             print(f"{backend} {precision} at {height}x{width}: start-up (compile or cache) {seconds:.1f} s", flush=True)
         return estimator
@@ -111,6 +112,8 @@ def measure_accuracy(variants: Variants, keys: list, samples: list[dict]) -> dic
     for sample in samples:
         reference = None
         for key, estimator in estimators.items():
+            if getattr(estimator, "compiled", False):  # a new size builds in the background: wait for it
+                estimator.warm_up(*sample["left"].shape[:2])
             disparity = estimator.predict(sample["left"], sample["right"]).disparity
             metrics = stereo_metrics(disparity, sample["disparity"], max_disparity=variants.network.max_disparity)
             if reference is None:

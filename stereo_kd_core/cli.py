@@ -37,7 +37,8 @@ def _load_estimator(args: argparse.Namespace) -> tuple:
 MODEL_HELP = ("registry name (see `stereo-kd info --list`), checkpoint path, ONNX model (*.onnx, run in "
               "onnxruntime), or 'sgbm' (OpenCV SGBM); default: the shipped default student")
 PRECISION_HELP = ("inference precision (default auto: fp16 on CUDA, the shipped model's measured CPU default on "
-                  "the CPU; fp16 needs CUDA; ONNX: fp16 = TensorRT fp16 engine)")
+                  "the CPU; fp16 needs CUDA; ONNX: fp16 = TensorRT fp16 engine; int8: networks on the CPU, "
+                  "quantised and compiled per input size in the background, needs torchao)")
 
 
 def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True) -> None:
@@ -48,7 +49,7 @@ def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True
         parser.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available; ONNX: TensorRT > CUDA > CPU), cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
                         help=PRECISION_HELP)
     parser.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
 

@@ -16,6 +16,7 @@ from stereo_kd_core.estimator_base import (  # noqa: F401 (re-exported: the seam
     RawPrediction,
     StereoEstimator,
     StereoPrediction,
+    cpu_has_native_bf16,
     pair_peak,
     resolve_device,
 )
@@ -27,16 +28,6 @@ from stereo_kd_core.sgbm_estimator import SGBMEstimator
 # The PyTorch variants benchmarks/cpu_backends.py measures on the CPU: plain, and 2D convolution
 # weights in channels_last (oneDNN then keeps 2D activations in NHWC; same results).
 PYTORCH_CPU_BACKENDS = ("pytorch", "pytorch-channels-last")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AMX or AVX-512 BF16): elsewhere bf16 is
-    emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def resolve_precision(precision: str, device: str, model: str) -> str:
@@ -97,13 +88,16 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
     own for networks and ONNX models (a different request is logged and ignored).
     """
     model = default_model() if model is None else model
-    if precision not in PRECISIONS and precision != "auto":
-        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision not in PRECISIONS and precision not in ("auto", "int8"):
+        raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, int8, got '{precision}'")
     if not isinstance(max_disparity, int) or max_disparity < 16:
         raise ValueError(f"max_disparity must be an integer >= 16, got {max_disparity!r}")
     if model == "sgbm":
         return SGBMEstimator(max_disparity=max_disparity)
     if model.endswith(".onnx"):
+        if precision == "int8":
+            raise ValueError("precision int8 is for networks; an int8 ONNX model is its own file "
+                             "(stereo_kd_core.quantize.quantize_int8_static): load that file")
         if precision == "auto":
             precision = resolve_precision(precision, "cpu", model)
         return OnnxEstimator(model, device=device, precision=precision, max_disparity=max_disparity,

@@ -12,18 +12,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import stereo_kd_core.int8_cpu as int8_cpu
 from stereo_kd_core.estimator_base import (
     PRECISIONS,
     RawPrediction,
     StereoEstimator,
     StereoPrediction,
     check_pair,
+    cpu_has_native_bf16,
     pair_peak,
 )
 from stereo_kd_core.geometry import points_from_disparity_torch
 from stereo_kd_core.registry import default_cache_dir
 
 log = logging.getLogger(__name__)
+
+
+def int8_unavailable(network: torch.nn.Module, cuda: bool) -> str | None:
+    """None where `network` can run in int8 here, else why not."""
+    if cuda:
+        return "int8 runs on the CPU (PT2E + inductor); on CUDA use fp16"
+    if not (hasattr(network, "infer_core") and hasattr(network, "confidence_head")):
+        return f"int8 needs a network with infer_core and confidence_head, not {type(network).__name__}"
+    return int8_cpu.unavailable()
 
 
 def compile_cache_dir() -> Path:
@@ -59,6 +70,15 @@ class NetworkEstimator(StereoEstimator):
         if precision == "fp16" and not self._cuda:
             log.warning("fp16 needs a CUDA device; running '%s' in fp32 on %s", name, device)
             self.precision = "fp32"
+        if precision == "int8":
+            why = int8_unavailable(network, self._cuda)
+            if why is not None:
+                fallback = "fp16" if self._cuda else "bf16" if cpu_has_native_bf16() else "fp32"
+                log.warning("%s; running '%s' in %s", why, name, fallback)
+                self.precision = fallback
+        # what runs in floating point: int8's eager stand-in and the layers int8 leaves in float
+        self._float_dtype = PRECISIONS.get(self.precision) or (
+            torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
         self.network = network.to(device).eval()
         self._host_buffer: torch.Tensor | None = None
         self.channels_last = self._cuda or channels_last
@@ -72,7 +92,9 @@ class NetworkEstimator(StereoEstimator):
         self._forward = self.network
         self.compiled = False
         self._compiling: dict[tuple[int, ...], threading.Thread] = {}  # input size -> background compile
-        if compile:
+        if self.precision == "int8":  # a compiled path of its own, per input size
+            self._forward = self._per_size(self._int8_graph, "quantised to int8 and compiled")
+        elif compile:
             self._forward = self._try_compile()
 
     def _try_compile(self):
@@ -100,25 +122,45 @@ class NetworkEstimator(StereoEstimator):
         except Exception as exc:  # noqa: BLE001 (any failure means: run eager)
             log.warning("torch.compile unavailable (%s); running '%s' eagerly", exc, self.name)
             return self.network
+        return self._per_size(lambda left, right: compiled, "compiled")
+
+    def _int8_graph(self, left: torch.Tensor, right: torch.Tensor):
+        """int8_cpu's graph of infer_core at this pair's size, with the confidence head after it."""
+        core = int8_cpu.quantize_core(self.network, left.shape[-2], left.shape[-1],
+                                      bf16=self._float_dtype == torch.bfloat16)
+        head = torch.compile(self.network.confidence_head, dynamic=False)  # no weights: no freezing, no int8
+
+        def forward(left: torch.Tensor, right: torch.Tensor):
+            return head(core(left, right), left.shape[-2], left.shape[-1])
+
+        return forward
+
+    def _per_size(self, build, what: str):
+        """A forward that runs `build(left, right)`'s graph for each input size once it is ready:
+        the first pair of a size builds it (and runs it once: inductor compiles at that call), on
+        the CPU in a background thread while the eager network answers, on CUDA (CUDA graphs
+        capture on the calling thread's stream) at that pair. A failed build runs eager from then
+        on, with a warning."""
         self.compiled = True
-        seen_sizes: set[tuple[int, ...]] = set()
+        ready: dict[tuple[int, ...], object] = {}
         lock = threading.Lock()
 
-        def compile_size(left: torch.Tensor, right: torch.Tensor, size: tuple[int, ...]):
+        def prepare(left: torch.Tensor, right: torch.Tensor, size: tuple[int, ...]):
             started = time.perf_counter()
-            outputs = compiled(left, right)
+            graph = build(left, right)
+            outputs = graph(left, right)
             with lock:
-                seen_sizes.add(size)
-            log.info("compiled '%s' for %dx%d %s in %.1f s%s (cache: %s)", self.name, size[0], size[1],
+                ready[size] = graph
+            log.info("%s '%s' for %dx%d %s in %.1f s%s (cache: %s)", what, self.name, size[0], size[1],
                      self.precision, time.perf_counter() - started, "" if self._cuda else " in the background",
                      os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
             return outputs
 
-        def compile_in_background(left: torch.Tensor, right: torch.Tensor, size: tuple[int, ...]):
-            dtype = PRECISIONS[self.precision]  # autocast and inference mode are per thread
-            try:
-                with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    compile_size(left, right, size)
+        def prepare_in_background(left: torch.Tensor, right: torch.Tensor, size: tuple[int, ...]):
+            try:  # autocast and inference mode are per thread: as _run_network sets them
+                with torch.inference_mode(), torch.autocast("cpu", dtype=self._float_dtype,
+                                                            enabled=self._float_dtype != torch.float32):
+                    prepare(left, right, size)
             except Exception as exc:  # noqa: BLE001 (any failure means: run eager from now on)
                 log.warning("compiling '%s' for %dx%d failed (%s); running it eagerly", self.name, size[0],
                             size[1], exc)
@@ -126,17 +168,20 @@ class NetworkEstimator(StereoEstimator):
 
         def forward(left: torch.Tensor, right: torch.Tensor):
             size = tuple(left.shape[-2:])
-            if size in seen_sizes:
-                return compiled(left, right)
-            if self._cuda:  # CUDA graphs capture on the calling thread's stream: compile here
-                return compile_size(left, right, size)
+            graph = ready.get(size)
+            if graph is not None:
+                return graph(left, right)
+            if self._cuda:
+                return prepare(left, right, size)
             with lock:
-                if size not in self._compiling and size not in seen_sizes:
+                if size not in self._compiling and size not in ready:
                     self._compiling[size] = threading.Thread(
-                        target=compile_in_background, args=(left.clone(), right.clone(), size), daemon=True,
+                        # not a daemon: a process that exits mid-compile waits for it (killed inside
+                        # inductor's C++ at interpreter exit, it aborts the process instead)
+                        target=prepare_in_background, args=(left.clone(), right.clone(), size), daemon=False,
                         name=f"compile-{self.name}-{size[0]}x{size[1]}")
                     self._compiling[size].start()
-            return self.network(left, right)  # eager until the compiled graph is ready
+            return self.network(left, right)  # eager until the graph is ready
 
         return forward
 
@@ -184,7 +229,7 @@ class NetworkEstimator(StereoEstimator):
         return self._host_buffer.to(self.device, non_blocking=True)
 
     def _run_network(self, left_t: torch.Tensor, right_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = PRECISIONS[self.precision]
+        dtype = self._float_dtype
         with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype,
                             enabled=dtype != torch.float32):
             try:

@@ -17,7 +17,7 @@ from stereo_kd_ros.payloads import DEPTH_ENCODINGS
 
 SGBM_RANGE_STEP = 16       # OpenCV SGBM's numDisparities is a multiple of 16
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16")
+PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
 RECTIFY_ON_CHOICES = ("auto", "cpu", "estimator")
 
 
@@ -42,7 +42,9 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "eagerly with a warning. Measured at 384x640: 2.6x faster on an AMX Xeon, 1.3x on an AVX-512 "
                   "BF16 EPYC (README). Networks only."),
     ParameterSpec("precision", "auto", "Network precision: auto (fp16 on CUDA; on the CPU the shipped model's "
-                  "measured default, bf16 where the CPU has AMX/AVX-512 BF16, else fp32), fp32, fp16 or bf16."),
+                  "measured default, bf16 where the CPU has AMX/AVX-512 BF16, else fp32), fp32, fp16, bf16 or int8 "
+                  "(networks on the CPU: PT2E int8 compiled per input size in the background, eager bf16 "
+                  "meanwhile; needs torchao)."),
     ParameterSpec("max_disparity", 192, "Disparity search range in pixels (multiple of 16). A network searches "
                   "the range it was built for (192 for the shipped model): a smaller value invalidates larger "
                   "disparities in every output; a larger one is refused.",

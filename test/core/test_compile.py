@@ -67,6 +67,7 @@ def test_compiled_matches_eager_and_a_second_start_reuses_the_cache(isolated_cac
     torch._dynamo.reset()
     counters.clear()
     second = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
+    second.warm_up(HEIGHT, WIDTH)  # compiles in the background: wait for it
     np.testing.assert_array_equal(second.predict(left, right).disparity, got.disparity)
     assert second.compiled
     assert counters["inductor"]["fxgraph_cache_hit"] >= 1
