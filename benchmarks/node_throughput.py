@@ -261,12 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="Node 'compile' parameter: the first pair compiles; the rate is taken from the "
                              "windows after the first one with output (give --duration room for the compile).")
+    parser.add_argument("--precision", default="auto", help="Node 'precision' parameter (auto, fp32, bf16, int8).")
+    parser.add_argument("--skip-s", type=float, default=0.0,
+                        help="Seconds of streaming left out of the steady rate (a compile or int8 build runs in "
+                             "the background while the eager network publishes: give it this long).")
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
     args = parser.parse_args(argv)
 
     session = NodeSession({"model": args.model, "device": args.device, "input_scale": args.input_scale,
                            "max_disparity": args.max_disparity, "use_system_default_qos": not args.best_effort,
-                           "diagnostics_period_s": 1.0, "compile": args.compile},
+                           "diagnostics_period_s": 1.0, "compile": args.compile, "precision": args.precision},
                           rate_hz=args.rate)
     session.start()
     try:
@@ -278,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     windows = session.windows(start, args.duration)
     inference_ms = float(values.get("inference_p50_ms", "nan"))
     first_output = next((i for i, w in enumerate(windows) if w["rate_hz"] > 0), 0)
-    steady = windows[first_output + 1:] or windows  # the first window with output includes start-up (or compiling)
+    skipped = sum(1 for w in windows if w["t_s"] < args.skip_s)
+    # the first window with output includes start-up; --skip-s leaves out a background build as well
+    steady = windows[max(first_output + 1, skipped):] or windows
     figures = {
         "model": values.get("model"), "device": values.get("device"), "input_scale": args.input_scale,
-        "compile": args.compile,
+        "compile": args.compile, "precision": args.precision, "skip_s": args.skip_s,
+        "output_rate_hz_all_windows": float(np.mean([w["rate_hz"] for w in windows[first_output:]] or [0.0])),
         "image": f"{WIDTH}x{HEIGHT} rgb8", "reliable_input": not args.best_effort, "input_rate_hz": args.rate,
         "duration_s": args.duration,
         "output_rate_hz": float(np.mean([w["rate_hz"] for w in steady])),
