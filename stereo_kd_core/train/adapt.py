@@ -141,9 +141,11 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     if source not in ("cache", "live"):
         raise RecipeError(f"adapt.internal_source must be cache or live, got {source!r}")
     cached_costs = bool(adapt["internal"]) and source == "cache"
+    internal_note = None
     if cached_costs and not (isinstance(teacher_obj, EstimatorTeacher) and teacher_obj.network is not None):
-        raise ValueError(f"adapt.internal from the cache needs a teacher network with cost volumes (e.g. psmnet); "
-                         f"--teacher {teacher} has none: drop adapt.internal")
+        cached_costs = False  # labels:DIR, SGBM, ONNX graphs: the labels alone teach
+        internal_note = f"teacher {teacher} has no cost volumes: adapt.internal not used (labels only)"
+        adapt["internal"] = None  # the trainer's objective: labels only
 
     started = time.perf_counter()
     cache = None
@@ -221,6 +223,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         "frames": {"train": len(train_frames), "holdout": len(holdout_frames),
                    "holdout_names": [frame.key for frame in holdout_frames]},
         "internal_distillation": "live" if teacher_network is not None else "cache" if cached_costs else None,
+        "internal_note": internal_note,
         "min_confidence": adapt["min_confidence"],
         "seconds": {"labels": labels_s, "training": training_s},
         "labels_computed": cache.computed if cache is not None else 0,

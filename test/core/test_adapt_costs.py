@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from test_adapt import FAST, MAX_DISPARITY, TINY_ARGS, tiny_checkpoint
+from test_adapt import FAST, MAX_DISPARITY, TINY_ARGS, synthetic_folder, tiny_checkpoint
 
 from stereo_kd_core import StereoEstimator
 from stereo_kd_core.data.mixed import collate_mixed
@@ -72,14 +72,13 @@ def test_collate_gives_samples_without_cached_costs_empty_targets():
     assert "teacher_prob" not in plain and plain["teacher_points"].tolist() == [True, True]
 
 
-def test_adapt_trains_the_cost_point_from_the_cache_with_replay(tmp_path):
+def test_adapt_trains_the_cost_point_from_the_cache_with_replay_by_default(tmp_path):
     odd_frames(tmp_path, 3)
     report = run_adapt([tmp_path / "frames"], tmp_path / "run", teacher=tiny_checkpoint(tmp_path / "t.pt", seed=1),
                        init=tiny_checkpoint(tmp_path / "init.pt"), device="cpu",
                        overrides={**FAST, "train.steps": 4, "adapt.holdout": 0.0, "adapt.min_confidence": 0.0,
-                                  "adapt.replay_synthetic": 0.5, "adapt.agreement": "none",
-                                  "adapt.internal": {"cost": {"temperature": 1.0, "weight": {"initial": 0.5}}}})
-    assert report["internal_distillation"] == "cache" and report["labels_computed"] == 3
+                                  "adapt.replay_synthetic": 0.5, "adapt.agreement": "none"})
+    assert report["internal_distillation"] == "cache" and report["labels_computed"] == 3  # the recipe's default
     assert len(list((tmp_path / "run" / "labels").rglob("*.cost.npz"))) == 3
     with open(tmp_path / "run" / "log.csv") as f:
         rows = [line.strip().split(",") for line in f]
@@ -104,3 +103,12 @@ def test_frozen_batchnorm_keeps_the_running_statistics_while_weights_train():
     stats = {k: v.clone() for k, v in unfrozen.state_dict().items() if "running_mean" in k}
     unfrozen(torch.rand(2, 3, 64, 128), torch.rand(2, 3, 64, 128))
     assert any(not torch.equal(stats[k], unfrozen.state_dict()[k]) for k in stats)
+
+
+def test_a_teacher_without_cost_volumes_adapts_on_its_labels_alone(tmp_path):
+    synthetic_folder(tmp_path, 2)
+    report = run_adapt([tmp_path / "frames"], tmp_path / "run", teacher=f"labels:{tmp_path / 'labels'}",
+                       init=tiny_checkpoint(tmp_path / "init.pt"), device="cpu",
+                       overrides={**FAST, "train.steps": 2, "adapt.holdout": 0.0})
+    assert report["internal_distillation"] is None and "no cost volumes" in report["internal_note"]
+    assert not list((tmp_path / "run" / "labels").rglob("*.cost.npz"))

@@ -196,8 +196,9 @@ def test_amp_auto_is_bf16_where_the_cpu_computes_it(monkeypatch):
 
 
 def test_cpu_default_trains_in_bf16_from_the_label_cache_without_a_live_teacher(tmp_path, monkeypatch):
-    """The recipe's defaults (amp auto, no internal points) with a project-network teacher: the
-    teacher runs only to fill the label cache; training runs under bf16 autocast."""
+    """The recipe's defaults (amp auto) with a project-network teacher and the labels alone
+    (adapt.internal null; the cached cost point is tested in test_adapt_costs.py): the teacher
+    runs only to fill the label cache; training runs under bf16 autocast."""
     import stereo_kd_core.estimator as estimator
 
     monkeypatch.setattr(estimator, "cpu_has_native_bf16", lambda: True)
@@ -214,7 +215,8 @@ def test_cpu_default_trains_in_bf16_from_the_label_cache_without_a_live_teacher(
 
     monkeypatch.setattr(network_class, "forward", recording_forward)
     report = run_adapt([frames], tmp_path / "run", teacher=teacher, init=tiny_checkpoint(tmp_path / "init.pt"),
-                       device="cpu", overrides={**FAST, "train.steps": 2, "adapt.holdout": 0.0})
+                       device="cpu", overrides={**FAST, "train.steps": 2, "adapt.holdout": 0.0,
+                                                "adapt.internal": None})
     assert report["training_precision"] == "bf16" and bf16 == [True, True]
     assert report["labels_computed"] == 2 and report["internal_distillation"] is None
     # the teacher labelled in bf16 too, and says so in the label cache's identity
