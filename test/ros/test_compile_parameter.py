@@ -43,3 +43,32 @@ def test_compile_is_off_by_default(make_harness, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError("compiled")))
     harness = make_harness(model="sgbm")
     assert harness.node.get_parameter("compile").value is False
+
+
+def test_precision_int8_quantises_in_the_background_and_the_node_publishes_through_it(make_harness, monkeypatch):
+    """precision:=int8 (stereo_kd_core.int8_cpu; inductor replaced by the identity, so the
+    quantised graph runs as reference ops): pairs are published while the int8 graph is built,
+    and through it afterwards, close to the fp32 network's disparity."""
+    from stereo_kd_core import StereoEstimator, int8_cpu
+
+    if int8_cpu.unavailable():
+        import pytest
+
+        pytest.skip(int8_cpu.unavailable())
+    monkeypatch.setattr(torch, "compile", lambda graph, **kwargs: graph)
+    scene = make_scene(plane_disparity=8, box_disparity=16)
+    harness = make_harness(model="dsnet-fast", precision="int8", confidence_threshold=0.0)
+    estimator = harness.node.estimator
+    assert estimator.precision == "int8" and estimator.compiled
+    fp32 = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32").predict(scene.left, scene.right)
+    for second in range(2):  # the first pair starts the build (eager answer), the second runs int8
+        stamp = Time(sec=1 + second)
+        harness.send_infos(*scene.camera_infos(stamp))
+        harness.send_images(*scene.images(stamp))
+        assert wait_until(lambda n=second + 1: harness.count("disparity") >= n, timeout_s=120)
+        if second == 0:
+            assert estimator.wait_for_compile(timeout_s=300) and estimator.compiled
+        published = disparity_from_msg(harness.last("disparity"))
+        finite = np.isfinite(published) & np.isfinite(fp32.disparity)
+        assert finite.mean() > 0.5
+        assert np.median(np.abs(published[finite] - fp32.disparity[finite])) < 0.25
