@@ -112,7 +112,9 @@ def quantize_core(network: torch.nn.Module, height: int, width: int, bf16: bool,
     x86, prepare_pt2e, convert_pt2e = _quantization_api()
     if calibration is None:
         calibration = calibration_tensors(height, width, max(4, min(width // 2, int(network.max_disparity) * 2 // 3)))
-    with torch.no_grad():
+    # export and calibrate in plain fp32 whatever the caller's thread has on (an estimator's build
+    # thread runs under inference mode and bf16 autocast): the observers must see fp32 ranges
+    with torch.inference_mode(False), torch.no_grad(), torch.autocast("cpu", enabled=False):
         exported = torch.export.export(_Core(network).eval(), calibration[0]).module()
         quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported, quantizer)

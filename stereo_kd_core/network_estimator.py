@@ -41,6 +41,16 @@ def compile_cache_dir() -> Path:
     """Where torch.compile's on-disk caches go: the stereo-kd cache dir's inductor/."""
     return default_cache_dir() / "inductor"
 
+
+def use_compile_cache_dir() -> None:
+    """Point inductor's caches (FX graphs, C++ kernels) at `compile_cache_dir()` unless the user
+    chose TORCHINDUCTOR_CACHE_DIR (inductor writes its own default into the environment once
+    used; that one is replaced)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(inductor_default())):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+
 # Padded input sizes on CUDA are rounded up to a multiple of this, so that a compiled graph (and
 # cudnn's autotuning) sees a handful of shapes instead of one per camera resolution.
 SHAPE_BUCKET = 64
@@ -93,6 +103,7 @@ class NetworkEstimator(StereoEstimator):
         self.compiled = False
         self._compiling: dict[tuple[int, ...], threading.Thread] = {}  # input size -> background compile
         if self.precision == "int8":  # a compiled path of its own, per input size
+            use_compile_cache_dir()
             self._forward = self._per_size(self._int8_graph, "quantised to int8 and compiled")
         elif compile:
             self._forward = self._try_compile()
@@ -111,11 +122,7 @@ class NetworkEstimator(StereoEstimator):
             if self._cuda:  # reduce-overhead = CUDA graphs
                 compiled = torch.compile(self.network, mode="reduce-overhead", dynamic=False)
             else:
-                from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-                # inductor writes its default into the environment once used; only a user's choice stays
-                if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
-                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+                use_compile_cache_dir()
                 # static sizes: torch 2.13's inductor fails on this network's symbolic sizes
                 # (TensorReferenceAnalysis.python_mod), so each input size compiles once
                 compiled = self._compile_cpu()
