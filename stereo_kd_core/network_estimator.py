@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -133,9 +134,12 @@ class NetworkEstimator(StereoEstimator):
 
     def _int8_graph(self, left: torch.Tensor, right: torch.Tensor):
         """int8_cpu's graph of infer_core at this pair's size, with the confidence head after it."""
-        core = int8_cpu.quantize_core(self.network, left.shape[-2], left.shape[-1],
+        # a copy: torch.export patches the modules it traces while the eager network keeps answering
+        with torch.inference_mode(False):  # the build thread runs in inference mode: a copy of normal tensors
+            network = copy.deepcopy(self.network)
+        core = int8_cpu.quantize_core(network, left.shape[-2], left.shape[-1],
                                       bf16=self._float_dtype == torch.bfloat16)
-        head = torch.compile(self.network.confidence_head, dynamic=False)  # no weights: no freezing, no int8
+        head = torch.compile(network.confidence_head, dynamic=False)  # no weights: no freezing, no int8
 
         def forward(left: torch.Tensor, right: torch.Tensor):
             return head(core(left, right), left.shape[-2], left.shape[-1])
@@ -202,8 +206,9 @@ class NetworkEstimator(StereoEstimator):
     def _compile_cpu(self):
         """Inductor with freezing on the weighted part of the network; the confidence head (cues
         and calibration, no weights) as a second graph without freezing: torch 2.13's inductor
-        fails on the two in one frozen graph ("vr must not be None for symbol q0")."""
-        network = self.network
+        fails on the two in one frozen graph ("vr must not be None for symbol q0"). A copy of the
+        network: it is traced in a background thread while the eager one answers."""
+        network = copy.deepcopy(self.network)
         if not (hasattr(network, "infer_core") and hasattr(network, "confidence_head")):
             return torch.compile(network, dynamic=False, options={"freezing": True})
         core = torch.compile(network.infer_core, dynamic=False, options={"freezing": True})

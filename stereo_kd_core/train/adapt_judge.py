@@ -165,9 +165,13 @@ class Judge:
         if int(config["max_frames"]) < 1:
             raise ValueError(f"adapt.judge.max_frames must be >= 1, got {config['max_frames']}")
         self.frames, self.criterion, self.min_gain = list(frames), criterion, float(config["min_gain"])
+        # a second criterion that must not get worse by more than guard_tolerance (a fraction)
+        self.guard, self.guard_tolerance = config.get("guard"), float(config.get("guard_tolerance", 0.05))
+        if self.guard is not None and (self.guard not in CRITERIA or self.guard == criterion):
+            raise ValueError(f"adapt.judge.guard {self.guard!r}: null or another of {', '.join(CRITERIA)}")
         # left_right costs a second pass per frame: recorded when it judges or when asked (record_all)
         self.recorded = tuple(name for name in RECORDED if name != "left_right" or config["record_all"]
-                              or criterion == "left_right")
+                              or "left_right" in (criterion, self.guard))
         self.out_dir, self.model_config = Path(out_dir), dict(model_config)
         self.device, self.precision = device, precision
         self.identity = {"criterion": criterion, "frames": list(frame_names), "recorded": list(self.recorded)}
@@ -210,8 +214,15 @@ class Judge:
         start = self.score(0)
         best = self.score(best_step) if best_step is not None else math.inf
         better = math.isfinite(best) and (not math.isfinite(start) or best < start * (1.0 - self.min_gain))
+        guard = None
+        if self.guard is not None and best_step is not None:
+            before, after = self.scores[0].get(self.guard), self.scores[best_step].get(self.guard)
+            held = before is None or after is None or after <= before * (1.0 + self.guard_tolerance)
+            guard = {"criterion": self.guard, "start": before, "best": after, "tolerance": self.guard_tolerance,
+                     "held": held}
+            better = better and held
         return {"kept": "adapted" if better else "start", "criterion": self.criterion, "start": start,
-                "best": best, "best_step": best_step, "min_gain": self.min_gain,
+                "best": best, "best_step": best_step, "min_gain": self.min_gain, "guard": guard,
                 "scores": {str(k): v for k, v in sorted(self.scores.items())}}
 
 
@@ -240,8 +251,11 @@ def describe(decision: Mapping[str, Any]) -> str:
                 + (f" at step {step}" if step is not None else ""))
     if decision["final"] == "adapted" and decision["kept"] == "adapted":
         return f"{measured}: final.pt holds the adapted weights"
+    guard = decision.get("guard")
+    if guard is not None and not guard["held"]:
+        measured += (f", but its {guard['criterion']} got worse ({guard['start']:.4f} -> {guard['best']:.4f}, "
+                     f"more than {guard['tolerance']:.0%})")
     if decision["final"] == "adapted":
-        return f"{measured}: not better than the start by {decision['min_gain']:.1%}, but --keep-anyway: " \
-               "final.pt holds the adapted weights"
+        return f"{measured}: not better than the start, but --keep-anyway: final.pt holds the adapted weights"
     return (f"{measured}: NOT better than the start by {decision['min_gain']:.1%}: final.pt KEEPS THE STARTING "
             f"weights (the adapted ones are in {ADAPTED_CHECKPOINT}; --keep-anyway writes them to final.pt)")

@@ -46,7 +46,8 @@ SCHEMA: dict[str, Any] = {
         "every": ANY, "holdout": ANY, "min_confidence": ANY, "lr_check_px": ANY, "drop_worst": ANY,
         "photometric": ANY, "smoothness": ANY, "replay_synthetic": ANY, "internal": ANY,
         "evaluation": {"synthetic_n": ANY, "synthetic_height": ANY, "synthetic_width": ANY},
-        "judge": {"criterion": ANY, "min_gain": ANY, "max_frames": ANY, "record_all": ANY},
+        "judge": {"criterion": ANY, "min_gain": ANY, "max_frames": ANY, "record_all": ANY, "guard": ANY,
+                  "guard_tolerance": ANY},
         "agreement": ANY, "teacher_precision": ANY, "internal_source": ANY,
     },
 }

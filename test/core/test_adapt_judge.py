@@ -137,6 +137,28 @@ def test_best_checkpoint_and_decision_follow_the_criterion(tmp_path, monkeypatch
     assert other.best_adapted_step() == max(values, key=lambda s: values[s] if s else -1)
 
 
+@pytest.mark.parametrize(("photometric_after", "kept"), [(0.0741, "start"), (0.0668, "adapted"), (0.060, "adapted")])
+def test_the_guard_keeps_the_start_when_its_criterion_gets_worse(tmp_path, monkeypatch, photometric_after, kept):
+    """The left-right check improves at step 150 (0.0545 -> 0.0483, as the Middlebury run that fooled
+    it); the adapted weights are kept only if the photometric error is not worse by more than 5 %."""
+    scores = {0: (0.0545, 0.0662), 150: (0.0483, photometric_after)}
+    monkeypatch.setattr(adapt_judge, "measure", lambda network, *args: dict(
+        zip(("left_right", "photometric"), scores[int(network.weight)], strict=True)))
+    monkeypatch.setattr(adapt_judge, "save_checkpoint", lambda *args, **kwargs: None)
+    config = {**JUDGE, "criterion": "left_right", "guard": "photometric", "guard_tolerance": 0.05}
+    judge = Judge([], [], tmp_path, config, {}, "cpu", "fp32")
+    for step in scores:
+        judge.record(step, Scripted(step))
+    decision = judge.decision()
+    assert decision["kept"] == kept and decision["best_step"] == 150
+    assert decision["guard"]["held"] == (kept == "adapted")
+    if kept == "start":
+        assert "photometric got worse (0.0662 -> 0.0741, more than 5%)" in adapt_judge.describe(
+            {**decision, "final": "start"})
+    with pytest.raises(ValueError, match="adapt.judge.guard"):
+        Judge([], [], tmp_path, {**config, "guard": "left_right"}, {}, "cpu", "fp32")
+
+
 def test_settle_writes_the_start_or_the_adapted_weights(tmp_path, monkeypatch):
     start_path, adapted_path = tiny_checkpoint(tmp_path / "start.pt", seed=0), tiny_checkpoint(tmp_path / "a.pt", 1)
     from stereo_kd_core.checkpoint import load_model
