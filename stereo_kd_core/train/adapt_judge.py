@@ -167,8 +167,10 @@ class Judge:
         self.frames, self.criterion, self.min_gain = list(frames), criterion, float(config["min_gain"])
         # a second criterion that must not get worse by more than guard_tolerance (a fraction)
         self.guard, self.guard_tolerance = config.get("guard"), float(config.get("guard_tolerance", 0.05))
-        if self.guard is not None and (self.guard not in CRITERIA or self.guard == criterion):
-            raise ValueError(f"adapt.judge.guard {self.guard!r}: null or another of {', '.join(CRITERIA)}")
+        if self.guard is not None and self.guard not in CRITERIA:
+            raise ValueError(f"adapt.judge.guard {self.guard!r}: null or one of {', '.join(CRITERIA)}")
+        if self.guard == criterion:  # judged by it already
+            self.guard = None
         # left_right costs a second pass per frame: recorded when it judges or when asked (record_all)
         self.recorded = tuple(name for name in RECORDED if name != "left_right" or config["record_all"]
                               or "left_right" in (criterion, self.guard))

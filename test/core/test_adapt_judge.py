@@ -156,7 +156,8 @@ def test_the_guard_keeps_the_start_when_its_criterion_gets_worse(tmp_path, monke
         assert "photometric got worse (0.0662 -> 0.0741, more than 5%)" in adapt_judge.describe(
             {**decision, "final": "start"})
     with pytest.raises(ValueError, match="adapt.judge.guard"):
-        Judge([], [], tmp_path, {**config, "guard": "left_right"}, {}, "cpu", "fp32")
+        Judge([], [], tmp_path, {**config, "guard": "sharpness"}, {}, "cpu", "fp32")
+    assert Judge([], [], tmp_path, {**config, "guard": "left_right"}, {}, "cpu", "fp32").guard is None
 
 
 def test_settle_writes_the_start_or_the_adapted_weights(tmp_path, monkeypatch):
