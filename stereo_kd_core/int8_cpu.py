@@ -10,12 +10,13 @@ and `confidence_head` (cues and calibration, no weights) is run as:
    evaluation set, and no data module below the seam), converted to quantise/dequantise pairs;
 3. `torch.compile` (inductor, freezing), which fuses those pairs into oneDNN int8 convolutions
    (VNNI / AMX-INT8), under bf16 autocast for everything left in floating point on CPUs with
-   native bf16 (fp32 elsewhere); the confidence head runs eagerly after it.
+   native bf16 (fp32 elsewhere); the confidence head (no weights) runs after it, compiled
+   without int8 by `NetworkEstimator`.
 
 Measured on the shipped dsnet-fast (README, "CPU speed"): realval and Motorcycle EPE within
 0.03 px of eager fp32 on every pair. Each input size is exported, calibrated and compiled once
-(seconds to a minute); `NetworkEstimator` does it in a background thread while the eager
-network answers. torchao is optional: `unavailable()` says why int8 cannot run.
+(15 s to over a minute on 2 cores); `NetworkEstimator` does it, on a copy of the network, in a
+background thread while the eager network answers. torchao is optional: `unavailable()` says why int8 cannot run.
 """
 
 from __future__ import annotations
