@@ -31,6 +31,10 @@ from stereo_kd_core import StereoEstimator, registry
 from stereo_kd_core.data.io import read_image_rgb, read_pfm
 from stereo_kd_core.metrics import stereo_metrics
 from stereo_kd_core.train.adapt import run_adapt
+from stereo_kd_core.train.recipe import load_recipe
+
+# the label confidence below which adapt does not train on a pixel: the recipe's own threshold
+MIN_CONFIDENCE = float(load_recipe("adapt")["adapt"]["min_confidence"])
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REALVAL = Path(__file__).resolve().parents[2] / "shared" / "realval"
@@ -66,7 +70,7 @@ def score(model: str, frames: Path, scenes: list[str], labels: Path | None = Non
         label_file = labels / f"{scene}.npz" if labels is not None else None
         if label_file is not None and label_file.is_file():
             with np.load(label_file) as stored:
-                trusted = stored["confidence"].astype(np.float32) >= 0.5
+                trusted = stored["confidence"].astype(np.float32) >= MIN_CONFIDENCE
             regions.update(labelled=valid & trusted, unlabelled=valid & ~trusted)
         out[scene]["where"] = {
             name: {"pixels": int(mask.sum()), "epe": float(error[mask].mean()) if mask.any() else None,

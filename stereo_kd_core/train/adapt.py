@@ -57,7 +57,7 @@ from stereo_kd_core.train.label_cache import (
     load_teacher,
     teacher_precision,
 )
-from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, load_recipe
+from stereo_kd_core.train.recipe import TEST_SPLIT_SEED, RecipeError, adapt_internal_source, load_recipe
 from stereo_kd_core.train.trainer import FINAL_CHECKPOINT, LAST_CHECKPOINT, Trainer, build_training_dataset
 from stereo_kd_core.viz import labelled_tiles
 
@@ -137,10 +137,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
                              f"({', '.join(clashes[:5])}); adapt one source at a time")
 
     # internal points: the teacher's cost distributions cached with the labels, or (asked for) live
-    source = adapt.get("internal_source", "cache")
-    if source not in ("cache", "live"):
-        raise RecipeError(f"adapt.internal_source must be cache or live, got {source!r}")
-    cached_costs = bool(adapt["internal"]) and source == "cache"
+    cached_costs = bool(adapt["internal"]) and adapt_internal_source(adapt) == "cache"
     internal_note = None
     if cached_costs and not (isinstance(teacher_obj, EstimatorTeacher) and teacher_obj.network is not None):
         cached_costs = False  # labels:DIR, SGBM, ONNX graphs: the labels alone teach
@@ -156,7 +153,8 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
 
     # the teacher network joins training only for live internal points, and only at the same range
     teacher_network = None
-    if teacher_obj is not None and teacher_obj.network is not None and adapt["internal"] and source == "live":
+    live_internal = bool(adapt["internal"]) and adapt_internal_source(adapt) == "live"
+    if teacher_obj is not None and teacher_obj.network is not None and live_internal:
         if teacher_obj.network.max_disparity == student.max_disparity:
             teacher_network = teacher_obj.network
         else:

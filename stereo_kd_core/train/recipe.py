@@ -70,6 +70,18 @@ class RecipeError(ValueError):
     """A recipe has unknown, missing or invalid keys."""
 
 
+ADAPT_INTERNAL_SOURCES = ("cache", "live")
+
+
+def adapt_internal_source(adapt: Mapping) -> str:
+    """Where adapt's internal points come from: `cache` (the default: the teacher's cost
+    distributions cached with the labels) or `live` (the teacher runs every step)."""
+    source = adapt.get("internal_source") or ADAPT_INTERNAL_SOURCES[0]
+    if source not in ADAPT_INTERNAL_SOURCES:
+        raise RecipeError(f"adapt.internal_source must be cache or live, got {source!r}")
+    return source
+
+
 def _check_keys(recipe: Mapping, schema: Mapping, prefix: str = "") -> None:
     for key, value in recipe.items():
         path = f"{prefix}{key}"

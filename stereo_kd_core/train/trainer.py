@@ -45,7 +45,8 @@ from stereo_kd_core.distill import (
     TrainingObjective,
 )
 from stereo_kd_core.models import build_model, default_config
-from stereo_kd_core.train.recipe import RecipeError, load_recipe
+from stereo_kd_core.models.narrow import narrow_state_dict, widths
+from stereo_kd_core.train.recipe import RecipeError, adapt_internal_source, load_recipe
 
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "final.pt"
@@ -278,6 +279,19 @@ class Trainer:
                               f"{self.config.get('arch')} student")
         state = checkpoint["state_dict"]
         refinement = getattr(self.student, "refinement", None)
+        stored = checkpoint["config"]
+        has_refinement = bool(stored.get("refine_channels"))
+        stored_widths = widths(stored)
+        if not has_refinement:  # a refinement the checkpoint lacks is added below, not narrowed
+            stored_widths["refine_channels"] = self.config.get("refine_channels")
+        if stored_widths != widths(self.config):
+            # A wider network of the same architecture starts a narrower student: the first
+            # channels of every width (stereo_kd_core.models.narrow).
+            shapes = {key: value.shape for key, value in self.student.state_dict().items()
+                      if has_refinement or not key.startswith("refinement.")}
+            state = narrow_state_dict(state, stored, self.config, shapes)
+            print(f"train.init_from {source}: narrowed from {widths(stored)} to {widths(self.config)} "
+                  "(the first channels of every width)", file=sys.stderr)
         if refinement is not None and not checkpoint["config"].get("refine_channels"):
             # A refinement added to a network trained without one starts as the identity (its
             # last layer is zero): every other key still loads strictly.
@@ -305,7 +319,7 @@ class Trainer:
         self-supervision on the recorded frames, and the teacher network's internal points."""
         adapt = self.recipe["adapt"]
         teacher, internal = self._given_teacher, adapt["internal"]
-        cached = adapt.get("internal_source", "cache") == "cache"
+        cached = adapt_internal_source(adapt) == "cache"
         if internal and (teacher is not None or cached):
             unknown = set(internal) - {*ADAPT_INTERNAL_TERMS, "weighting", "stages"}
             if unknown:

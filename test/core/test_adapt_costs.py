@@ -5,6 +5,7 @@ replayed generated pairs (`collate_mixed`), and the batch-norm freeze for few-fr
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from test_adapt import FAST, MAX_DISPARITY, TINY_ARGS, synthetic_folder, tiny_checkpoint
 
@@ -112,3 +113,14 @@ def test_a_teacher_without_cost_volumes_adapts_on_its_labels_alone(tmp_path):
                        overrides={**FAST, "train.steps": 2, "adapt.holdout": 0.0})
     assert report["internal_distillation"] is None and "no cost volumes" in report["internal_note"]
     assert not list((tmp_path / "run" / "labels").rglob("*.cost.npz"))
+
+
+def test_internal_source_defaults_to_the_cache_and_rejects_anything_else():
+    from stereo_kd_core.train.recipe import RecipeError, adapt_internal_source, load_recipe
+
+    adapt = load_recipe("adapt")["adapt"]
+    assert adapt_internal_source(adapt) == "cache"
+    assert adapt_internal_source({k: v for k, v in adapt.items() if k != "internal_source"}) == "cache"
+    assert adapt_internal_source({**adapt, "internal_source": "live"}) == "live"
+    with pytest.raises(RecipeError, match="cache or live"):
+        adapt_internal_source({**adapt, "internal_source": "teacher"})
