@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from node_throughput import HEIGHT, WIDTH, NodeSession, motorcycle_640x480  # noqa: E402
 
 from stereo_kd_core import StereoEstimator, StereoPrediction  # noqa: E402
+from stereo_kd_core.allocator import keep_freed_memory  # noqa: E402
 
 DOMAIN_ID = 188
 WARMUP_FRAMES = 10
@@ -73,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"Frames to time (after {WARMUP_FRAMES} warm-up frames); at most 200 are kept.")
     parser.add_argument("--rate", type=float, default=15.0, help="Input frames per second.")
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="Leave glibc's malloc as it is (the node's console script keeps freed memory "
+                             "for reuse: stereo_kd_core.allocator).")
     args = parser.parse_args(argv)
+    kept_freed_memory = False if args.glibc_defaults else keep_freed_memory()
 
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
         "load_average": os.getloadavg(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "kept_freed_memory": kept_freed_memory,
     }
     print(json.dumps(figures, indent=2))
     if args.json:

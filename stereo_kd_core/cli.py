@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from stereo_kd_core.allocator import keep_freed_memory
+
 
 def _write_json(path: str | None, payload: dict) -> None:
     if path:
@@ -472,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # large tensors and images every pair: reuse their pages
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:

@@ -199,8 +199,10 @@ def input_qos(values: dict[str, Any]) -> QoSProfile:
 def main(argv: list[str] | None = None) -> int:
     """Run the node until SIGINT/SIGTERM (the console script `stereo_kd_node` calls this through
     entry.node_main, which handles a stop signal during the imports too)."""
+    from stereo_kd_core.allocator import keep_freed_memory
     from stereo_kd_ros.runner import run
 
+    keep_freed_memory()  # megabyte-sized outputs every frame: reuse their pages (stereo_kd_core.allocator)
     return run(StereoNode, argv)
 
 

@@ -45,6 +45,7 @@ from rclpy.utilities import remove_ros_args
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
 
+from stereo_kd_core.allocator import keep_freed_memory
 from stereo_kd_core.data.io import read_image_rgb, read_middlebury_calib
 from stereo_kd_core.geometry import StereoGeometry
 from stereo_kd_core.rectification import CalibrationError, CameraCalibration, distort
@@ -486,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{flag}-topic", default=None, help=published_help)
         parser.add_argument(f"--bag-{flag}-topic", default=f"/{default}", help=f"Bag: recorded {what} topic.")
     args = parser.parse_args(remove_ros_args(args_in)[1:])
+    keep_freed_memory()  # two images a frame: reuse their pages (stereo_kd_core.allocator)
     if args.rate <= 0 or args.frames < 0:
         parser.error("--rate must be > 0 and --frames >= 0")
     if args.raw_calibration:
