@@ -84,15 +84,15 @@ def test_auto_precision_follows_the_manifests_measured_cpu_default(shipped, monk
         StereoEstimator.load("tiny-fast", device="cpu", precision="int4")
 
 
-def test_the_shipped_default_student_verifies_and_names_its_cpu_default():
+def test_every_shipped_model_verifies_and_names_its_cpu_default():
     models = registry.shipped_models()
     assert "dsnet-fast" in models
-    entry = models["dsnet-fast"]
-    assert entry["cpu_default"]["precision"] in ("fp32", "bf16")
-    assert entry["cpu_default"]["backend"] in ("pytorch", "pytorch-channels-last")
-    path = registry.WEIGHTS_DIR / entry["file"]
-    assert sha256_of_file(path) == entry["sha256"] and path.stat().st_size < 10_000_000
-    assert entry["sha256"] in (registry.WEIGHTS_DIR / "MODEL_CARD.md").read_text()
+    for name, entry in models.items():
+        assert entry["cpu_default"]["precision"] in ("fp32", "bf16"), name
+        assert entry["cpu_default"]["backend"] in ("pytorch", "pytorch-channels-last"), name
+        path = registry.WEIGHTS_DIR / entry["file"]
+        assert sha256_of_file(path) == entry["sha256"] and path.stat().st_size < 10_000_000, name
+        assert entry["sha256"] in (registry.WEIGHTS_DIR / entry["card"]).read_text(), name
 
 
 def test_the_manifests_default_is_what_load_and_the_cli_run_when_no_model_is_named(shipped, tmp_path, capsys):
