@@ -151,3 +151,19 @@ def test_describe_names_the_source_file_and_hash(tmp_path):
     assert described["model_sha256"] == sha256_of_file(path)
     assert registry.describe_line(described) == (f"mine (mine.pt, sha256 {sha256_of_file(path)[:12]}) pytorch "
                                                  "channels_last fp32 on cpu")
+
+
+def test_the_faster_student_loads_by_name_at_half_the_default_widths():
+    """`dsnet-faster` (opt-in): the default's architecture at half of every width, loaded like any
+    shipped model and answering a pair."""
+    faster = StereoEstimator.load("dsnet-faster", device="cpu", precision="fp32")
+    default = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
+    small, large = faster.network.config, default.network.config
+    assert small["arch"] == large["arch"] and small["max_disparity"] == large["max_disparity"]
+    assert 2 * small["stem_channels"] == large["stem_channels"]
+    assert [2 * c for c in small["layer_channels"]] == large["layer_channels"]
+    assert 2 * small["refine_channels"] == large["refine_channels"]
+    image = np.random.default_rng(1).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+    prediction = faster.predict(image, np.roll(image, -4, axis=1))
+    assert prediction.disparity.shape == (64, 128) and np.isfinite(prediction.disparity).all()
+    assert ((prediction.confidence >= 0) & (prediction.confidence <= 1)).all()
