@@ -137,7 +137,8 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
                              f"({', '.join(clashes[:5])}); adapt one source at a time")
 
     # internal points: the teacher's cost distributions cached with the labels, or (asked for) live
-    cached_costs = bool(adapt["internal"]) and adapt_internal_source(adapt) == "cache"
+    internal_source = adapt_internal_source(adapt)
+    cached_costs = bool(adapt["internal"]) and internal_source == "cache"
     internal_note = None
     if cached_costs and not (isinstance(teacher_obj, EstimatorTeacher) and teacher_obj.network is not None):
         cached_costs = False  # labels:DIR, SGBM, ONNX graphs: the labels alone teach
@@ -153,7 +154,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
 
     # the teacher network joins training only for live internal points, and only at the same range
     teacher_network = None
-    live_internal = bool(adapt["internal"]) and adapt_internal_source(adapt) == "live"
+    live_internal = bool(adapt["internal"]) and internal_source == "live"
     if teacher_obj is not None and teacher_obj.network is not None and live_internal:
         if teacher_obj.network.max_disparity == student.max_disparity:
             teacher_network = teacher_obj.network

@@ -78,7 +78,7 @@ def adapt_internal_source(adapt: Mapping) -> str:
     distributions cached with the labels) or `live` (the teacher runs every step)."""
     source = adapt.get("internal_source") or ADAPT_INTERNAL_SOURCES[0]
     if source not in ADAPT_INTERNAL_SOURCES:
-        raise RecipeError(f"adapt.internal_source must be cache or live, got {source!r}")
+        raise RecipeError(f"adapt.internal_source must be {' or '.join(ADAPT_INTERNAL_SOURCES)}, got {source!r}")
     return source
 
 

@@ -273,13 +273,12 @@ class Trainer:
 
         path, sha256 = (Path(source), None) if Path(source).is_file() else resolve_shipped(source)
         checkpoint = load_checkpoint(path, expected_sha256=sha256)
-        stored_arch = checkpoint["config"].get("arch")
-        if stored_arch != self.config.get("arch"):
-            raise RecipeError(f"train.init_from {source}: a {stored_arch} checkpoint cannot start a "
+        stored = checkpoint["config"]
+        if stored.get("arch") != self.config.get("arch"):
+            raise RecipeError(f"train.init_from {source}: a {stored.get('arch')} checkpoint cannot start a "
                               f"{self.config.get('arch')} student")
         state = checkpoint["state_dict"]
         refinement = getattr(self.student, "refinement", None)
-        stored = checkpoint["config"]
         has_refinement = bool(stored.get("refine_channels"))
         stored_widths = widths(stored)
         if not has_refinement:  # a refinement the checkpoint lacks is added below, not narrowed
@@ -292,7 +291,7 @@ class Trainer:
             state = narrow_state_dict(state, stored, self.config, shapes)
             print(f"train.init_from {source}: narrowed from {widths(stored)} to {widths(self.config)} "
                   "(the first channels of every width)", file=sys.stderr)
-        if refinement is not None and not checkpoint["config"].get("refine_channels"):
+        if refinement is not None and not has_refinement:
             # A refinement added to a network trained without one starts as the identity (its
             # last layer is zero): every other key still loads strictly.
             state = {**state, **{f"refinement.{key}": value for key, value in refinement.state_dict().items()}}

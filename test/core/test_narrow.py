@@ -92,7 +92,7 @@ def test_init_from_a_wider_checkpoint_narrows_it(tmp_path):
     save_checkpoint(tmp_path / "wide.pt", wide, WIDE)
     write_middlebury_dataset(tmp_path / "data", 2, seed=3, height=32, width=64, max_disparity=16)
     recipe = load_recipe("tiny-dsnet")
-    recipe["model"] = {key: value for key, value in NARROW.items()}
+    recipe["model"] = dict(NARROW)
     recipe["data"]["train"] = {"name": "middlebury", "root": str(tmp_path / "data")}
     recipe["data"]["crop"] = [32, 64]
     recipe["train"].update(init_from=str(tmp_path / "wide.pt"), steps=1, batch_size=1, amp="none")
