@@ -198,7 +198,12 @@ class NodeSession:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
         if self.process is not None:
-            self.process.wait(timeout=30)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a hung shutdown is a finding: keep its log, end it
+                self.process.kill()
+                self.process.wait()
+                print("stereo_kd_node did not exit within 30 s of SIGINT; killed", file=sys.stderr)
             self._output.seek(0)
             output = self._output.read()
             self._output.close()
