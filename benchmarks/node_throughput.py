@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Seconds of streaming left out of the steady rate (a compile or int8 build runs in "
                              "the background while the eager network publishes: give it this long).")
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
+    parser.add_argument("--node-log", type=Path, help="Write the node's console output to this file.")
     args = parser.parse_args(argv)
 
     session = NodeSession({"model": args.model, "device": args.device, "input_scale": args.input_scale,
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         values = session.settle()
     finally:
         output = session.stop()
+        if args.node_log:
+            args.node_log.write_text(output)
     windows = session.windows(start, args.duration)
     inference_ms = float(values.get("inference_p50_ms", "nan"))
     first_output = next((i for i, w in enumerate(windows) if w["rate_hz"] > 0), 0)
