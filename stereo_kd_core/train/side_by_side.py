@@ -101,7 +101,7 @@ def train_side_by_side(recipes: Sequence[str | Mapping], out_dir: str | Path, *,
     loader = DataLoader(EpochIndexedDataset(first.dataset), batch_sampler=sampler, collate_fn=collate_mixed,
                         num_workers=int(first.recipe["data"]["num_workers"]),
                         pin_memory=first.device.type == "cuda")
-    logs = [trainer._open_log(0) for trainer in trainers]
+    logs = [trainer.open_log(0) for trainer in trainers]
     for trainer in trainers:
         trainer.objective.train()
         if trainer.recipe["train"]["freeze_batchnorm"]:

@@ -389,7 +389,7 @@ class Trainer:
         return ["step", "loss", "lr", "grad_norm", "skipped", "seconds",
                 *(f"loss.{t}" for t in terms), *(f"weight.{t}" for t in terms if len(terms) > 1)]
 
-    def _open_log(self, start_step: int):
+    def open_log(self, start_step: int):
         """CSV log, truncated to the rows up to start_step when resuming."""
         path = self.out_dir / LOG_FILE
         columns = self._log_columns()
@@ -433,7 +433,7 @@ class Trainer:
         loader = DataLoader(EpochIndexedDataset(self.dataset), batch_sampler=sampler, collate_fn=collate_mixed,
                             num_workers=int(self.recipe["data"]["num_workers"]),
                             pin_memory=self.device.type == "cuda")
-        log_file, log = self._open_log(start_step) if is_main else (None, None)
+        log_file, log = self.open_log(start_step) if is_main else (None, None)
         board = self._tensorboard(self.out_dir) if is_main else None
         progress = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         disable=not (is_main and sys.stderr.isatty()))
