@@ -132,7 +132,7 @@ def quantize_core(network: torch.nn.Module, height: int, width: int, bf16: bool,
     def run(left: torch.Tensor, right: torch.Tensor) -> tuple:
         # freezing through the global config: with torch.compile(options={"freezing": True}) inductor
         # does not fuse the quantise/dequantise pairs (onednn.qconv_prepack fails under fake tensors)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False), \
                 torch._inductor.config.patch(freezing=True):
             return graph(left, right)
 

@@ -169,7 +169,7 @@ class NetworkEstimator(StereoEstimator):
 
         def prepare_in_background(left: torch.Tensor, right: torch.Tensor, size: tuple[int, ...]):
             try:  # autocast and inference mode are per thread: as _run_network sets them
-                with torch.inference_mode(), torch.autocast("cpu", dtype=self._float_dtype,
+                with torch.inference_mode(), torch.autocast("cpu", dtype=self._float_dtype, cache_enabled=False,
                                                             enabled=self._float_dtype != torch.float32):
                     prepare(left, right, size)
             except Exception as exc:  # noqa: BLE001 (any failure means: run eager from now on)
@@ -242,7 +242,12 @@ class NetworkEstimator(StereoEstimator):
 
     def _run_network(self, left_t: torch.Tensor, right_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self._float_dtype
-        with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype,
+        # No autocast weight-cast cache: its mutex is process-wide, and with a background compile
+        # (or int8 build) running autocast in a second thread, one thread held it waiting for the
+        # GIL (a tensor decref) while the other held the GIL waiting for it: the node hung for good
+        # (seen with gdb, compile:=true, December 2026). Uncached, each use casts its weights again
+        # (no cost measurable at 384x640).
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype, cache_enabled=False,
                             enabled=dtype != torch.float32):
             try:
                 return self._forward(left_t, right_t)
