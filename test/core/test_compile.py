@@ -159,3 +159,18 @@ def test_the_two_compiled_graphs_compose_to_the_eval_forward():
     torch.testing.assert_close(split[0], disparity, rtol=0, atol=0)
     torch.testing.assert_close(split[1], confidence, rtol=0, atol=0)
     assert np.median(np.abs(disparity[0, :, 24:].numpy() - SHIFT_PX)) < 0.5
+
+
+def test_inference_never_uses_the_process_wide_autocast_cast_cache():
+    """The eager forward and a background compile (or int8 build) run under autocast in two threads;
+    with autocast's weight-cast cache on, its process-wide mutex and the GIL deadlocked the node
+    (gdb, December 2026). Every forward the estimator runs in bf16 must run with the cache off."""
+    estimator = StereoEstimator.load("dsnet-faster", device="cpu", precision="bf16")
+    seen = []
+    handle = estimator.network.register_forward_pre_hook(
+        lambda module, args: seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_cache_enabled())))
+    try:
+        estimator.predict(*shifted_pair())
+    finally:
+        handle.remove()
+    assert seen == [(True, False)]
