@@ -4,7 +4,7 @@ one size and thread count. Rounds go over every variant in turn, so load on a sh
 them alike; each round's figure is the median of `runs` calls, the table the median over rounds.
 
     python benchmarks/speed_side_by_side.py --reference dsnet-fast dsnet-fast runs/x/final.pt:bf16 \
-        --json benchmarks/results/speed_side_by_side.json
+        dsnet-faster+compile --json benchmarks/results/speed_side_by_side.json
 
 The reference is timed as `network(left, right)` in fp32 under inference mode on contiguous
 (B, 3, H, W) tensors: the network alone, no staging or host copies. The models are timed as
@@ -47,7 +47,9 @@ def _timed(call, runs: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="registry names or checkpoint paths, each optionally :precision")
+    parser.add_argument("models", nargs="+",
+                        help="registry names or checkpoint paths, each optionally :precision, and +compile for "
+                             "the node's compile:=true (compiled before timing)")
     parser.add_argument("--reference", default="dsnet-fast", help="network timed as a plain fp32 eager forward")
     parser.add_argument("--height", type=int, default=384)
     parser.add_argument("--width", type=int, default=640)
@@ -68,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     variants = {f"{args.reference}: plain fp32 eager forward": lambda: reference(*tensors)}
     described = {}
     for spec in args.models:
-        model, _, precision = spec.partition(":")
-        estimator = StereoEstimator.load(model, device="cpu", precision=precision or "auto")
+        compiled = spec.endswith("+compile")
+        model, _, precision = spec.removesuffix("+compile").partition(":")
+        estimator = StereoEstimator.load(model, device="cpu", precision=precision or "auto", compile=compiled)
         if hasattr(estimator, "warm_up"):
             estimator.warm_up(args.height, args.width)
-        label = f"{model} ({estimator.precision}{', as the node loads it' if not precision else ''})"
+        label = (f"{model} ({estimator.precision}{', compiled' if compiled else ''}"
+                 f"{', as the node loads it' if not precision else ''})")
         variants[label] = lambda estimator=estimator: estimator.predict(left, right)
         described[label] = describe_estimator(estimator, model)
 
