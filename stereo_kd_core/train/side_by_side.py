@@ -5,7 +5,8 @@ small networks, is the bottleneck. Here one DataLoader feeds every recipe's `Tra
 with the same batch. The recipes must agree on everything that decides the batches (`data`,
 `train.batch_size`, `train.seed`): the batches are then exactly those each recipe draws when it
 is trained alone, so `stereo-kd train RECIPE` (or `distill`) with the same steps reproduces each
-result (up to the device's floating-point order).
+result (up to the device's floating-point order). Every recipe runs the largest `train.steps`
+among them (its schedule spans that count), and each run's recipe.yaml records it.
 
 `seconds` fits the step count to a time budget: after `probe_steps` steps the rate is measured and
 every recipe's `train.steps` (which its one-cycle or cosine schedule spans) is set so that the run
@@ -24,20 +25,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import yaml
-from torch.utils.data import DataLoader
 
-from stereo_kd_core.checkpoint import save_checkpoint
-from stereo_kd_core.data.mixed import collate_mixed
 from stereo_kd_core.train.recipe import RecipeError, load_recipe
-from stereo_kd_core.train.trainer import (
-    FINAL_CHECKPOINT,
-    LAST_CHECKPOINT,
-    EpochIndexedDataset,
-    StepBatchSampler,
-    Trainer,
-    freeze_batchnorm,
-)
+from stereo_kd_core.train.trainer import LAST_CHECKPOINT, Trainer
 
 FIT_MARGIN = 0.92  # a fitted run plans to end 8 % early: the rate can drop
 OVERRUN_LIMIT = 1.25  # a budgeted run stops at 1.25 x its seconds, whatever its schedule says
@@ -96,16 +86,10 @@ def train_side_by_side(recipes: Sequence[str | Mapping], out_dir: str | Path, *,
     for trainer in trainers:
         trainer.total_steps = total
     train = first.recipe["train"]
-    sampler = StepBatchSampler(len(first.dataset), int(train["batch_size"]), first.seed, 0, total,
-                               first.rank, first.world_size)
-    loader = DataLoader(EpochIndexedDataset(first.dataset), batch_sampler=sampler, collate_fn=collate_mixed,
-                        num_workers=int(first.recipe["data"]["num_workers"]),
-                        pin_memory=first.device.type == "cuda")
+    loader = first.batch_loader(0, total)
     logs = [trainer.open_log(0) for trainer in trainers]
     for trainer in trainers:
-        trainer.objective.train()
-        if trainer.recipe["train"]["freeze_batchnorm"]:
-            freeze_batchnorm(trainer.student)
+        trainer.enter_training()
     started = time.perf_counter()
     probe_started, probe_from = started, probe_steps // 4  # the first quarter warms up
     done = 0
@@ -113,12 +97,7 @@ def train_side_by_side(recipes: Sequence[str | Mapping], out_dir: str | Path, *,
         for step, batch in enumerate(loader):
             if step == probe_from:
                 probe_started = time.perf_counter()
-            records = []
-            for trainer in trainers:
-                tic = time.perf_counter()
-                record = trainer.train_step(step, batch)
-                record["seconds"] = time.perf_counter() - tic
-                records.append(record)
+            records = [trainer.timed_step(step, batch) for trainer in trainers]
             done = step + 1
             now = time.perf_counter()
             if seconds is not None and done == probe_steps:
@@ -131,8 +110,7 @@ def train_side_by_side(recipes: Sequence[str | Mapping], out_dir: str | Path, *,
                 if done % train["log_every"] == 0 or done == total or record["skipped"]:
                     writer.writerow(record)
                     log_file.flush()
-                if trainer.nonfinite_streak >= trainer.recipe["train"]["max_nonfinite_steps"]:
-                    raise RuntimeError(f"{trainer.out_dir.name}: {trainer.nonfinite_streak} non-finite steps in a row")
+                trainer.check_nonfinite_streak(done)
             if done % train["log_every"] == 0:
                 losses = ", ".join(f"{n} {r['loss']:.4f}" for n, r in zip(names, records, strict=True))
                 log(f"step {done}/{total} ({now - started:.0f} s): {losses}")
@@ -150,15 +128,9 @@ def train_side_by_side(recipes: Sequence[str | Mapping], out_dir: str | Path, *,
     results = {}
     for name, trainer in zip(names, trainers, strict=True):
         trainer.recipe["train"]["steps"] = total
-        with open(trainer.out_dir / "recipe.yaml", "w") as f:
-            yaml.safe_dump(trainer.recipe, f, sort_keys=False)
+        trainer.write_recipe()
         trainer.save(done, trainer.out_dir / LAST_CHECKPOINT)
-        if done >= total:
-            final = trainer.out_dir / FINAL_CHECKPOINT
-            save_checkpoint(final, trainer.student, trainer.config, step=done, extra={"recipe": trainer.recipe})
-            results[name] = final
-        else:
-            results[name] = trainer.out_dir / LAST_CHECKPOINT
+        results[name] = trainer.save_final(done) if done >= total else trainer.out_dir / LAST_CHECKPOINT
     log(f"side by side: {done} steps in {time.perf_counter() - started:.0f} s on {first.device}")
     return results
 

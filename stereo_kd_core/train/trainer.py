@@ -426,27 +426,18 @@ class Trainer:
         train = self.recipe["train"]
         is_main = self.rank == 0
         if is_main:
-            with open(self.out_dir / "recipe.yaml", "w") as f:
-                yaml.safe_dump(self.recipe, f, sort_keys=False)
-        sampler = StepBatchSampler(len(self.dataset), int(train["batch_size"]), self.seed,
-                                   start_step, end_step, self.rank, self.world_size)
-        loader = DataLoader(EpochIndexedDataset(self.dataset), batch_sampler=sampler, collate_fn=collate_mixed,
-                            num_workers=int(self.recipe["data"]["num_workers"]),
-                            pin_memory=self.device.type == "cuda")
+            self.write_recipe()
+        loader = self.batch_loader(start_step, end_step)
         log_file, log = self.open_log(start_step) if is_main else (None, None)
         board = self._tensorboard(self.out_dir) if is_main else None
         progress = tqdm(total=self.total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                         disable=not (is_main and sys.stderr.isatty()))
-        self.objective.train()
-        if train["freeze_batchnorm"]:  # fine-tuning on few frames: keep the start's statistics
-            freeze_batchnorm(self.student)
+        self.enter_training()
         done = start_step
         try:
             for step, batch in enumerate(loader, start=start_step):
-                started = time.perf_counter()
-                record = self.train_step(step, batch)
+                record = self.timed_step(step, batch)
                 done = step + 1
-                record["seconds"] = time.perf_counter() - started
                 if is_main and (done % train["log_every"] == 0 or done == end_step or record["skipped"]):
                     log.writerow(record)
                     log_file.flush()
@@ -454,11 +445,7 @@ class Trainer:
                         for key, value in record.items():
                             if key != "step":
                                 board.add_scalar(key, value, done)
-                limit = train["max_nonfinite_steps"]
-                if self.nonfinite_streak >= limit:
-                    raise NonFiniteLossError(f"{self.nonfinite_streak} consecutive steps with a non-finite "
-                                             f"loss or gradient (train.max_nonfinite_steps = {limit}); "
-                                             f"stopped at step {done}")
+                self.check_nonfinite_streak(done)
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4g}")
                 if is_main and done % train["checkpoint_every"] == 0 and done < end_step:
@@ -475,16 +462,55 @@ class Trainer:
                 board.close()
         if is_main:
             self.save(done, last)
-        final = self.out_dir / FINAL_CHECKPOINT
         if done >= self.total_steps:
-            if is_main:
-                save_checkpoint(final, self.student, self.config, step=done, extra={"recipe": self.recipe})
-            result = final
+            result = self.save_final(done) if is_main else self.out_dir / FINAL_CHECKPOINT
         else:
             result = last
         if self.world_size > 1:
             dist.barrier()
         return result
+
+    # --- the pieces of the loop (run, and side_by_side's several trainers on one stream) -----
+    def write_recipe(self) -> None:
+        """recipe.yaml in the output folder: what `stereo-kd train` of it reproduces."""
+        with open(self.out_dir / "recipe.yaml", "w") as f:
+            yaml.safe_dump(self.recipe, f, sort_keys=False)
+
+    def batch_loader(self, start_step: int, end_step: int) -> DataLoader:
+        """The batches of steps start_step..end_step of this recipe's stream (this rank's share)."""
+        sampler = StepBatchSampler(len(self.dataset), int(self.recipe["train"]["batch_size"]), self.seed,
+                                   start_step, end_step, self.rank, self.world_size)
+        return DataLoader(EpochIndexedDataset(self.dataset), batch_sampler=sampler, collate_fn=collate_mixed,
+                          num_workers=int(self.recipe["data"]["num_workers"]),
+                          pin_memory=self.device.type == "cuda")
+
+    def enter_training(self) -> None:
+        """Training mode; with train.freeze_batchnorm, the batch-norm statistics stay the start's
+        (fine-tuning on few frames)."""
+        self.objective.train()
+        if self.recipe["train"]["freeze_batchnorm"]:
+            freeze_batchnorm(self.student)
+
+    def timed_step(self, step: int, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """train_step, with its seconds in the record."""
+        started = time.perf_counter()
+        record = self.train_step(step, batch)
+        record["seconds"] = time.perf_counter() - started
+        return record
+
+    def check_nonfinite_streak(self, done: int) -> None:
+        """Raise NonFiniteLossError once train.max_nonfinite_steps steps in a row were skipped."""
+        limit = self.recipe["train"]["max_nonfinite_steps"]
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteLossError(f"{self.out_dir.name}: {self.nonfinite_streak} consecutive steps with a "
+                                     f"non-finite loss or gradient (train.max_nonfinite_steps = {limit}); "
+                                     f"stopped at step {done}")
+
+    def save_final(self, done: int) -> Path:
+        """final.pt: the student's weights and config, no training state."""
+        final = self.out_dir / FINAL_CHECKPOINT
+        save_checkpoint(final, self.student, self.config, step=done, extra={"recipe": self.recipe})
+        return final
 
     def train_step(self, step: int, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """One optimizer step on `batch`; a NaN/inf loss or gradient skips it (and restores
