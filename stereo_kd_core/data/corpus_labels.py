@@ -83,9 +83,10 @@ def label_cases(root: str | os.PathLike, teacher: str, precision: str = "bf16", 
     record = root / TEACHER_RECORD
     if record.is_file() and json.loads(record.read_text()) != identity:
         raise ValueError(f"{root} holds labels of another teacher ({record.read_text().strip()}, now {identity})")
-    record.write_text(json.dumps(identity, indent=2) + "\n")
     todo = [case for case in cases_round_robin(root) if not (case / LABEL_FILE).is_file()][:limit]
+    # loaded before the record is written: a teacher that fails to load must not claim the folder
     estimator = StereoEstimator.load(teacher, device="cpu", precision=precision)
+    record.write_text(json.dumps(identity, indent=2) + "\n")
     for index, case in enumerate(todo):
         start = time.perf_counter()
         arrays = teacher_labels(estimator, read_image_rgb(case / "im0.png"), read_image_rgb(case / "im1.png"))

@@ -145,6 +145,9 @@ def test_labels_are_cached_once_and_exported_for_adapt(tmp_path):
         cv2.imwrite(str(tmp_path / "corpus" / case / "im0.png"), left)
         cv2.imwrite(str(tmp_path / "corpus" / case / "im1.png"), right)
     corpus = tmp_path / "corpus"
+    # a teacher that does not load names itself and leaves the folder free for the right one
+    with pytest.raises(ValueError, match="unknown model 'psmnet'"):
+        label_cases(corpus, "psmnet", precision="fp32", log=lambda _: None)
     assert label_cases(corpus, "sgbm", precision="fp32", limit=1, log=lambda _: None) == 1
     assert label_cases(corpus, "sgbm", precision="fp32", log=lambda _: None) == 1  # resumes: only the other case
     assert confidence_cases(corpus, student=None, export=tmp_path / "export", log=lambda _: None) == 2
