@@ -103,6 +103,7 @@ class NetworkEstimator(StereoEstimator):
         self._forward = self.network
         self.compiled = False
         self._compiling: dict[tuple[int, ...], threading.Thread] = {}  # input size -> background compile
+        self._start_build = None  # _per_size's: start the background build of a size
         if self.precision == "int8":  # a compiled path of its own, per input size
             use_compile_cache_dir()
             self._forward = self._per_size(self._int8_graph, "quantised to int8 and compiled")
@@ -177,6 +178,21 @@ class NetworkEstimator(StereoEstimator):
                             size[1], exc)
                 self._forward, self.compiled = self.network, False
 
+        def start_in_background(left: torch.Tensor, right: torch.Tensor) -> bool:
+            """Start building the graph of this size in a thread unless built or building; True
+            when this call started it."""
+            size = tuple(left.shape[-2:])
+            with lock:
+                if size in self._compiling or size in ready:
+                    return False
+                self._compiling[size] = threading.Thread(
+                    # not a daemon: a process that exits mid-compile waits for it (killed inside
+                    # inductor's C++ at interpreter exit, it aborts the process instead)
+                    target=prepare_in_background, args=(left.clone(), right.clone(), size), daemon=False,
+                    name=f"compile-{self.name}-{size[0]}x{size[1]}")
+                self._compiling[size].start()
+            return True
+
         def forward(left: torch.Tensor, right: torch.Tensor):
             size = tuple(left.shape[-2:])
             graph = ready.get(size)
@@ -184,17 +200,24 @@ class NetworkEstimator(StereoEstimator):
                 return graph(left, right)
             if self._cuda:
                 return prepare(left, right, size)
-            with lock:
-                if size not in self._compiling and size not in ready:
-                    self._compiling[size] = threading.Thread(
-                        # not a daemon: a process that exits mid-compile waits for it (killed inside
-                        # inductor's C++ at interpreter exit, it aborts the process instead)
-                        target=prepare_in_background, args=(left.clone(), right.clone(), size), daemon=False,
-                        name=f"compile-{self.name}-{size[0]}x{size[1]}")
-                    self._compiling[size].start()
+            start_in_background(left, right)
             return self.network(left, right)  # eager until the graph is ready
 
+        self._start_build = start_in_background
         return forward
+
+    @torch.inference_mode()  # as predict: the graph is built for what predict passes it
+    def prepare_size(self, height: int, width: int) -> bool:
+        """Start compiling (or quantising) for height x width input pairs now, in the background
+        (CPU), before any pair of that size arrives: the node calls it when a camera_info tells it
+        the size. True when this call started a build; False when there is nothing to build
+        (not compiled, CUDA, which builds at the first pair on its inference stream, or a size
+        built or building already)."""
+        if not self.compiled or self._cuda or self._start_build is None:
+            return False
+        blank = np.zeros((height, width, 3), np.uint8)
+        images = self._images(blank, blank)  # the strides a real pair has: the graph's guards hold
+        return self._start_build(images[0:1], images[1:2])
 
     def wait_for_compile(self, timeout_s: float | None = None) -> bool:
         """Wait for the background compilations started so far; True when none is still running."""
@@ -261,10 +284,13 @@ class NetworkEstimator(StereoEstimator):
     @torch.inference_mode()
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
         left, right = check_pair(left, right)
-        scale = 1.0 / pair_peak(left, right)
-        images = self._stage(left, right).permute(0, 3, 1, 2).float().mul_(scale)  # (2, 3, H, W) in [0, 1]
-        prediction, _ = self._predict_images(images, geometry)
+        prediction, _ = self._predict_images(self._images(left, right), geometry)
         return prediction
+
+    def _images(self, left: np.ndarray, right: np.ndarray) -> torch.Tensor:
+        """A checked host pair -> (2, 3, H, W) float in [0, 1] on the device."""
+        scale = 1.0 / pair_peak(left, right)
+        return self._stage(left, right).permute(0, 3, 1, 2).float().mul_(scale)
 
     @torch.inference_mode()
     def predict_raw(self, left: np.ndarray, right: np.ndarray, maps, size: tuple[int, int] | None = None,

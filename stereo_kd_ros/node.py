@@ -41,7 +41,8 @@ from stereo_kd_ros.pipeline import PairPipeline, PipelineStats
 
 NODE_NAME = "stereo_kd_node"
 
-COMPILED_NOTE = ", compiled at the first pair of each input size (CPU: in the background, eager meanwhile)"
+COMPILED_NOTE = (", compiled for each input size from its first camera_info or pair (CPU: in the background, "
+                 "eager meanwhile)")
 
 
 class StereoNode(Node):

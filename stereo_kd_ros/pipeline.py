@@ -40,6 +40,9 @@ MIN_IMAGE_SIZE = 2  # rows and columns every estimator needs
 TIME_RESET_THRESHOLD_S = 1.0
 # A pair that arrives before the first camera_infos waits this long for them (then is rejected).
 AWAIT_CAMERA_INFO_S = 1.0
+# A camera_info larger than this on a side starts no compile ahead of its pairs (a corrupt one
+# must not allocate gigabytes; a real camera's first pair still builds its graph).
+MAX_PREPARED_SIDE = 8192
 MIN_SHUTDOWN_WAIT_S = 5.0  # close() waits at least this long (and 2x the slowest inference) for the worker
 
 
@@ -109,6 +112,7 @@ class PairPipeline:
         self._geometry_cache: tuple[tuple, StereoGeometry] | None = None
         self.rectifier = StereoRectifier() if rectify else None
         self.camera_infos: dict[str, CameraInfo] = {}
+        self._prepared_sizes: set[tuple[int, int]] = set()  # input sizes the estimator was asked to build
         # The latest pair that arrived before both camera_infos (at start-up the images often win
         # the race): processed when the infos arrive, if still fresh; (left, right, arrival s).
         self._awaiting_info: tuple[Image, Image, float] | None = None
@@ -136,6 +140,8 @@ class PairPipeline:
     def on_camera_info(self, side: str, msg: CameraInfo) -> None:
         """Keep the latest camera_info per side; release a pair that was waiting for them."""
         self.camera_infos[side] = msg
+        if side == "left":
+            self._prepare_estimator(msg)
         awaiting = self._awaiting_info
         if awaiting is None or len(self.camera_infos) < 2:
             return
@@ -146,6 +152,29 @@ class PairPipeline:
                         f"{AWAIT_CAMERA_INFO_S:g} s of the pair")
             return
         self._submit(left, right)
+
+    def _prepare_estimator(self, info: CameraInfo) -> None:
+        """A compiled network starts building its graph for the camera's input size as soon as a
+        camera_info gives that size (CPU: in the background), not at the first pair: by the time
+        images flow the graph is often ready. Once per size; sizes no pair could have are skipped."""
+        estimator, settings = self.current()
+        prepare_size = getattr(estimator, "prepare_size", None)
+        if prepare_size is None or not (MIN_IMAGE_SIZE <= info.width <= MAX_PREPARED_SIDE
+                                        and MIN_IMAGE_SIZE <= info.height <= MAX_PREPARED_SIDE):
+            return
+        width, height = input_size(info.width, info.height, settings.input_scale)
+        if (width, height) in self._prepared_sizes or min(width, height) < MIN_IMAGE_SIZE:
+            return
+        self._prepared_sizes.add((width, height))
+        try:
+            started = prepare_size(height, width)
+        except Exception as error:  # noqa: BLE001 - the first pair builds it then, as without this
+            self.node.get_logger().warning(f"could not start compiling for {width}x{height}: {error}")
+            return
+        if started:
+            self.node.get_logger().info(
+                f"compiling '{estimator.name}' for {width}x{height} input pairs (camera {info.width}x{info.height}, "
+                f"input_scale {settings.input_scale:g}) in the background; eager until it is ready")
 
     def on_images(self, left: Image, right: Image) -> None:
         """Synchronized pair: validate, then hand it to the worker (latest wins)."""

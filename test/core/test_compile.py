@@ -174,3 +174,33 @@ def test_inference_never_uses_the_process_wide_autocast_cast_cache():
     finally:
         handle.remove()
     assert seen == [(True, False)]
+
+
+def test_prepare_size_builds_a_size_ahead_of_its_first_pair(monkeypatch):
+    """prepare_size (the node calls it on a camera_info) starts the build of that size in the
+    background with the inputs predict will pass (same shape, dtype and strides); the first pair
+    of that size then runs the graph and starts no build of its own. Once per size; nothing for
+    an estimator that is not compiled."""
+    graph_inputs = []
+
+    def recording_compile(function, **kwargs):
+        def compiled(*args):
+            if function.__name__ == "infer_core":
+                graph_inputs.append((threading.current_thread().name,
+                                     [(a.shape, a.dtype, a.stride(), a.is_inference()) for a in args]))
+            return function(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    assert not StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32").prepare_size(HEIGHT, WIDTH)
+    estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
+    assert estimator.prepare_size(HEIGHT, WIDTH)
+    assert not estimator.prepare_size(HEIGHT, WIDTH)  # building (or built) already
+    assert estimator.wait_for_compile(timeout_s=300) and estimator.compiled
+    left, right = shifted_pair()
+    eager = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32").predict(left, right).disparity
+    np.testing.assert_array_equal(estimator.predict(left, right).disparity, eager)
+    (build_thread, built_for), (pair_thread, pair_inputs) = graph_inputs
+    assert build_thread == f"compile-dsnet-fast-{HEIGHT}x{WIDTH}" and pair_thread == threading.current_thread().name
+    assert built_for == pair_inputs  # dynamo's guards (shape, stride, inference mode) hold for real pairs
+    assert list(estimator._compiling) == [(HEIGHT, WIDTH)]

@@ -3,6 +3,8 @@ is replaced by one that records its calls and returns the function, so no minute
 run), the pair is processed through the compiled path and published over DDS, with the same
 disparity as the estimator's eager output. The real compile is tested in test/core/test_compile.py."""
 
+import threading
+
 import numpy as np
 import torch
 from builtin_interfaces.msg import Time
@@ -72,3 +74,36 @@ def test_precision_int8_quantises_in_the_background_and_the_node_publishes_throu
         finite = np.isfinite(published) & np.isfinite(fp32.disparity)
         assert finite.mean() > 0.5
         assert np.median(np.abs(published[finite] - fp32.disparity[finite])) < 0.25
+
+
+def test_a_compiled_node_builds_its_graph_when_camera_info_gives_the_size(make_harness, monkeypatch):
+    """compile:=true: the camera_info alone starts the build for the input size it implies
+    (input_scale applied), in the background, before any image; the pair that follows runs through
+    that graph. A camera_info of an absurd size starts nothing and the node keeps going."""
+    builds = []  # (thread name, function) of each compiled graph call
+
+    def recording_compile(function, **options):
+        def compiled(*args):
+            builds.append((threading.current_thread().name, function.__name__))
+            return function(*args)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    scene = make_scene(width=128, height=96, plane_disparity=8, box_disparity=16)
+    harness = make_harness(model="dsnet-fast", compile=True, confidence_threshold=0.0, input_scale=0.5)
+    estimator = harness.node.estimator
+    huge_left, huge_right = scene.camera_infos(Time(sec=1))
+    huge_left.width = huge_right.width = 100_000
+    harness.send_infos(huge_left, huge_right)
+    assert not estimator._compiling  # nothing built for a size no pair can have
+    harness.send_infos(*scene.camera_infos(Time(sec=2)))
+    assert wait_until(lambda: (48, 64) in estimator._compiling, timeout_s=30), estimator._compiling
+    assert estimator.wait_for_compile(timeout_s=120) and estimator.compiled
+    assert builds == [("compile-dsnet-fast-48x64", "infer_core"), ("compile-dsnet-fast-48x64", "confidence_head")]
+    harness.send_infos(*scene.camera_infos(Time(sec=3)))  # the same size again: no second build
+    assert len(estimator._compiling) == 1
+    harness.send_images(*scene.images(Time(sec=3)))
+    assert wait_until(lambda: harness.count("disparity"), timeout_s=120)
+    assert [name for _, name in builds[2:]] == ["infer_core", "confidence_head"]  # the pair ran the graph
+    assert all(thread != "compile-dsnet-fast-48x64" for thread, _ in builds[2:])
+    assert list(estimator._compiling) == [(48, 64)]  # and started no build of its own
