@@ -31,6 +31,7 @@ from stereo_kd_core import StereoEstimator, registry
 from stereo_kd_core.data.io import read_image_rgb, read_pfm
 from stereo_kd_core.metrics import stereo_metrics
 from stereo_kd_core.train.adapt import run_adapt
+from stereo_kd_core.train.adapt_judge import ADAPTED_CHECKPOINT
 from stereo_kd_core.train.recipe import load_recipe
 
 # the label confidence below which adapt does not train on a pixel: the recipe's own threshold
@@ -112,14 +113,19 @@ def main() -> None:
         before, after = score(start, frames, scenes, labels), score(str(out / "final.pt"), frames, scenes, labels)
         mean_before = float(np.mean([v["epe"] for v in before.values()]))
         mean_after = float(np.mean([v["epe"] for v in after.values()]))
+        # the judge's best adapted checkpoint, scored also when final.pt kept the start: what adapting did
+        adapted_path = out / ADAPTED_CHECKPOINT
+        adapted = score(str(adapted_path), frames, scenes, labels) if adapted_path.is_file() else None
         row = {"group": group, "scenes": scenes, "rule": GROUPS[group]["rule"], "overrides": overrides,
                "label": args.label, "before": before, "after": after, "mean_epe_before": mean_before,
                "mean_epe_after": mean_after, "ratio": mean_after / mean_before,
+               "mean_epe_adapted": None if adapted is None else float(np.mean([v["epe"] for v in adapted.values()])),
                "passes": passes(group, mean_before, mean_after), "judge": report.get("judge"),
                "seconds": round(seconds, 1)}
         rows.append(row)
         print(f"{group} [{args.label}]: EPE {mean_before:.3f} -> {mean_after:.3f} ({row['ratio']:.2f}x), "
-              f"{'PASS' if row['passes'] else 'FAIL'} ({row['rule']}), {seconds / 60:.1f} min", flush=True)
+              f"{'PASS' if row['passes'] else 'FAIL'} ({row['rule']}), {seconds / 60:.1f} min; the adapted "
+              f"weights: {row['mean_epe_adapted']}", flush=True)
     previous = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     replaced = {(x["group"], x["label"]) for x in rows}
     kept_rows = [r for r in previous["rows"] if (r["group"], r["label"]) not in replaced]

@@ -263,7 +263,28 @@ class NetworkEstimator(StereoEstimator):
         self._host_buffer.copy_(pair)
         return self._host_buffer.to(self.device, non_blocking=True)
 
-    def _run_network(self, left_t: torch.Tensor, right_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.inference_mode()
+    def predict_with_costs(self, left: np.ndarray, right: np.ndarray) -> tuple[StereoPrediction, torch.Tensor]:
+        """predict's output and, from the same forward, the network's last cost logits (D, h, w)
+        float32, their grid from the pair's top-left corner (`infer_with_costs`): a teacher's label
+        and cost distribution in one pass. Eager (a compiled graph has no cost output)."""
+        if not hasattr(self.network, "infer_with_costs"):
+            raise ValueError(f"'{self.name}' has no cost volume to return")
+        left, right = check_pair(left, right)
+        costs = []
+
+        def forward(left_t: torch.Tensor, right_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            disparity, confidence, cost = self.network.infer_with_costs(left_t, right_t)
+            costs.append(cost)
+            return disparity, confidence
+
+        prediction, _ = self._predict_images(self._images(left, right), None, forward=forward)
+        return prediction, costs[0][0].float()
+
+    def _run_network(self, left_t: torch.Tensor, right_t: torch.Tensor,
+                     forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's (disparity, confidence) under the estimator's precision: through `forward`
+        where given, else the estimator's own forward (compiled or eager)."""
         dtype = self._float_dtype
         # No autocast weight-cast cache: its mutex is process-wide, and with a background compile
         # (or int8 build) running autocast in a second thread, one thread held it waiting for the
@@ -272,6 +293,8 @@ class NetworkEstimator(StereoEstimator):
         # (no cost measurable at 384x640).
         with torch.autocast(device_type=torch.device(self.device).type, dtype=dtype, cache_enabled=False,
                             enabled=dtype != torch.float32):
+            if forward is not None:
+                return forward(left_t, right_t)
             try:
                 return self._forward(left_t, right_t)
             except Exception as exc:  # compiled graph failed at first use: fall back to eager once
@@ -323,17 +346,17 @@ class NetworkEstimator(StereoEstimator):
             full_left = _host_image(full[0].permute(1, 2, 0).cpu().numpy(), dtype, mono, maximum)
         return RawPrediction(prediction, small_left, full_left)
 
-    def _predict_images(self, images: torch.Tensor, geometry,
-                        extra: torch.Tensor | None = None) -> tuple[StereoPrediction, np.ndarray | None]:
-        """The network on a (2, 3, H, W) pair in [0, 1] on the device; `extra` (C, H, W) comes
-        back to the host in the same copy as the outputs (as H x W x C)."""
+    def _predict_images(self, images: torch.Tensor, geometry, extra: torch.Tensor | None = None,
+                        forward=None) -> tuple[StereoPrediction, np.ndarray | None]:
+        """The network (or `forward`) on a (2, 3, H, W) pair in [0, 1] on the device; `extra`
+        (C, H, W) comes back to the host in the same copy as the outputs (as H x W x C)."""
         height, width = images.shape[-2:]
         if self._cuda:
             padded_h = -(-height // SHAPE_BUCKET) * SHAPE_BUCKET
             padded_w = -(-width // SHAPE_BUCKET) * SHAPE_BUCKET
             images = torch.nn.functional.pad(images, (0, padded_w - width, 0, padded_h - height), mode="replicate")
             images = images.contiguous(memory_format=torch.channels_last)
-        disparity, confidence = self._run_network(images[0:1], images[1:2])  # (1, Hp, Wp) each
+        disparity, confidence = self._run_network(images[0:1], images[1:2], forward)  # (1, Hp, Wp) each
         disparity = disparity[0, :height, :width].float()
         confidence = confidence[0, :height, :width].float().clamp(0, 1)
         disparity = torch.where(torch.isfinite(disparity), disparity, torch.full_like(disparity, float("nan")))

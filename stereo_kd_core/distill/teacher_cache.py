@@ -58,21 +58,25 @@ def teacher_targets(teacher: nn.Module, left: np.ndarray, right: np.ndarray, top
     with frozen_layers(teacher), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         outputs = teacher(tensor(left), tensor(right))
     last = teacher.num_costs - 1
-    cost = outputs[f"cost.{last}"].float()[0]  # (D/s, H/s, W/s) logits
+    cost = outputs[f"cost.{last}"][0]  # (D/s, H/s, W/s) logits
+    return {"disparity": outputs["disp"].float()[0].cpu().numpy().astype(np.float16),
+            **top_k_costs(cost, top_k, height // cost.shape[1], teacher.max_disparity)}
+
+
+def top_k_costs(cost: torch.Tensor, top_k: int, stride: int, max_disparity: int) -> dict[str, np.ndarray]:
+    """One pair's last cost logits (levels, h, w) -> the cost arrays of a teacher.npz (its top-K
+    levels and their probabilities, levels, stride, max_disparity)."""
     levels = cost.shape[0]
     if levels > 256:
         raise ValueError(f"teacher cache: {levels} cost levels do not fit uint8 indices")
-    probability = F.softmax(cost, dim=0)
-    k = min(top_k, levels)
-    top_prob, top_index = probability.topk(k, dim=0)  # (K, H/s, W/s)
-    disparity = outputs["disp"].float()[0]
+    probability = F.softmax(cost.float(), dim=0)
+    top_prob, top_index = probability.topk(min(top_k, levels), dim=0)  # (K, h, w)
     return {
-        "disparity": disparity.cpu().numpy().astype(np.float16),
         "cost_index": top_index.cpu().numpy().astype(np.uint8),
         "cost_prob": top_prob.cpu().numpy().astype(np.float16),
         "levels": np.int64(levels),
-        "stride": np.int64(height // cost.shape[1]),
-        "max_disparity": np.int64(teacher.max_disparity),
+        "stride": np.int64(stride),
+        "max_disparity": np.int64(max_disparity),
     }
 
 

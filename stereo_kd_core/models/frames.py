@@ -157,6 +157,14 @@ class StereoNetwork(nn.Module):
         disparity, cues = self.cues_from_core(core, height, width)
         return disparity, self.confidence(cues)
 
+    def infer_with_costs(self, left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The eval output (disparity, confidence), each (B, H, W), and the last cost logits
+        (B, D, h, w) of the same pass, their grid from the input's top-left corner (the padding
+        at the bottom and right): a teacher's label and cost distribution in one pass."""
+        core = self.infer_core(left, right)
+        disparity, confidence = self.confidence_head(core, *left.shape[-2:])
+        return disparity, confidence, core[2]
+
     def infer_with_cues(self, left: Tensor, right: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Eval-mode disparity (B, H, W) px and the uncalibrated confidence cues (B, H, W) each
         (stereo_kd_core.models.confidence), from left, right (B, 3, H, W) RGB in [0, 1]."""

@@ -213,21 +213,15 @@ class PSMNet(nn.Module):
             cost.unsqueeze(1), size=(self.max_disparity, height, width), mode="trilinear", align_corners=True
         ).squeeze(1)
 
-    def forward(self, left: torch.Tensor, right: torch.Tensor):
-        """left, right: (B, 3, H, W) RGB in [0, 1], any H, W.
-
-        Training: dict of distillation points (see module docstring); features, volume and
-        costs are at the padded size Hp x Wp (zero rows on top, zero columns on the right,
-        none when H and W are multiples of 16).
-        Eval: (disparity (B, H, W), confidence (B, H, W)), float32.
-        """
+    def _trunk(self, left: torch.Tensor, right: torch.Tensor):
+        """Features of both views, the concatenation volume and the three cost logits
+        (B, D/4, Hp/4, Wp/4), at the padded size (zero rows on top, zero columns on the right)."""
         height, width = left.shape[-2:]
         pad_top = -height % PAD_MULTIPLE
         pad_right = -width % PAD_MULTIPLE
         # Normalise first, then pad with zeros: the release pads the normalised tensor.
         left = F.pad((left - self.mean) / self.std, (0, pad_right, pad_top, 0))
         right = F.pad((right - self.mean) / self.std, (0, pad_right, pad_top, 0))
-        padded_height, padded_width = left.shape[-2:]
 
         left_features = self.feature_extraction(left)
         right_features = self.feature_extraction(right)
@@ -246,17 +240,45 @@ class PSMNet(nn.Module):
         cost1 = self.classif1(out1).squeeze(1)  # (B, D/4, Hp/4, Wp/4)
         cost2 = self.classif2(out2).squeeze(1) + cost1
         cost3 = self.classif3(out3).squeeze(1) + cost2
+        return left_features, right_features, volume, (cost1, cost2, cost3)
 
+    def _eval_output(self, cost: torch.Tensor, pad_top: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last cost logits (B, D/4, Hp/4, Wp/4) -> (disparity, confidence) (B, H, W), float32."""
+        padded_height, padded_width = cost.shape[-2] * COST_STRIDE, cost.shape[-1] * COST_STRIDE
+        full_cost = self._full_resolution_cost(cost, padded_height, padded_width)
+        disparity = soft_argmin(full_cost)  # (B, Hp, Wp)
+        # Same confidence as the other networks: from the cost-resolution distribution.
+        confidence = distribution_confidence(cost, soft_argmin(cost))  # (B, Hp/4, Wp/4)
+        confidence = F.interpolate(
+            confidence.unsqueeze(1), size=(padded_height, padded_width), mode="bilinear"
+        ).squeeze(1)
+        return (disparity[:, pad_top:, :width].float(), confidence[:, pad_top:, :width].clamp(0.0, 1.0).float())
+
+    def infer_with_costs(self, left: torch.Tensor, right: torch.Tensor):
+        """The eval output (disparity, confidence), each (B, H, W), and the last cost logits
+        (B, D/4, h, w) of the same pass, from the input's top-left corner (the rows the release
+        pads on top are left out; the padding on the right stays): a teacher's label and cost
+        distribution in one pass."""
+        pad_top = -left.shape[-2] % PAD_MULTIPLE
+        cost = self._trunk(left, right)[3][-1]
+        disparity, confidence = self._eval_output(cost, pad_top, left.shape[-1])
+        return disparity, confidence, cost[:, :, pad_top // COST_STRIDE:]
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor):
+        """left, right: (B, 3, H, W) RGB in [0, 1], any H, W.
+
+        Training: dict of distillation points (see module docstring); features, volume and
+        costs are at the padded size Hp x Wp (zero rows on top, zero columns on the right,
+        none when H and W are multiples of 16).
+        Eval: (disparity (B, H, W), confidence (B, H, W)), float32.
+        """
+        height, width = left.shape[-2:]
+        pad_top = -height % PAD_MULTIPLE
+        left_features, right_features, volume, (cost1, cost2, cost3) = self._trunk(left, right)
         if not self.training:
-            full_cost = self._full_resolution_cost(cost3, padded_height, padded_width)
-            disparity = soft_argmin(full_cost)  # (B, Hp, Wp)
-            # Same confidence as the other networks: from the cost-resolution distribution.
-            confidence = distribution_confidence(cost3, soft_argmin(cost3))  # (B, Hp/4, Wp/4)
-            confidence = F.interpolate(
-                confidence.unsqueeze(1), size=(padded_height, padded_width), mode="bilinear"
-            ).squeeze(1)
-            return (disparity[:, pad_top:, :width].float(), confidence[:, pad_top:, :width].clamp(0.0, 1.0).float())
+            return self._eval_output(cost3, pad_top, width)
 
+        padded_height, padded_width = height + pad_top, width + (-width % PAD_MULTIPLE)
         outputs: dict[str, torch.Tensor] = {}
         for stage in (*self.feature_stages, "final"):
             outputs[f"feat.{stage}.left"] = left_features[stage]

@@ -42,6 +42,7 @@ from stereo_kd_core.distill.teacher_cache import (
     read_teacher_file,
     teacher_file,
     teacher_targets,
+    top_k_costs,
     write_npz_atomic,
 )
 from stereo_kd_core.estimator import StereoEstimator
@@ -84,21 +85,37 @@ class EstimatorTeacher(Teacher):
         self.agreement, self.student, self._student_name = "none", None, None
 
     def costs(self, left: np.ndarray, right: np.ndarray, top_k: int = DEFAULT_TOP_K) -> dict[str, np.ndarray]:
-        """The teacher's top-K cost distribution on one frame (teacher_cache's arrays, at the
-        labelling precision): the frame padded (replicated) to a multiple of 32 at the bottom and
-        right, the cells wholly in that padding emptied (no mass: no target)."""
-        if self.network is None or not hasattr(self.network, "num_costs"):
+        """The teacher's top-K cost distribution on one frame (teacher_cache's arrays)."""
+        return self._costs_of(self._predict_with_costs(left, right)[1], top_k, left.shape[:2])
+
+    def _predict_with_costs(self, left: np.ndarray, right: np.ndarray):
+        """The teacher's prediction and its last cost logits (levels, h, w) from one pass."""
+        if self.network is None or not hasattr(self.estimator, "predict_with_costs"):
             raise ValueError(f"teacher {self.name} is not a project network with cost volumes: "
                              "its cost distributions cannot be cached (adapt.internal needs one)")
-        height, width = left.shape[:2]
-        padding = ((0, -height % 32), (0, -width % 32), (0, 0))
-        padded = [np.pad(image, padding, mode="edge") for image in (left, right)]
-        targets = teacher_targets(self.network, *padded, top_k, self.estimator.precision)
-        stride = int(targets["stride"])
+        return self.estimator.predict_with_costs(left, right)
+
+    def _costs_of(self, cost, top_k: int, size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Last cost logits (levels, h, w) from the frame's top-left -> teacher_cache's arrays on
+        the grid of the frame padded to a multiple of 32 (bottom and right), the cells wholly
+        outside the frame emptied (no mass: no target)."""
+        height, width = size
+        stride = int(self.network.cost_stride)
+        targets = top_k_costs(cost, top_k, stride, self.network.max_disparity)
+        grid_rows, grid_cols = -(-height // 32) * 32 // stride, -(-width // 32) * 32 // stride
         rows, cols = -(-height // stride), -(-width // stride)
-        targets["cost_prob"][:, rows:], targets["cost_prob"][:, :, cols:] = 0, 0
-        targets.pop("disparity")  # the label is the estimator's (with its confidence)
+        for key in ("cost_index", "cost_prob"):
+            grid = np.zeros(targets[key].shape[:1] + (grid_rows, grid_cols), targets[key].dtype)
+            grid[:, :rows, :cols] = targets[key][:, :rows, :cols]
+            targets[key] = grid
         return targets
+
+    def label_with_costs(self, frame: Frame, left: np.ndarray, right: np.ndarray, top_k: int = DEFAULT_TOP_K
+                         ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """`label` and `costs` from one teacher pass on the pair (and the left-right check's pass
+        on the mirrored pair): (disparity, confidence, cost arrays)."""
+        prediction, cost = self._predict_with_costs(left, right)
+        return (*self._label_from(prediction, left, right), self._costs_of(cost, top_k, left.shape[:2]))
 
     def use_agreement(self, agreement: str, student: StereoEstimator | None = None, student_name: str | None = None
                       ) -> None:
@@ -116,7 +133,10 @@ class EstimatorTeacher(Teacher):
         return identity
 
     def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        prediction = self.estimator.predict(left, right)
+        return self._label_from(self.estimator.predict(left, right), left, right)
+
+    def _label_from(self, prediction, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher's prediction on (left, right) -> (disparity, label confidence)."""
         disparity_right = right_view_disparity(self.estimator, left, right)
         sgbm = student = None
         needs = AGREEMENT_NEEDS.get(self.agreement, ())
@@ -271,12 +291,18 @@ class LabelCache:
             sample = frame.sample()
             path = self.path(frame)
             path.parent.mkdir(parents=True, exist_ok=True)
+            costs = None
             if not path.is_file():
-                disparity, confidence = self.teacher.label(frame, sample["left"], sample["right"])
+                if self.costs and not self.cost_path(frame).is_file():  # one teacher pass for both
+                    disparity, confidence, costs = self.teacher.label_with_costs(frame, sample["left"], sample["right"])
+                else:
+                    disparity, confidence = self.teacher.label(frame, sample["left"], sample["right"])
                 write_npz_atomic(path, {"disparity": disparity.astype(np.float16),
                                         "confidence": np.clip(confidence, 0, 1).astype(np.float16)})
             if self.costs and not self.cost_path(frame).is_file():
-                write_npz_atomic(self.cost_path(frame), self.teacher.costs(sample["left"], sample["right"]))
+                if costs is None:
+                    costs = self.teacher.costs(sample["left"], sample["right"])
+                write_npz_atomic(self.cost_path(frame), costs)
             self.computed += 1
 
     def cost_targets(self, frame: Frame, confident: np.ndarray) -> tuple[np.ndarray, int]:

@@ -60,6 +60,40 @@ def test_cost_cache_is_written_with_the_labels_and_empty_where_the_label_or_the_
     np.testing.assert_array_equal(sample["teacher_disparity"], sample["disparity"])
 
 
+def test_labels_and_costs_come_from_one_teacher_pass(tmp_path):
+    """With costs, each frame costs the teacher two passes (the pair and the left-right check's
+    mirrored pair), not three: the label and its cost distribution come from the same forward,
+    equal to what the separate label and training-mode cost passes gave."""
+    from stereo_kd_core.distill.objective import frozen_layers
+    from stereo_kd_core.distill.teacher_cache import teacher_targets
+
+    frames = odd_frames(tmp_path, 2)
+    teacher = network_teacher(tmp_path / "teacher.pt")
+    passes = []
+    teacher.network.features.register_forward_hook(lambda *_: passes.append(1))  # both views per pass
+    cache = LabelCache(tmp_path / "out", teacher, costs=True)
+    cache.fill(frames)
+    assert len(passes) == 2 * len(frames)
+    sample = frames[0].sample()
+    disparity, confidence = teacher.label(frames[0], sample["left"], sample["right"])
+    cached_disparity, cached_confidence = cache.read(frames[0])
+    np.testing.assert_allclose(cached_disparity, disparity, atol=0.05, equal_nan=True)  # float16 in the file
+    np.testing.assert_allclose(cached_confidence, np.clip(confidence, 0, 1), atol=1e-3)
+    cached = np.load(cache.cost_path(frames[0]))
+    rows, cols = -(-ODD_HEIGHT // 4), -(-ODD_WIDTH // 4)
+    assert cached["cost_prob"].shape == (8, 64 // 4, 96 // 4)  # the grid of the frame padded to 32
+    assert (cached["cost_prob"][:, rows:] == 0).all() and (cached["cost_prob"][:, :, cols:] == 0).all()
+    # where no padding enters (sides multiples of 32), the same distribution as the training-mode pass
+    left, right = (np.ascontiguousarray(np.pad(v, ((0, 24), (0, 24), (0, 0)), mode="reflect"))
+                   for v in (sample["left"], sample["right"]))  # 64 x 96
+    with frozen_layers(teacher.network):  # the separate pass the cache used to make
+        expected = teacher_targets(teacher.network, left, right)
+    got = teacher.costs(left, right)
+    assert int(got["stride"]) == 4 and int(got["levels"]) == MAX_DISPARITY // 4
+    np.testing.assert_allclose(got["cost_prob"].astype(np.float32), expected["cost_prob"].astype(np.float32),
+                               atol=1e-3)
+
+
 def test_collate_gives_samples_without_cached_costs_empty_targets():
     with_costs = {"left": torch.zeros(3, 8, 8), "teacher_points": torch.tensor(True),
                   "teacher_prob": torch.full((4, 2, 2), 0.25), "teacher_disparity": torch.ones(8, 8)}

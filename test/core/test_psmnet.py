@@ -73,6 +73,26 @@ def test_eval_outputs_at_odd_size(model):
     assert 0 <= confidence.min() and confidence.max() <= 1 + 1e-6
 
 
+def test_infer_with_costs_is_the_eval_output_and_the_training_cost_from_the_top_left(model):
+    """One pass for a teacher's label and cost distribution: the eval output exactly, and the last
+    cost logits of the training forward (BatchNorm frozen) without the rows the release pads on top."""
+    torch.manual_seed(3)
+    left, right = torch.rand(1, 3, 50, 70), torch.rand(1, 3, 50, 70)  # padded to 64 x 80: 14 rows on top
+    model.eval()
+    with torch.no_grad():
+        disparity, confidence = model(left, right)
+        got_disparity, got_confidence, cost = model.infer_with_costs(left, right)
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        training_cost = model(left, right)["cost.2"]
+    model.eval()
+    assert torch.equal(got_disparity, disparity) and torch.equal(got_confidence, confidence)
+    assert tuple(training_cost.shape) == (1, 48, 16, 20) and tuple(cost.shape) == (1, 48, 13, 20)
+    torch.testing.assert_close(cost, training_cost[:, :, 14 // 4:])
+
+
 def test_contract_attributes(model):
     assert model.config == {"arch": "psmnet", "max_disparity": 192}
     assert (model.stride, model.cost_stride, model.num_outputs) == (16, 4, 3)
