@@ -28,17 +28,22 @@ def dataset_of(case_name: str) -> str:
     return Path(case_name).name.split("_", 1)[0]
 
 
-def score(model: str, realval: Path, precision: str = "auto") -> dict:
+# ground truth scored up to this disparity for every row, whatever the model's range (a model run
+# at input_scale s searches 192 / s of the pair's pixels; its misses beyond that count)
+GT_MAX_DISPARITY = 192
+
+
+def score(model: str, realval: Path, precision: str = "auto", input_scale: float = 1.0) -> dict:
     """{"realval": {dataset: mean metrics}, "realval_mean": ..., "motorcycle": ..., "cases": [...]}"""
-    estimator = StereoEstimator.load(model, device="cpu", precision=precision)
-    real = evaluate(estimator, open_eval_dataset("middlebury", str(realval)))
+    estimator = StereoEstimator.load(model, device="cpu", precision=precision, input_scale=input_scale)
+    real = evaluate(estimator, open_eval_dataset("middlebury", str(realval)), max_disparity=GT_MAX_DISPARITY)
     by_dataset: dict[str, list[dict]] = defaultdict(list)
     for case in real["cases"]:
         by_dataset[dataset_of(case["name"])].append(case)
     means = {name: {key: sum(c[key] for c in cases) / len(cases) for key in ("epe", "bad2", "d1")}
              for name, cases in sorted(by_dataset.items())}
-    moto = evaluate(estimator, open_eval_dataset("motorcycle"))
-    return {"model": model, "precision": precision, "realval": means,
+    moto = evaluate(estimator, open_eval_dataset("motorcycle"), max_disparity=GT_MAX_DISPARITY)
+    return {"model": model, "precision": precision, "input_scale": input_scale, "realval": means,
             "realval_mean": {key: real["mean"][key] for key in ("epe", "bad2", "d1")},
             "motorcycle": {key: moto["mean"][key] for key in ("epe", "bad2", "d1")},
             "cases": real["cases"]}
@@ -65,12 +70,17 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="inference precision (auto: the measured CPU default)")
     parser.add_argument("--label", action="append", help="row label per model (default: the model string)")
     parser.add_argument("--json", help="write every row (with its cases) to this file")
+    parser.add_argument("--input-scale", type=float, action="append",
+                        help="run each model on the pairs resized by this factor (repeat: one row per factor)")
     args = parser.parse_args()
     rows = []
-    for index, model in enumerate(args.models):
-        row = score(model, Path(args.realval), args.precision)
+    runs = [(model, scale) for model in args.models for scale in (args.input_scale or [1.0])]
+    for index, (model, scale) in enumerate(runs):
+        row = score(model, Path(args.realval), args.precision, scale)
         if args.label and index < len(args.label):
             row["label"] = args.label[index]
+        elif scale != 1.0:
+            row["label"] = f"{model}, input scale {scale:g}"
         rows.append(row)
         print(table([row]).splitlines()[-1], flush=True)
     print(table(rows))

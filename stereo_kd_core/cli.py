@@ -32,7 +32,8 @@ def _load_estimator(args: argparse.Namespace) -> tuple:
     model = _model(args)
     estimator = StereoEstimator.load(model, device=args.device, precision=args.precision,
                                      max_disparity=args.max_disparity, compile=getattr(args, "compile", False),
-                                     threads=getattr(args, "threads", 0) or None)
+                                     threads=getattr(args, "threads", 0) or None,
+                                     input_scale=getattr(args, "input_scale", 1.0))
     return estimator, registry.describe_estimator(estimator, model)
 
 
@@ -43,8 +44,9 @@ PRECISION_HELP = ("inference precision (default auto: fp16 on CUDA, the shipped 
                   "quantised and compiled per input size in the background, needs torchao)")
 
 
-def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True) -> None:
-    """--model (or, for bench, a positional model), --device, --precision, --max-disparity."""
+def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True, input_scale: bool = True) -> None:
+    """--model (or, for bench, a positional model), --device, --precision, --max-disparity and
+    (where an estimator runs on pairs) --input-scale."""
     if model_flag:
         parser.add_argument("--model", "--checkpoint", dest="model", default=None, help=MODEL_HELP)
     else:
@@ -54,6 +56,12 @@ def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int8"],
                         help=PRECISION_HELP)
     parser.add_argument("--max-disparity", type=int, default=192, help="largest disparity searched, pixels")
+    if not input_scale:
+        return
+    parser.add_argument("--input-scale", type=float, default=1.0,
+                        help="run on each pair resized by this factor, the disparity brought back to its size "
+                             "(above 1: more exact for about the square of the factor in time, while the "
+                             "enlarged disparities stay within the model's range; README 'Input scale')")
 
 
 def _add_min_confidence_arg(parser: argparse.ArgumentParser, meaning: str) -> None:
@@ -416,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="ONNX or TorchScript file of a network")
-    _add_estimator_args(p)
+    _add_estimator_args(p, input_scale=False)
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="output format")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--height", type=int, default=576, help="input height of the exported graph")

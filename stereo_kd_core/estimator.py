@@ -23,6 +23,7 @@ from stereo_kd_core.estimator_base import (  # noqa: F401 (re-exported: the seam
 from stereo_kd_core.network_estimator import NetworkEstimator, compile_cache_dir
 from stereo_kd_core.onnx_runtime import OnnxEstimator
 from stereo_kd_core.registry import default_model, resolve_shipped, shipped_models
+from stereo_kd_core.scaled_estimator import ScaledEstimator, check_scale
 from stereo_kd_core.sgbm_estimator import SGBMEstimator
 
 # The PyTorch variants benchmarks/cpu_backends.py measures on the CPU: plain, and 2D convolution
@@ -71,7 +72,8 @@ def resolve_channels_last(channels_last: bool | None, model: str) -> bool:
 
 def load(model: str | None = None, device: str = "auto", precision: str = "auto",
          max_disparity: int = 192, compile: bool = False, threads: int | None = None,
-         engine_cache_dir: str | None = None, channels_last: bool | None = None) -> StereoEstimator:
+         engine_cache_dir: str | None = None, channels_last: bool | None = None,
+         input_scale: float = 1.0) -> StereoEstimator:
     """A registry name ("dsnet", ...), a checkpoint path, an ONNX model path (*.onnx), or "sgbm";
     None = the registry's default student (`registry.default_model()`).
 
@@ -86,7 +88,13 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
     intra-op threads (None: onnxruntime's default), `engine_cache_dir` TensorRT's engine
     cache; precision "fp16" builds TensorRT engines in fp16. `max_disparity` is the model's
     own for networks and ONNX models (a different request is logged and ignored).
+
+    input_scale: run on each pair resized by this factor, the disparity brought back to the
+    pair's size and pixels (`stereo_kd_core.scaled_estimator`: above 1, more exact and slower).
     """
+    if check_scale(input_scale) != 1.0:
+        return ScaledEstimator(load(model, device, precision, max_disparity, compile, threads, engine_cache_dir,
+                                    channels_last), input_scale)
     model = default_model() if model is None else model
     if precision not in PRECISIONS and precision not in ("auto", "int8"):
         raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, int8, got '{precision}'")
@@ -120,5 +128,5 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
 
 StereoEstimator.load = staticmethod(load)  # the seam's entry point (see estimator_base.StereoEstimator)
 
-__all__ = ["NetworkEstimator", "OnnxEstimator", "RawPrediction", "SGBMEstimator", "StereoEstimator",
+__all__ = ["NetworkEstimator", "OnnxEstimator", "RawPrediction", "SGBMEstimator", "ScaledEstimator", "StereoEstimator",
            "StereoPrediction", "compile_cache_dir", "load", "pair_peak", "resolve_device", "resolve_precision"]

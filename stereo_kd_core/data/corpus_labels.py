@@ -72,20 +72,23 @@ def teacher_labels(estimator, left: np.ndarray, right: np.ndarray) -> dict[str, 
 
 
 def label_cases(root: str | os.PathLike, teacher: str, precision: str = "bf16", limit: int | None = None,
-                log=print) -> int:
-    """Run `teacher` (a checkpoint path or registry name) on every case without labels.npz."""
+                log=print, input_scale: float = 1.0) -> int:
+    """Run `teacher` (a checkpoint path or registry name; on each pair resized by `input_scale`,
+    its disparity brought back to the pair's size) on every case without labels.npz."""
     from stereo_kd_core.checkpoint import sha256_of_file
     from stereo_kd_core.estimator import StereoEstimator
+    from stereo_kd_core.registry import shipped_models
 
     root = Path(root)
-    identity = {"teacher": Path(teacher).name, "precision": precision,
-                "sha256": sha256_of_file(teacher) if Path(teacher).is_file() else None}
+    sha = sha256_of_file(teacher) if Path(teacher).is_file() else shipped_models().get(teacher, {}).get("sha256")
+    identity = {"teacher": Path(teacher).name, "precision": precision, "sha256": sha,
+                **({"input_scale": input_scale} if input_scale != 1.0 else {})}
     record = root / TEACHER_RECORD
     if record.is_file() and json.loads(record.read_text()) != identity:
         raise ValueError(f"{root} holds labels of another teacher ({record.read_text().strip()}, now {identity})")
     todo = [case for case in cases_round_robin(root) if not (case / LABEL_FILE).is_file()][:limit]
     # loaded before the record is written: a teacher that fails to load must not claim the folder
-    estimator = StereoEstimator.load(teacher, device="cpu", precision=precision)
+    estimator = StereoEstimator.load(teacher, device="cpu", precision=precision, input_scale=input_scale)
     record.write_text(json.dumps(identity, indent=2) + "\n")
     for index, case in enumerate(todo):
         start = time.perf_counter()
@@ -157,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", help="teacher checkpoint (e.g. teachers/psmnet_kitti2015.pt) to label with")
     parser.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="teacher precision on the CPU")
     parser.add_argument("--limit", type=int, help="label at most this many cases in this run")
+    parser.add_argument("--input-scale", type=float, default=1.0,
+                        help="run the teacher on each pair resized by this factor (e.g. the default student at "
+                             "1.5, more exact than itself at 1: a teacher of its own architecture)")
     parser.add_argument("--confidence", action="store_true",
                         help="(re)compute the label confidence of every labelled case")
     parser.add_argument("--student", default="dsnet-fast",
@@ -170,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --confidence: rewrite every case's confidence (after a rule change)")
     args = parser.parse_args(argv)
     if args.teacher:
-        label_cases(args.data, args.teacher, args.precision, args.limit)
+        label_cases(args.data, args.teacher, args.precision, args.limit, input_scale=args.input_scale)
     if args.confidence:
         confidence_cases(args.data, args.student or None, args.export, args.recompute, agreement=args.agreement)
     if not (args.teacher or args.confidence):

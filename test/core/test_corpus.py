@@ -172,3 +172,23 @@ def test_labels_are_cached_once_and_exported_for_adapt(tmp_path):
     lr_only = np.load(tmp_path / "lr-only" / "labels" / "a-1.npy")
     assert np.isfinite(lr_only).sum() >= np.isfinite(exported).sum()  # fewer conditions: at least as many kept
     assert np.isfinite(exported)[np.isfinite(lr_only) == 0].sum() == 0
+
+
+def test_a_teacher_can_label_on_enlarged_pairs(tmp_path):
+    """--input-scale: the teacher runs on each pair resized by the factor (the default student at
+    1.5 is a teacher of its own architecture); the label is in the pair's pixels and the folder
+    records the factor, so labels of another scale are never mixed in."""
+    from stereo_kd_core.data.corpus_labels import LABEL_FILE, TEACHER_RECORD, label_cases
+
+    left, right = rectified_pair(width=576, height=64)
+    (tmp_path / "a-1").mkdir()
+    cv2.imwrite(str(tmp_path / "a-1" / "im0.png"), left)
+    cv2.imwrite(str(tmp_path / "a-1" / "im1.png"), right)
+    assert label_cases(tmp_path, "sgbm", precision="fp32", input_scale=1.5, log=lambda _: None) == 1
+    assert json.loads((tmp_path / TEACHER_RECORD).read_text())["input_scale"] == 1.5
+    with np.load(tmp_path / "a-1" / LABEL_FILE) as stored:
+        disparity = stored["disparity"].astype(np.float32)
+    assert disparity.shape == (64, 576)
+    assert np.nanmedian(disparity) == pytest.approx(DISPARITY_PX, abs=0.5)
+    with pytest.raises(ValueError, match="another teacher"):
+        label_cases(tmp_path, "sgbm", precision="fp32", log=lambda _: None)

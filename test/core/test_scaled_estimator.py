@@ -1,0 +1,75 @@
+"""`input_scale`: an estimator run on the pair resized by a factor, its disparity brought back to
+the pair's size and pixels (stereo_kd_core.scaled_estimator)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stereo_kd_core import StereoEstimator
+from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.scaled_estimator import ScaledEstimator, disparity_to_size
+
+HEIGHT, WIDTH, SHIFT_PX = 96, 256, 8
+
+
+def shifted_pair() -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random texture (blobs a few pixels wide, so it survives resizing); right(x - 8) = left(x)."""
+    rng = np.random.default_rng(7)
+    coarse = rng.integers(0, 256, size=(HEIGHT // 4, (WIDTH + SHIFT_PX) // 4 + 1)).astype(np.float32)
+    import cv2
+
+    base = cv2.resize(coarse, (coarse.shape[1] * 4, HEIGHT), interpolation=cv2.INTER_CUBIC)
+    base = np.clip(base, 0, 255).astype(np.uint8)
+    left, right = base[:, :WIDTH], base[:, SHIFT_PX:SHIFT_PX + WIDTH]
+    return np.repeat(left[..., None], 3, 2), np.repeat(right[..., None], 3, 2)
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.5, 2.0])
+def test_the_disparity_comes_back_in_the_pairs_pixels(scale):
+    """SGBM sees the shift times the scale; the caller gets the shift, at the pair's size."""
+    left, right = shifted_pair()
+    estimator = StereoEstimator.load("sgbm", max_disparity=64, input_scale=scale)
+    assert isinstance(estimator, ScaledEstimator) and estimator.name == f"sgbm@x{scale:g}"
+    assert estimator.max_disparity == int(64 / scale)  # its range in the pair's pixels
+    prediction = estimator.predict(left, right)
+    assert prediction.disparity.shape == prediction.confidence.shape == (HEIGHT, WIDTH)
+    valid = prediction.disparity[:, 80:][np.isfinite(prediction.disparity[:, 80:])]
+    assert valid.size > 0.5 * HEIGHT * (WIDTH - 80)
+    assert np.median(valid) == pytest.approx(SHIFT_PX, abs=0.25)
+    native = StereoEstimator.load("sgbm", max_disparity=64).predict(left, right).disparity
+    assert np.median(native[:, 80:][np.isfinite(native[:, 80:])]) == pytest.approx(SHIFT_PX, abs=0.25)
+
+
+def test_points_follow_the_returned_disparity():
+    left, right = shifted_pair()
+    geometry = StereoGeometry(fx=200.0, fy=200.0, cx_left=128.0, cx_right=128.0, cy=48.0, baseline_m=0.1)
+    prediction = StereoEstimator.load("sgbm", max_disparity=64, input_scale=1.5).predict(left, right, geometry)
+    expected = geometry.points_from_disparity(prediction.disparity)
+    np.testing.assert_array_equal(prediction.points, expected)
+
+
+def test_disparity_to_size_rescales_values_and_keeps_invalid_pixels_local():
+    disparity = np.full((10, 20), 4.0, np.float32)
+    disparity[4:6, 8:10] = np.nan
+    enlarged = disparity_to_size(disparity, (30, 15))
+    assert enlarged.shape == (15, 30)
+    finite = np.isfinite(enlarged)
+    np.testing.assert_allclose(enlarged[finite], 6.0, rtol=1e-6)  # 4 px at 20 wide = 6 px at 30 wide
+    assert 0 < (~finite).sum() <= 3 * 3 * 2 and not finite[7, 13]  # the hole, and no more than its size
+    assert disparity_to_size(disparity, (20, 10)) is disparity
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), 10.0])
+def test_a_bad_scale_is_refused_before_anything_loads(scale):
+    with pytest.raises(ValueError, match="input scale must be between 0.1 and 4"):
+        StereoEstimator.load("path/that/does/not/exist.pt", input_scale=scale)
+
+
+def test_the_cli_takes_input_scale_where_pairs_are_estimated(tmp_path, capsys):
+    from stereo_kd_core.cli import main
+
+    assert main(["eval", "--model", "sgbm", "--dataset", "motorcycle", "--input-scale", "0.5"]) == 0
+    assert "sgbm@x0.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["export", "--model", "dsnet-fast", "--out", str(tmp_path / "x.onnx"), "--input-scale", "2"])
