@@ -83,8 +83,8 @@ def find_git_dir(mirrors: str | os.PathLike, repository: str) -> Path:
     """The git directory of `repository` (owner/name) under `mirrors`."""
     mirrors = Path(mirrors)
     owner, name = repository.split("/")
-    candidates = [mirrors / f"{owner}+{name}" / "repo", mirrors / f"{owner}+{name}",
-                  mirrors / name / ".git", mirrors / owner / name / ".git"]
+    candidates = [mirrors / f"{owner}+{name}" / "repo", mirrors / f"{owner}+{name}" / "repo" / ".git",
+                  mirrors / f"{owner}+{name}", mirrors / name / ".git", mirrors / owner / name / ".git"]
     for candidate in candidates:
         if (candidate / "HEAD").is_file() and (candidate / "objects").is_dir():
             return candidate
