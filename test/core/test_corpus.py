@@ -192,3 +192,15 @@ def test_a_teacher_can_label_on_enlarged_pairs(tmp_path):
     assert np.nanmedian(disparity) == pytest.approx(DISPARITY_PX, abs=0.5)
     with pytest.raises(ValueError, match="another teacher"):
         label_cases(tmp_path, "sgbm", precision="fp32", log=lambda _: None)
+
+
+@pytest.mark.parametrize("layout", ["{owner}+{name}/repo", "{owner}+{name}/repo/.git", "{name}/.git"])
+def test_mirrors_are_found_in_each_layout(tmp_path, layout):
+    from stereo_kd_core.data.corpus import find_git_dir
+
+    git_dir = tmp_path / layout.format(owner="someone", name="stereo")
+    (git_dir / "objects").mkdir(parents=True)
+    (git_dir / "HEAD").write_text("ref: refs/heads/main\n")
+    assert find_git_dir(tmp_path, "someone/stereo") == git_dir
+    with pytest.raises(CorpusError, match="no copy of someone/other"):
+        find_git_dir(tmp_path, "someone/other")
