@@ -114,8 +114,12 @@ def main() -> None:
         mean_before = float(np.mean([v["epe"] for v in before.values()]))
         mean_after = float(np.mean([v["epe"] for v in after.values()]))
         # the judge's best adapted checkpoint, scored also when final.pt kept the start: what adapting did
+        # (final.pt holds those very weights when the judge took them: their score is `after`)
         adapted_path = out / ADAPTED_CHECKPOINT
-        adapted = score(str(adapted_path), frames, scenes, labels) if adapted_path.is_file() else None
+        if (report.get("judge") or {}).get("final") == "adapted":
+            adapted = after
+        else:
+            adapted = score(str(adapted_path), frames, scenes, labels) if adapted_path.is_file() else None
         row = {"group": group, "scenes": scenes, "rule": GROUPS[group]["rule"], "overrides": overrides,
                "label": args.label, "before": before, "after": after, "mean_epe_before": mean_before,
                "mean_epe_after": mean_after, "ratio": mean_after / mean_before,
