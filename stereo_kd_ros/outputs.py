@@ -15,7 +15,7 @@ from std_msgs.msg import Header
 from stereo_msgs.msg import DisparityImage
 
 from stereo_kd_core import StereoEstimator, StereoPrediction
-from stereo_kd_core.geometry import StereoGeometry
+from stereo_kd_core.geometry import StereoGeometry, nan_where_invalid
 from stereo_kd_ros import conversions
 from stereo_kd_ros.parameters import OutputSettings
 from stereo_kd_ros.payloads import DISPARITY_STEP
@@ -108,7 +108,7 @@ class StereoOutputs:
                 beyond = disparity > largest_px
             invalid = beyond if invalid is None else invalid | beyond
         if invalid is not None:
-            disparity = np.where(invalid, np.float32(np.nan), disparity)
+            disparity = disparity * nan_where_invalid(~invalid)
         if self.disparity_pub.get_subscription_count():
             self.disparity_pub.publish(conversions.disparity_image(
                 disparity, header, geometry, min_disparity=estimator.min_disparity,
@@ -125,7 +125,7 @@ class StereoOutputs:
             if prediction.points is not None:
                 conversions.write_points(cloud, prediction.points)
                 if invalid is not None:
-                    points[invalid] = np.nan
+                    np.multiply(points, nan_where_invalid(~invalid)[..., None], out=points)
             else:
                 geometry.points_from_disparity(disparity, out=points)
             depth = cloud[..., 2]
@@ -134,7 +134,7 @@ class StereoOutputs:
                     out_of_range = depth < settings.min_depth_m
                     if settings.max_depth_m > 0:
                         out_of_range |= depth > settings.max_depth_m
-                points[out_of_range] = np.nan
+                np.multiply(points, nan_where_invalid(~out_of_range)[..., None], out=points)
             if wants_cloud:
                 if with_color:
                     conversions.write_packed_rgb(cloud, left)

@@ -22,7 +22,7 @@ from stereo_kd_core.data.bag import (  # noqa: F401 - image decoding lives in co
     image_to_rgb,
     stamp_to_ns,
 )
-from stereo_kd_core.geometry import PinholeCamera, StereoGeometry
+from stereo_kd_core.geometry import PinholeCamera, StereoGeometry, nan_where_invalid
 
 # Depth image encodings: REP 118 metres (NaN invalid), or OpenNI/RealSense millimetres (0 invalid).
 DEPTH_ENCODINGS = ("32FC1", "16UC1")
@@ -147,7 +147,9 @@ def disparity_payload(disparity: np.ndarray, geometry: StereoGeometry, min_dispa
     values = np.empty(disparity.shape, dtype="<f4") if out is None else out  # (H, W)
     np.subtract(disparity, offset, out=values)
     valid = np.isfinite(values)
-    values[~valid] = np.float32(shifted_min - 1.0)
+    if not valid.all():
+        np.multiply(values, nan_where_invalid(valid), out=values)  # infinities become NaN too
+        cv2.patchNaNs(values, shifted_min - 1.0)  # in place, one pass
     focal_px = geometry.fx if geometry.fx_right is None else geometry.fx_right  # f of the right P, as stereo_image_proc
     return DisparityPayload(values, float(focal_px), float(geometry.baseline_m), shifted_min,
                             float(max_disparity - offset), float(delta_d), valid_window(valid))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stereo_kd_core.geometry import PinholeCamera, StereoGeometry
+from stereo_kd_core.geometry import PinholeCamera, StereoGeometry, nan_where_invalid
 
 FX, FY, CX_L, CX_R, CY, BASELINE = 500.0, 480.0, 320.5, 330.5, 240.25, 0.12
 
@@ -47,6 +47,21 @@ def test_points_and_depth_match_q_and_mark_invalid():
         np.testing.assert_allclose(points[r, c], homogeneous[:3] / homogeneous[3], rtol=1e-5)
         assert depth[r, c] == pytest.approx(1.5, rel=1e-6)
     np.testing.assert_allclose(g.depth_to_disparity(depth)[3, 5], 30.0, rtol=1e-6)
+    # written into the x y z fields of an x y z rgb cloud (a strided view): the same values,
+    # and the rgb field untouched
+    cloud = np.full((4, 6, 4), 7.0, dtype=np.float32)
+    g.points_from_disparity(disparity, out=cloud[..., :3])
+    np.testing.assert_array_equal(cloud[..., :3], points)
+    assert np.all(cloud[..., 3] == 7.0)
+
+
+def test_nan_where_invalid_keeps_valid_values_bit_for_bit():
+    values = np.array([[1e-30, -2.5, np.inf], [3.0, np.nan, 1e30]], dtype=np.float32)
+    valid = np.array([[True, False, True], [True, True, False]])
+    masked = values * nan_where_invalid(valid)
+    assert masked.dtype == np.float32
+    np.testing.assert_array_equal(masked[valid], values[valid])  # inf and NaN stay what they were
+    assert np.isnan(masked[~valid]).all()
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -205,3 +205,14 @@ def test_estimator_images_get_their_encoding_and_reuse_the_message():
         np.testing.assert_array_equal(image_to_numpy(msg), pixels[::-1])
     with pytest.raises(ValueError):
         estimator_image_encoding(RGB.astype(np.float32))
+
+
+def test_disparity_payload_marks_nan_and_infinities_below_the_range_and_keeps_the_rest_exactly():
+    geometry = StereoGeometry.from_intrinsics(100.0, 3.0, 2.0, 0.1, cx_right=1.0)  # offset 2 px
+    disparity = np.array([[4.25, np.nan, np.inf], [-np.inf, 12.0, 7.5]], dtype=np.float32)
+    msg = disparity_image(disparity, Header(), geometry, 0.0, 31.0, 1 / 16)
+    values = np.frombuffer(msg.image.data, np.float32).reshape(2, 3)
+    # invalid = min_disparity - 1 in shifted units: 0 - 2 - 1
+    np.testing.assert_array_equal(values, [[2.25, -3.0, -3.0], [-3.0, 10.0, 5.5]])
+    window = msg.valid_window
+    assert (window.x_offset, window.y_offset, window.width, window.height) == (0, 0, 3, 2)
