@@ -12,6 +12,7 @@ Two settings (../shared/realval, validation only: the adapted weights are thrown
 
     PYTHONPATH=. python benchmarks/adapt_acceptance.py --work /tmp/adapt_acceptance
     PYTHONPATH=. python benchmarks/adapt_acceptance.py --work /tmp/a --groups teacher-better --set train.steps=150
+    PYTHONPATH=. python benchmarks/adapt_acceptance.py --work /tmp/a --teacher-only   # psmnet's own EPE
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from stereo_kd_core.data.io import read_image_rgb, read_pfm
 from stereo_kd_core.metrics import stereo_metrics
 from stereo_kd_core.train.adapt import run_adapt
 from stereo_kd_core.train.adapt_judge import ADAPTED_CHECKPOINT
+from stereo_kd_core.train.label_cache import psmnet_checkpoint
 from stereo_kd_core.train.recipe import load_recipe
 
 # the label confidence below which adapt does not train on a pixel: the recipe's own threshold
@@ -52,12 +54,21 @@ def passes(group: str, before: float, after: float) -> bool:
 NEAR_PX = 80  # "near": ground truth at or above this; the generated pairs the student learned from reach 96-128
 
 
-def score(model: str, frames: Path, scenes: list[str], labels: Path | None = None) -> dict[str, dict]:
+def copy_frames(frames: Path, scenes: list[str]) -> None:
+    """The scenes' images only (adapt never sees the ground truth)."""
+    for scene in scenes:
+        (frames / scene).mkdir(parents=True, exist_ok=True)
+        for name in ("im0.png", "im1.png"):
+            shutil.copy(REALVAL / scene / name, frames / scene / name)
+
+
+def score(model: str, frames: Path, scenes: list[str], labels: Path | None = None,
+          precision: str = "auto") -> dict[str, dict]:
     """Per scene: EPE / bad-2 of `model` (registry name or checkpoint) against the ground truth, and
     where the error is: EPE on the ground-truth pixels with and without a trusted label in
     `labels` (adapt's label cache) and on near pixels (disparity >= NEAR_PX), each with its share
     of the mean."""
-    estimator = StereoEstimator.load(model, device="cpu", precision="auto")
+    estimator = StereoEstimator.load(model, device="cpu", precision=precision)
     out = {}
     for scene in scenes:
         left, right = read_image_rgb(frames / scene / "im0.png"), read_image_rgb(frames / scene / "im1.png")
@@ -89,7 +100,23 @@ def main() -> None:
     parser.add_argument("--label", default="default recipe", help="name of this configuration in the JSON")
     parser.add_argument("--json", type=Path, default=RESULTS / "adapt_acceptance.json",
                         help="results file (rows are appended per label)")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="score psmnet itself on each group's scenes at full resolution (bf16 as adapt labels "
+                             "on this CPU, and fp32) instead of adapting: what the student could reach by copying it")
     args = parser.parse_args()
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
+    if args.teacher_only:
+        teacher = previous.get("teacher_full_resolution", {})
+        for group in args.groups:
+            frames = args.work / group / "frames"
+            copy_frames(frames, GROUPS[group]["scenes"])
+            teacher[group] = {precision: score(str(psmnet_checkpoint()), frames, GROUPS[group]["scenes"],
+                                               precision=precision)
+                              for precision in ("bf16", "fp32")}
+            for precision, scores in teacher[group].items():
+                print(f"{group}: psmnet {precision} EPE " + ", ".join(f"{k} {v['epe']:.3f}" for k, v in scores.items()))
+        args.json.write_text(json.dumps(previous | {"teacher_full_resolution": teacher}, indent=1) + "\n")
+        return
     overrides = {"train.steps": args.steps, "adapt.holdout": 0.0}
     for item in args.set:
         key, value = item.split("=", 1)
@@ -98,10 +125,7 @@ def main() -> None:
     for group in args.groups:
         scenes = GROUPS[group]["scenes"]
         frames = args.work / group / "frames"
-        for scene in scenes:  # the images only: adapt never sees the ground truth
-            (frames / scene).mkdir(parents=True, exist_ok=True)
-            for name in ("im0.png", "im1.png"):
-                shutil.copy(REALVAL / scene / name, frames / scene / name)
+        copy_frames(frames, scenes)
         out = args.work / group / args.label.replace(" ", "-")
         if out.exists():
             shutil.rmtree(out)
@@ -130,11 +154,10 @@ def main() -> None:
         print(f"{group} [{args.label}]: EPE {mean_before:.3f} -> {mean_after:.3f} ({row['ratio']:.2f}x), "
               f"{'PASS' if row['passes'] else 'FAIL'} ({row['rule']}), {seconds / 60:.1f} min; the adapted "
               f"weights: {row['mean_epe_adapted']}", flush=True)
-    previous = json.loads(args.json.read_text()) if args.json.is_file() else {"rows": []}
     replaced = {(x["group"], x["label"]) for x in rows}
     kept_rows = [r for r in previous["rows"] if (r["group"], r["label"]) not in replaced]
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch CPU",
-              "teacher": "psmnet (KITTI 2015 weights)", "rows": kept_rows + rows}
+    result = previous | {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch CPU",
+                         "teacher": "psmnet (KITTI 2015 weights)", "rows": kept_rows + rows}
     args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
