@@ -154,8 +154,7 @@ class StereoGeometry:
         shifted = d - np.float32(self.disparity_offset)
         with np.errstate(divide="ignore", invalid="ignore"):
             depth = np.float32(self.fx * self.baseline_m) / shifted
-        depth[~(shifted > 0)] = np.nan  # also catches NaN disparities
-        return depth
+            return np.multiply(depth, nan_where_invalid(shifted > 0), out=depth)  # also catches NaN disparities
 
     def depth_to_disparity(self, depth_m: np.ndarray) -> np.ndarray:
         """Inverse of depth_from_disparity (NaN stays NaN)."""
@@ -163,28 +162,25 @@ class StereoGeometry:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.float32(self.fx * self.baseline_m) / depth + np.float32(self.disparity_offset)
 
+    def point_planes(self, disparity: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x, y, z (x right, y down, z forward; metres; left optical frame) as three contiguous
+        float32 HxW planes, NaN invalid: what a point cloud interleaves in one pass."""
+        depth = self.depth_from_disparity(disparity)
+        height, width = depth.shape
+        u = (np.arange(width, dtype=np.float32) - np.float32(self.cx_left)) / np.float32(self.fx)
+        v = (np.arange(height, dtype=np.float32) - np.float32(self.cy)) / np.float32(self.fy)
+        return depth * u[None, :], depth * v[:, None], depth
+
     def points_from_disparity(self, disparity: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """float32 HxWx3 (x right, y down, z forward; metres; left optical frame), NaN invalid.
 
         `out`: a float32 (H, W, 3) array to write into, which may be a strided view (e.g. the
         x, y, z fields of a point cloud buffer); returned.
         """
-        d = np.asarray(disparity, dtype=np.float32)
-        height, width = d.shape
-        if out is None:
-            out = np.empty((height, width, 3), dtype=np.float32)
-        elif out.shape != (height, width, 3) or out.dtype != np.float32:
+        height, width = np.shape(disparity)
+        if out is not None and (out.shape != (height, width, 3) or out.dtype != np.float32):
             raise ValueError(f"out must be float32 {(height, width, 3)}, got {out.dtype} {out.shape}")
-        depth = out[..., 2]
-        shifted = d - np.float32(self.disparity_offset)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            np.divide(np.float32(self.fx * self.baseline_m), shifted, out=depth)
-            np.multiply(depth, nan_where_invalid(shifted > 0), out=depth)  # also catches NaN disparities
-        u = (np.arange(width, dtype=np.float32) - np.float32(self.cx_left)) / np.float32(self.fx)
-        v = (np.arange(height, dtype=np.float32) - np.float32(self.cy)) / np.float32(self.fy)
-        np.multiply(depth, u[None, :], out=out[..., 0])
-        np.multiply(depth, v[:, None], out=out[..., 1])
-        return out
+        return np.stack(self.point_planes(disparity), axis=-1, out=out)
 
     def scaled(self, scale_x: float, scale_y: float | None = None) -> StereoGeometry:
         """Geometry of the images resized by (scale_x, scale_y); pixel centres are kept aligned."""

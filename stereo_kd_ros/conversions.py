@@ -37,6 +37,7 @@ from stereo_kd_ros.payloads import (  # noqa: F401 (re-exported: the node's conv
     stamp_to_ns,
     unpack_rgb,
     valid_window,
+    write_cloud,
     write_packed_rgb,
     write_points,
 )

@@ -118,26 +118,27 @@ class StereoOutputs:
         wants_depth = subscribed(self.depth_pub)
         wants_depth_alias = subscribed(self.depth_alias_pub)
         if wants_cloud or wants_depth or wants_depth_alias:
-            height, width = disparity.shape
-            with_color = settings.use_color and wants_cloud
-            cloud = conversions.organized_cloud(self.cloud_msg, header, height, width, with_color)
-            points = cloud[..., :3]  # (H, W, 3) metres, a view of the message data
-            if prediction.points is not None:
-                conversions.write_points(cloud, prediction.points)
+            # x, y, z as contiguous (H, W) planes: masked and interleaved into the cloud in one pass each
+            if prediction.points is not None:  # reprojected where the estimator runs (a GPU)
+                planes = tuple(prediction.points[..., axis] for axis in range(3))
                 if invalid is not None:
-                    np.multiply(points, nan_where_invalid(~invalid)[..., None], out=points)
+                    keep = nan_where_invalid(~invalid)
+                    planes = tuple(plane * keep for plane in planes)
             else:
-                geometry.points_from_disparity(disparity, out=points)
-            depth = cloud[..., 2]
+                planes = geometry.point_planes(disparity)
             if settings.min_depth_m > 0 or settings.max_depth_m > 0:
                 with np.errstate(invalid="ignore"):
-                    out_of_range = depth < settings.min_depth_m
+                    out_of_range = planes[2] < settings.min_depth_m
                     if settings.max_depth_m > 0:
-                        out_of_range |= depth > settings.max_depth_m
-                np.multiply(points, nan_where_invalid(~out_of_range)[..., None], out=points)
+                        out_of_range |= planes[2] > settings.max_depth_m
+                keep = nan_where_invalid(~out_of_range)
+                planes = tuple(plane * keep for plane in planes)
+            depth = planes[2]  # (H, W) metres
             if wants_cloud:
-                if with_color:
-                    conversions.write_packed_rgb(cloud, left)
+                height, width = disparity.shape
+                with_color = settings.use_color
+                cloud = conversions.organized_cloud(self.cloud_msg, header, height, width, with_color)
+                conversions.write_cloud(cloud, planes, left if with_color else None)
                 self.points_pub.publish(conversions.dense_cloud(cloud, header) if settings.dense_points
                                         else self.cloud_msg)
             if wants_depth:

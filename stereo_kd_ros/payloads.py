@@ -213,14 +213,35 @@ def write_points(cloud: np.ndarray, points: np.ndarray) -> None:
         cv2.cvtColor(np.ascontiguousarray(points, dtype=np.float32), cv2.COLOR_RGB2RGBA, dst=cloud)
 
 
+RGB_BITS = np.uint32(0x00FFFFFF)
+
+
+def _bgra(image: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 B, G, R, 255 of the (H, W) grey or (H, W, 3) RGB uint8/uint16 image: read as
+    little-endian uint32, 0xFFRRGGBB."""
+    if image.dtype == np.uint16:  # scaled by its peak, as the estimator does (12-bit sensors)
+        image = cv2.convertScaleAbs(image, alpha=255.0 / max(int(image.max()), 1))
+    # OpenCV writes B, G, R, 255 per pixel in one vectorised pass
+    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGRA if image.ndim == 2 else cv2.COLOR_RGB2BGRA)
+
+
 def write_packed_rgb(cloud: np.ndarray, image: np.ndarray) -> None:
     """Colour field of an (H, W, 4) float32 x y z rgb cloud from the (H, W) grey or (H, W, 3) RGB
     uint8/uint16 image: 0x00RRGGBB bits, as pack_rgb."""
-    if image.dtype == np.uint16:  # scaled by its peak, as the estimator does (12-bit sensors)
-        image = cv2.convertScaleAbs(image, alpha=255.0 / max(int(image.max()), 1))
-    # OpenCV writes B, G, R, 255 per pixel in one vectorised pass: little-endian 0xFFRRGGBB.
-    bgra = cv2.cvtColor(image, cv2.COLOR_GRAY2BGRA if image.ndim == 2 else cv2.COLOR_RGB2BGRA)
-    np.bitwise_and(bgra.view("<u4")[..., 0], np.uint32(0x00FFFFFF), out=cloud.view("<u4")[..., 3])
+    np.bitwise_and(_bgra(image).view("<u4")[..., 0], RGB_BITS, out=cloud.view("<u4")[..., 3])
+
+
+def write_cloud(cloud: np.ndarray, planes: tuple[np.ndarray, np.ndarray, np.ndarray],
+                image: np.ndarray | None = None) -> None:
+    """Every field of a contiguous (H, W, 3 or 4) float32 x y z [rgb] cloud in one interleaving pass,
+    from the (H, W) float32 x, y, z planes and, for 4 fields, the image's colour (as write_packed_rgb).
+    Interleaving planes is cheaper than writing each field into the cloud with a stride of 3-4."""
+    fields = list(planes)
+    if image is not None:
+        fields.append(np.bitwise_and(_bgra(image).view("<u4")[..., 0], RGB_BITS).view("<f4"))
+    if cloud.shape[2] != len(fields):
+        raise ValueError(f"cloud has {cloud.shape[2]} fields, got {len(fields)}")
+    cv2.merge(fields, dst=cloud)
 
 
 def point_cloud_payload(points: np.ndarray, color: np.ndarray | None = None, dense: bool = False,

@@ -24,6 +24,7 @@ from stereo_kd_ros.conversions import (
     point_cloud,
     point_cloud_to_numpy,
     unpack_rgb,
+    write_cloud,
     write_packed_rgb,
     write_points,
 )
@@ -216,3 +217,20 @@ def test_disparity_payload_marks_nan_and_infinities_below_the_range_and_keeps_th
     np.testing.assert_array_equal(values, [[2.25, -3.0, -3.0], [-3.0, 10.0, 5.5]])
     window = msg.valid_window
     assert (window.x_offset, window.y_offset, window.width, window.height) == (0, 0, 3, 2)
+
+
+@pytest.mark.parametrize("image", [RGB, RGB[..., 1], RGB.astype(np.uint16) * 16, None],
+                         ids=["rgb8", "grey8", "rgb16", "no colour"])
+def test_write_cloud_interleaves_planes_and_colour_like_the_field_writers(image):
+    planes = tuple(RNG.normal(size=(5, 7)).astype(np.float32) for _ in range(3))
+    planes[2][1, 2] = np.nan
+    channels = 3 if image is None else 4
+    expected = np.zeros((5, 7, channels), dtype=np.float32)
+    write_points(expected, np.stack(planes, axis=-1))
+    if image is not None:
+        write_packed_rgb(expected, image)
+    cloud = np.full((5, 7, channels), 9.0, dtype=np.float32)
+    write_cloud(cloud, planes, image)  # in place
+    np.testing.assert_array_equal(cloud.view(np.uint32), expected.view(np.uint32))
+    with pytest.raises(ValueError, match="fields"):
+        write_cloud(np.zeros((5, 7, 4), np.float32), planes, None)
