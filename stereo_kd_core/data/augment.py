@@ -1,6 +1,6 @@
-"""Training augmentation on sample dicts: scaling, cropping, photometric jitter, occlusion patches.
+"""Training augmentation on sample dicts: swapped views, scaling, cropping, photometric jitter, occlusion patches.
 
-Order: scale -> crop -> photometric -> occlusion. Geometric steps move left, right, disparity,
+Order: swap -> scale -> crop -> photometric -> occlusion. Geometric steps move left, right, disparity,
 confidence and nocc together (disparity is scaled by the horizontal factor); photometric and occlusion steps
 touch images only, and occlusion patches only the right image, whose content the left-view
 ground truth does not depend on.
@@ -28,6 +28,55 @@ class AugmentConfig:
     occlusion_prob: float = 0.5  # chance of one patch in the right image filled with its mean colour
     occlusion_size: tuple[int, int] = (50, 100)  # patch side lengths, pixels
     scale_range: tuple[float, float] | None = None  # isotropic resize factor range before cropping
+    # chance of training on the mirrored right view (swap_views): the labels of both views, so that the
+    # network's right-view answers (its own left-right check) learn what its left-view answers learn
+    swap_views_prob: float = 0.0
+
+
+def right_view_maps(disparity: np.ndarray, *maps: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The left view's (H, W) disparity (NaN = no label) carried to the right view, and `maps`
+    (e.g. its confidence) with it: each labelled pixel x lands on the right-view columns either side
+    of x - d, the nearest surface (largest disparity) winning where several land. Right-view pixels
+    no label lands on (occluded in the left view, or unlabelled) are NaN (maps: 0)."""
+    height, width = disparity.shape
+    rows, cols = np.nonzero(np.isfinite(disparity) & (disparity >= 0))
+    values = disparity[rows, cols]
+    source = rows * width + cols  # flat index of each labelled left pixel
+    target = cols - values  # (N,) right-view column, sub-pixel
+    winner = np.full(height * width, -1, dtype=np.int64)  # flat left index that lands on each right pixel
+    order = np.argsort(values, kind="stable")  # ascending: the largest disparity is written last and wins
+    for column in (np.floor(target), np.floor(target) + 1):
+        inside = (column >= 0) & (column <= width - 1) & (np.abs(column - target) < 1)
+        chosen = order[inside[order]]
+        winner[rows[chosen] * width + column[chosen].astype(np.int64)] = source[chosen]
+    landed = winner >= 0
+    out = []
+    for values_map, empty in ((disparity, np.nan), *((m, 0) for m in maps)):
+        right = np.full(height * width, empty, dtype=values_map.dtype)
+        right[landed] = values_map.reshape(-1)[winner[landed]]
+        out.append(right.reshape(height, width))
+    return tuple(out)
+
+
+def swap_views(sample: dict) -> dict:
+    """The mirrored right view as the left: left' = flip(right), right' = flip(left), labels carried to
+    the right view (right_view_maps) and flipped; disparities keep their values (x'_left - x'_right =
+    x_left - x_right). Cached teacher costs have no right view: their distribution is emptied."""
+    out = dict(sample)
+    out["left"] = np.ascontiguousarray(sample["right"][:, ::-1])
+    out["right"] = np.ascontiguousarray(sample["left"][:, ::-1])
+    extra = [key for key in ("confidence",) if key in sample]
+    carried = right_view_maps(sample["disparity"], *(sample[key] for key in extra))
+    for key, values in zip(("disparity", *extra), carried, strict=True):
+        out[key] = np.ascontiguousarray(values[:, ::-1])
+    if "nocc" in sample:  # visible in both views: where a left-view pixel landed
+        out["nocc"] = np.isfinite(out["disparity"])
+    if "teacher_disparity" in sample:
+        out["teacher_disparity"] = out["disparity"]
+    if "teacher_prob" in sample:
+        out["teacher_prob"] = np.zeros_like(sample["teacher_prob"])
+    out.pop("calib", None)  # a mirrored rig
+    return out
 
 
 def scale_sample(sample: dict, scale: float) -> dict:
@@ -114,6 +163,9 @@ def occlude(image: np.ndarray, rng: np.random.Generator, size_range: tuple[int, 
 def augment_sample(sample: dict, rng: np.random.Generator, crop_size: tuple[int, int] | None,
                    config: AugmentConfig | None) -> dict:
     """Apply `config` (None = no augmentation, centred crop only) and crop to `crop_size` (None = keep size)."""
+    # drawn only when enabled, so that recipes without it keep their random stream
+    if config is not None and config.swap_views_prob > 0 and rng.random() < config.swap_views_prob:
+        sample = swap_views(sample)
     if config is not None and config.scale_range is not None and "teacher_prob" in sample:
         raise ValueError("augment.scale_range cannot be used with cached teacher outputs")
     if config is not None and config.scale_range is not None:

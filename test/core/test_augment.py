@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from stereo_kd_core.data.augment import AugmentConfig, adjust_photometric, augment_sample, crop_sample, scale_sample
+from stereo_kd_core.data.augment import (
+    AugmentConfig,
+    adjust_photometric,
+    augment_sample,
+    crop_sample,
+    right_view_maps,
+    scale_sample,
+    swap_views,
+)
 from stereo_kd_core.data.datasets import TrainingDataset
 
 H, W = 12, 20
@@ -136,3 +144,63 @@ def test_gamma_range_is_used():
     config = AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0, gamma=(2.0, 2.0), occlusion_prob=0.0)
     out = augment_sample(sample, np.random.default_rng(0), None, config)
     np.testing.assert_allclose(out["left"], 255 * (sample["left"] / 255.0) ** 2, rtol=1e-5)
+
+
+def test_right_view_maps_carry_labels_across_and_the_nearest_surface_wins():
+    # one row: background at 2 px, a near object at 8 px on columns 10-13, a 3.25 px plane elsewhere
+    disparity = np.full((1, 24), 2.0, dtype=np.float32)
+    disparity[0, 10:14] = 8.0
+    disparity[0, 20:] = 3.25
+    disparity[0, 0] = np.nan  # unlabelled
+    confidence = np.linspace(0.1, 1.0, 24, dtype=np.float32)[None]
+    right, right_confidence = right_view_maps(disparity, confidence)
+    # the object's pixels land on columns 2-5 (x - 8), hiding the background that lands there
+    np.testing.assert_array_equal(right[0, 2:6], 8.0)
+    np.testing.assert_array_equal(right_confidence[0, 2:6], confidence[0, 10:14])
+    # background columns 6-7 would come from left columns 8-9 (x - 2): they do
+    np.testing.assert_array_equal(right[0, 6:8], 2.0)
+    np.testing.assert_array_equal(right_confidence[0, 6:8], confidence[0, 8:10])
+    # right columns 8-11 would show background seen from left columns 10-13, where the object is:
+    # occluded in the left view, no label
+    assert np.isnan(right[0, 8:11]).all() and (right_confidence[0, 8:11] == 0).all()
+    # the 3.25 px plane lands between columns: both neighbours of x - 3.25 get it, the far edge none
+    np.testing.assert_array_equal(right[0, 17:21], 3.25)
+    assert np.isnan(right[0, 21:]).all()
+
+
+def test_swapped_views_are_a_consistent_stereo_pair():
+    from stereo_kd_core.data.synthetic import SyntheticStereoGenerator
+
+    sample = SyntheticStereoGenerator(height=96, width=160, max_disparity=32, seed=5).sample(0)
+    sample["confidence"] = np.ones_like(sample["disparity"])
+    swapped = swap_views(sample)
+    np.testing.assert_array_equal(swapped["left"], sample["right"][:, ::-1])
+    np.testing.assert_array_equal(swapped["right"], sample["left"][:, ::-1])
+    d = swapped["disparity"]
+    labelled = np.isfinite(d)
+    assert labelled.mean() > 0.8 and "calib" not in swapped
+    np.testing.assert_array_equal(swapped["nocc"], labelled)
+    assert (swapped["confidence"][~labelled] == 0).all()
+
+    def reconstruction_error(left, right, disparity):
+        """mean |left(x) - right(x - d)| over labelled pixels, right sampled at the nearest column"""
+        rows, cols = np.nonzero(np.isfinite(disparity))
+        source = np.rint(cols - disparity[rows, cols]).astype(int)
+        inside = (source >= 0) & (source < left.shape[1])
+        diff = left[rows[inside], cols[inside]].astype(float) - right[rows[inside], source[inside]].astype(float)
+        return np.abs(diff).mean()
+
+    original = reconstruction_error(sample["left"], sample["right"], sample["disparity"])
+    mirrored = reconstruction_error(swapped["left"], swapped["right"], d)
+    assert mirrored < 1.2 * original + 0.5  # as consistent as the original pair
+    # the check tells wrong ones: labels off by 4 px, and mirrored images that were not swapped
+    assert reconstruction_error(swapped["left"], swapped["right"], d + 4) > 4 * mirrored
+    assert reconstruction_error(sample["left"][:, ::-1], sample["right"][:, ::-1], d) > 4 * mirrored
+
+
+def test_swap_views_only_when_asked():
+    sample = random_sample()
+    never = augment_sample(sample, np.random.default_rng(0), None, AugmentConfig(**STILL))
+    np.testing.assert_array_equal(never["left"], sample["left"])
+    always = augment_sample(sample, np.random.default_rng(0), None, AugmentConfig(**STILL, swap_views_prob=1.0))
+    np.testing.assert_array_equal(always["left"], sample["right"][:, ::-1])
