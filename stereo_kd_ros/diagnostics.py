@@ -63,6 +63,7 @@ class StereoDiagnostics:
                 "rejected": str(sum(stats.rejected.values())),
                 "discarded_at_shutdown": str(stats.discarded),
                 "time_resets": str(stats.time_resets),
+                "stamps_off_clock": str(stats.off_clock),
             }
             values.update({f"rejected_{reason}": str(count) for reason, count in sorted(stats.rejected.items())})
         values["received_left_images"], values["received_right_images"] = map(str, pipeline.image_sync.received)
@@ -106,9 +107,11 @@ class StereoDiagnostics:
                 and now - self._logged_status[1] < self._status_log_period_s):
             return
         self._logged_status = (state, now)
+        latency = (f"latency p50 {values['latency_p50_ms']} ms p95 {values['latency_p95_ms']} ms"
+                   if values["latency_p50_ms"] != "nan" or values["stamps_off_clock"] == "0"
+                   else "latency n/a (stamps not on this clock)")
         self.node.get_logger().info(
-            f"{values['rate_hz']} Hz | latency p50 {values['latency_p50_ms']} ms "
-            f"p95 {values['latency_p95_ms']} ms | inference p50 {values['inference_p50_ms']} ms | "
+            f"{values['rate_hz']} Hz | {latency} | inference p50 {values['inference_p50_ms']} ms | "
             f"overhead p50 {values['overhead_p50_ms']} ms | dropped {values['dropped']} | "
             f"rejected {values['rejected']} | {summary}"
         )

@@ -38,6 +38,11 @@ MIN_IMAGE_SIZE = 2  # rows and columns every estimator needs
 # A stamp this far behind the previous pair's is a time reset (sim time restart, bag loop), not a
 # reordered pair: the node starts over instead of rejecting every later pair.
 TIME_RESET_THRESHOLD_S = 1.0
+# A pair stamped more than this before the node's clock, or more than TIME_RESET_THRESHOLD_S after it,
+# was not stamped on this clock (a recording replayed without use_sim_time, a camera's own clock):
+# its stamp-to-output time is no latency and is left out of the latency figures.
+MAX_LATENCY_S = 60.0
+OFF_CLOCK_WARNING_INTERVAL_S = 60.0
 # A pair that arrives before the first camera_infos waits this long for them (then is rejected).
 AWAIT_CAMERA_INFO_S = 1.0
 # A camera_info larger than this on a side starts no compile ahead of its pairs (a corrupt one
@@ -85,6 +90,7 @@ class PipelineStats:
     discarded: int = 0  # accepted pairs not finished because the node was stopping
     dropped: int = 0
     time_resets: int = 0
+    off_clock: int = 0  # processed pairs whose stamps are not on the node's clock (no latency)
     longest_inference_s: float = 0.0
     rejected: Counter = field(default_factory=Counter)
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
@@ -354,11 +360,29 @@ class PairPipeline:
             now_ns = self.node.get_clock().now().nanoseconds
         done = time.perf_counter()
         latency_ns = now_ns - conversions.stamp_to_ns(pair.header.stamp)
+        on_clock = -TIME_RESET_THRESHOLD_S * 1e9 <= latency_ns <= MAX_LATENCY_S * 1e9
         with self.stats.lock:
             self.stats.processed += 1
-            self.stats.latency_ms.append(latency_ns * 1e-6)
+            if on_clock:
+                self.stats.latency_ms.append(latency_ns * 1e-6)
+            else:
+                self.stats.off_clock += 1
+        if not on_clock:
+            self._warn_off_clock(latency_ns * 1e-9)
             self.stats.inference_ms.append((inferred - scaled) * 1e3)
             self.stats.overhead_ms.append((done - inferred + scaled - start + pair.prepare_s) * 1e3)
+
+    def _warn_off_clock(self, latency_s: float) -> None:
+        """Once per OFF_CLOCK_WARNING_INTERVAL_S: the pairs' stamps are not on this node's clock."""
+        now = time.monotonic()
+        last = self._last_warning.get("off_clock")
+        if last is not None and now - last < OFF_CLOCK_WARNING_INTERVAL_S:
+            return
+        self._last_warning["off_clock"] = now
+        where = f"{latency_s:.1f} s behind" if latency_s > 0 else f"{-latency_s:.1f} s ahead of"
+        self.node.get_logger().warning(
+            f"input stamps are {where} this node's clock: their latency is not measured (replaying a "
+            f"recording? start the node with use_sim_time:=true)")
 
     def _discard_if_stopping(self) -> bool:
         if self._stopping:

@@ -270,3 +270,26 @@ def test_an_unchanged_status_is_logged_once_per_status_log_period(make_harness):
     assert wait_until(lambda: len(log.matching(NO_INPUT)) >= 3, timeout_s=30)
     # Lines at least one period apart (no line per diagnostics period).
     assert len(log.matching(NO_INPUT)) <= (time.monotonic() - start) / period_s + 1
+
+
+def test_stamps_off_the_node_clock_are_processed_without_a_latency_figure(make_harness, scene):
+    harness = make_harness()
+    log = RosoutRecorder(harness)
+    # a recording replayed without use_sim_time: stamps from long ago
+    harness.send_infos(*scene.camera_infos(Time(sec=10)))
+    for sec in (10, 11):
+        harness.send_images(*scene.images(Time(sec=sec)))
+        assert outputs_after(harness, sec - 10)
+    values = harness.diagnostics(until=lambda v: v["processed"] == "2")
+    assert values["stamps_off_clock"] == "2" and values["latency_p50_ms"] == "nan"
+    assert wait_until(lambda: log.matching("s behind this node's clock: their latency is not measured"), timeout_s=5)
+    assert len(log.matching("this node's clock")) == 1  # once, not per pair
+    # stamped now, on the node's clock: measured (a jump forward, no reset)
+    now_ns = harness.node.get_clock().now().nanoseconds
+    stamp = Time(sec=now_ns // 10**9, nanosec=now_ns % 10**9)
+    harness.send_infos(*scene.camera_infos(stamp))
+    harness.send_images(*scene.images(stamp))
+    assert outputs_after(harness, 2)
+    values = harness.diagnostics(until=lambda v: v["processed"] == "3")
+    assert values["stamps_off_clock"] == "2"
+    assert 0 <= float(values["latency_p50_ms"]) < pipeline_module.MAX_LATENCY_S * 1e3
