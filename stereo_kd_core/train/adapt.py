@@ -121,9 +121,14 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     device = resolve_device(device)
     label_precision = teacher_precision(adapt.get("teacher_precision", "auto"), device)
     teacher_obj = load_teacher(teacher, device, adapt["lr_check_px"], label_precision)
-    if isinstance(teacher_obj, EstimatorTeacher) and adapt["agreement"] != "none":  # labels the student can trust
-        start = NetworkEstimator(copy.deepcopy(student), init_name, device, "fp32", student.max_disparity)
-        teacher_obj.use_agreement(adapt["agreement"], start, init_name)
+    photometric_max_error = adapt.get("photometric_max_error")
+    more_evidence = adapt["agreement"] != "none" or photometric_max_error is not None
+    if isinstance(teacher_obj, EstimatorTeacher) and more_evidence:
+        # labels the student can trust: more evidence than the teacher's own left-right check
+        start = (NetworkEstimator(copy.deepcopy(student), init_name, device, "fp32", student.max_disparity)
+                 if adapt["agreement"] != "none" else None)
+        teacher_obj.use_agreement(adapt["agreement"], start, init_name if start is not None else None,
+                                  photometric_max_error)
     if teacher_obj is None and adapt["photometric"] <= 0:
         raise ValueError("--teacher none needs --photometric W > 0: without labels only self-supervision trains")
 

@@ -83,6 +83,7 @@ class EstimatorTeacher(Teacher):
         self.network = network if hasattr(network, "feature_stages") else None
 
         self.agreement, self.student, self._student_name = "none", None, None
+        self.photometric_max_error: float | None = None
 
     def costs(self, left: np.ndarray, right: np.ndarray, top_k: int = DEFAULT_TOP_K) -> dict[str, np.ndarray]:
         """The teacher's top-K cost distribution on one frame (teacher_cache's arrays)."""
@@ -117,19 +118,23 @@ class EstimatorTeacher(Teacher):
         prediction, cost = self._predict_with_costs(left, right)
         return (*self._label_from(prediction, left, right), self._costs_of(cost, top_k, left.shape[:2]))
 
-    def use_agreement(self, agreement: str, student: StereoEstimator | None = None, student_name: str | None = None
-                      ) -> None:
+    def use_agreement(self, agreement: str, student: StereoEstimator | None = None, student_name: str | None = None,
+                      photometric_max_error: float | None = None) -> None:
         """Labels must also agree with independent estimators (distill/label_confidence.py's rule):
         "sgbm", "student", "either" (SGBM where it has a disparity, else the student), "both" or
-        "none"; `student` is the student adapt starts from."""
+        "none"; `student` is the student adapt starts from. `photometric_max_error`: and the left
+        image must match the right one warped by the label (None: not tested)."""
         if "student" in AGREEMENT_NEEDS.get(agreement, ()) and student is None:
             raise ValueError(f"adapt.agreement {agreement!r} needs the starting student")
         self.agreement, self.student, self._student_name = agreement, student, student_name
+        self.photometric_max_error = None if photometric_max_error is None else float(photometric_max_error)
 
     def identity(self) -> dict:
         identity = {**self._identity, "lr_check_px": self.lr_check_px}
         if self.agreement != "none":
             identity.update(agreement=self.agreement, student=self._student_name)
+        if self.photometric_max_error is not None:
+            identity.update(photometric_max_error=self.photometric_max_error)
         return identity
 
     def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,8 +154,9 @@ class EstimatorTeacher(Teacher):
             student = self.student.predict(left, right).disparity
         evidence = ConfidenceEvidence(prediction.disparity, disparity_right, prediction.confidence,
                                       sgbm, student)
-        rule = ConfidenceRule(lr_check_px=self.lr_check_px, agreement=self.agreement)
-        return prediction.disparity, label_confidence(evidence, rule=rule)
+        rule = ConfidenceRule(lr_check_px=self.lr_check_px, agreement=self.agreement,
+                              photometric_max_error=self.photometric_max_error)
+        return prediction.disparity, label_confidence(evidence, left, right, rule=rule)
 
 
 def label_file(directory: Path, name: str) -> Path:

@@ -48,7 +48,7 @@ SCHEMA: dict[str, Any] = {
         "evaluation": {"synthetic_n": ANY, "synthetic_height": ANY, "synthetic_width": ANY},
         "judge": {"criterion": ANY, "min_gain": ANY, "max_frames": ANY, "record_all": ANY, "guard": ANY,
                   "guard_tolerance": ANY},
-        "agreement": ANY, "teacher_precision": ANY, "internal_source": ANY,
+        "agreement": ANY, "photometric_max_error": ANY, "teacher_precision": ANY, "internal_source": ANY,
     },
 }
 REQUIRED = ("model.arch", "data.train.name", "data.crop", "train.steps", "train.batch_size",

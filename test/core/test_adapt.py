@@ -102,6 +102,25 @@ def test_estimator_teacher_runs_the_mirrored_swapped_pair():
     assert (confidence[:, :4] == 0).all()  # matches outside the right view
 
 
+def test_estimator_teacher_drops_labels_the_images_contradict_when_asked():
+    # rows 0-5 shift by 4 px, rows 6-11 by 9: a teacher answering 4 everywhere is left-right
+    # consistent, right on the top rows and wrong on the bottom ones
+    rng = np.random.default_rng(1)
+    wide = rng.integers(0, 255, (12, 40), dtype=np.uint8)
+    left = np.repeat(wide[:, :28, None], 3, axis=2)
+    right = left.copy()
+    right[:6, :24] = left[:6, 4:28]
+    right[6:, :19] = left[6:, 9:28]
+    teacher = EstimatorTeacher(ConstantEstimator(4.0), {"teacher": "c"}, 1.0)
+    _, trusting = teacher.label(None, left, right)
+    assert (trusting[:, 4:] > 0).all()  # the left-right check alone keeps the wrong rows
+    teacher.use_agreement("none", photometric_max_error=6.0)
+    assert teacher.identity()["photometric_max_error"] == 6.0  # another rule, another label cache
+    _, checked = teacher.label(None, left, right)
+    np.testing.assert_allclose(checked[:3, 8:], 0.8, rtol=1e-6)  # the right rows, away from the left border
+    assert (checked[9:] == 0).all()  # the wrong rows do not supervise
+
+
 # --- frames, names, labels -------------------------------------------------------------------
 def test_label_files_are_named_after_the_frame_in_every_layout(tmp_path):
     rng = np.random.default_rng(1)
