@@ -232,5 +232,10 @@ def test_write_cloud_interleaves_planes_and_colour_like_the_field_writers(image)
     cloud = np.full((5, 7, channels), 9.0, dtype=np.float32)
     write_cloud(cloud, planes, image)  # in place
     np.testing.assert_array_equal(cloud.view(np.uint32), expected.view(np.uint32))
+    # strided planes (views of an estimator's (H, W, 3) points) give the same cloud
+    strided = np.stack(planes, axis=-1)
+    cloud[:] = 9.0
+    write_cloud(cloud, tuple(strided[..., axis] for axis in range(3)), image)
+    np.testing.assert_array_equal(cloud.view(np.uint32), expected.view(np.uint32))
     with pytest.raises(ValueError, match="fields"):
         write_cloud(np.zeros((5, 7, 4), np.float32), planes, None)
