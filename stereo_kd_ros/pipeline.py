@@ -367,10 +367,10 @@ class PairPipeline:
                 self.stats.latency_ms.append(latency_ns * 1e-6)
             else:
                 self.stats.off_clock += 1
-        if not on_clock:
-            self._warn_off_clock(latency_ns * 1e-9)
             self.stats.inference_ms.append((inferred - scaled) * 1e3)
             self.stats.overhead_ms.append((done - inferred + scaled - start + pair.prepare_s) * 1e3)
+        if not on_clock:
+            self._warn_off_clock(latency_ns * 1e-9)
 
     def _warn_off_clock(self, latency_s: float) -> None:
         """Once per OFF_CLOCK_WARNING_INTERVAL_S: the pairs' stamps are not on this node's clock."""

@@ -293,3 +293,7 @@ def test_stamps_off_the_node_clock_are_processed_without_a_latency_figure(make_h
     values = harness.diagnostics(until=lambda v: v["processed"] == "3")
     assert values["stamps_off_clock"] == "2"
     assert 0 <= float(values["latency_p50_ms"]) < pipeline_module.MAX_LATENCY_S * 1e3
+    # inference and overhead are timed for every pair, on the clock or not
+    stats = harness.node.stats
+    with stats.lock:
+        assert len(stats.latency_ms) == 1 and len(stats.inference_ms) == 3 and len(stats.overhead_ms) == 3
