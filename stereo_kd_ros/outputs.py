@@ -118,20 +118,21 @@ class StereoOutputs:
         wants_depth = subscribed(self.depth_pub)
         wants_depth_alias = subscribed(self.depth_alias_pub)
         if wants_cloud or wants_depth or wants_depth_alias:
-            # x, y, z as contiguous (H, W) planes: masked and interleaved into the cloud in one pass each
+            # x, y, z as (H, W) planes: masked in one pass each, then interleaved into the cloud in one pass
             if prediction.points is not None:  # reprojected where the estimator runs (a GPU)
                 planes = tuple(prediction.points[..., axis] for axis in range(3))
-                if invalid is not None:
-                    keep = nan_where_invalid(~invalid)
-                    planes = tuple(plane * keep for plane in planes)
+                dropped = invalid  # the disparity's invalid pixels are not yet NaN in these points
             else:
-                planes = geometry.point_planes(disparity)
+                planes = geometry.point_planes(disparity)  # NaN wherever the disparity is
+                dropped = None
             if settings.min_depth_m > 0 or settings.max_depth_m > 0:
                 with np.errstate(invalid="ignore"):
                     out_of_range = planes[2] < settings.min_depth_m
                     if settings.max_depth_m > 0:
                         out_of_range |= planes[2] > settings.max_depth_m
-                keep = nan_where_invalid(~out_of_range)
+                dropped = out_of_range if dropped is None else dropped | out_of_range
+            if dropped is not None:
+                keep = nan_where_invalid(~dropped)
                 planes = tuple(plane * keep for plane in planes)
             depth = planes[2]  # (H, W) metres
             if wants_cloud:

@@ -216,19 +216,20 @@ def write_points(cloud: np.ndarray, points: np.ndarray) -> None:
 RGB_BITS = np.uint32(0x00FFFFFF)
 
 
-def _bgra(image: np.ndarray) -> np.ndarray:
-    """(H, W, 4) uint8 B, G, R, 255 of the (H, W) grey or (H, W, 3) RGB uint8/uint16 image: read as
-    little-endian uint32, 0xFFRRGGBB."""
+def _rgb_bits(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) little-endian uint32 0x00RRGGBB of the (H, W) grey or (H, W, 3) RGB uint8/uint16 image,
+    as pack_rgb (written into `out` when given)."""
     if image.dtype == np.uint16:  # scaled by its peak, as the estimator does (12-bit sensors)
         image = cv2.convertScaleAbs(image, alpha=255.0 / max(int(image.max()), 1))
-    # OpenCV writes B, G, R, 255 per pixel in one vectorised pass
-    return cv2.cvtColor(image, cv2.COLOR_GRAY2BGRA if image.ndim == 2 else cv2.COLOR_RGB2BGRA)
+    # OpenCV writes B, G, R, 255 per pixel in one vectorised pass: little-endian 0xFFRRGGBB.
+    bgra = cv2.cvtColor(image, cv2.COLOR_GRAY2BGRA if image.ndim == 2 else cv2.COLOR_RGB2BGRA)
+    return np.bitwise_and(bgra.view("<u4")[..., 0], RGB_BITS, out=out)
 
 
 def write_packed_rgb(cloud: np.ndarray, image: np.ndarray) -> None:
     """Colour field of an (H, W, 4) float32 x y z rgb cloud from the (H, W) grey or (H, W, 3) RGB
     uint8/uint16 image: 0x00RRGGBB bits, as pack_rgb."""
-    np.bitwise_and(_bgra(image).view("<u4")[..., 0], RGB_BITS, out=cloud.view("<u4")[..., 3])
+    _rgb_bits(image, out=cloud.view("<u4")[..., 3])
 
 
 def write_cloud(cloud: np.ndarray, planes: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -238,7 +239,7 @@ def write_cloud(cloud: np.ndarray, planes: tuple[np.ndarray, np.ndarray, np.ndar
     Interleaving planes is cheaper than writing each field into the cloud with a stride of 3-4."""
     fields = list(planes)
     if image is not None:
-        fields.append(np.bitwise_and(_bgra(image).view("<u4")[..., 0], RGB_BITS).view("<f4"))
+        fields.append(_rgb_bits(image).view("<f4"))
     if cloud.shape[2] != len(fields):
         raise ValueError(f"cloud has {cloud.shape[2]} fields, got {len(fields)}")
     cv2.merge(fields, dst=cloud)
