@@ -41,10 +41,21 @@ def _on_stop_signal(signum: int, frame: object) -> None:
         raise StopRequested(signum)
 
 
+def _silence_swallowed_stop(unraisable: sys.UnraisableHookArgs) -> None:
+    """sys.unraisablehook: a StopRequested raised where Python cannot propagate it (a weakref
+    callback inside importlib's module locks, a __del__) is dropped quietly instead of printed as
+    "Exception ignored ...": the stop flag is already set, and runner.run acts on it once the node
+    is up. Everything else goes to the default hook."""
+    if isinstance(unraisable.exc_value, StopRequested):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def install_stop_handlers() -> None:
     """Route SIGINT and SIGTERM to the phase logic above (main thread only; idempotent)."""
     if threading.current_thread() is not threading.main_thread():
         return
+    sys.unraisablehook = _silence_swallowed_stop
     for stop_signal in STOP_SIGNALS:
         if signal.getsignal(stop_signal) is not _on_stop_signal:
             signal.signal(stop_signal, _on_stop_signal)

@@ -123,3 +123,28 @@ def test_start_stop_stress_never_crashes_or_hangs():
     assert not failures, json.dumps(failures, indent=1)
     # The stress covers both phases: the cycles meant to stop with frames flowing did.
     assert all(c["frames_flowed"] for c in cycles if c["after_frames"]), json.dumps(cycles, indent=1)
+
+
+def test_a_stop_raised_where_python_cannot_propagate_it_is_silent_and_still_stops():
+    """A signal can land while importlib runs a weakref callback (its module-lock clean-up): the
+    StopRequested raised there is swallowed by Python and used to be printed as "Exception ignored
+    ... StopRequested" (a traceback in a clean stop). It is dropped quietly, the stop is still
+    recorded for the runner, and other unraisable errors are still reported."""
+    program = (
+        "import signal, weakref\n"
+        "from stereo_kd_ros import entry\n"
+        "entry.install_stop_handlers()\n"
+        "class Thing: pass\n"
+        "thing = Thing()\n"
+        "ref = weakref.ref(thing, lambda _: entry._on_stop_signal(signal.SIGTERM, None))\n"
+        "del thing\n"
+        "print('stop requested', entry.stop_requested())\n"
+        "other = Thing()\n"
+        "ref2 = weakref.ref(other, lambda _: 1 / 0)\n"
+        "del other\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], env=env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "stop requested True"
+    assert "StopRequested" not in result.stderr, result.stderr
+    assert "ZeroDivisionError" in result.stderr, result.stderr
