@@ -125,7 +125,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     estimator = StereoEstimator.load(args.model, device="cpu", precision="auto", compile=args.compile)
     if not args.compile:  # hooks would split the compiled graph
-        instrument(estimator.network)
+        instrument(estimator.inference_network)
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     load_before = os.getloadavg()[0]
     results = [profile_size(estimator, height, width, args.runs) for height, width in sizes]

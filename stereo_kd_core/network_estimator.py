@@ -24,6 +24,7 @@ from stereo_kd_core.estimator_base import (
     pair_peak,
 )
 from stereo_kd_core.geometry import points_from_disparity_torch
+from stereo_kd_core.models.blocks import fold_batch_norm
 from stereo_kd_core.registry import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -91,16 +92,20 @@ class NetworkEstimator(StereoEstimator):
         self._float_dtype = PRECISIONS.get(self.precision) or (
             torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
         self.network = network.to(device).eval()
+        # what runs eagerly: a copy with BatchNorm folded into the convolutions. self.network stays
+        # as given (a caller may go on training it; compile and int8 build from it, folding anyway)
+        self._eager = fold_batch_norm(self.network)
         self._host_buffer: torch.Tensor | None = None
         self.channels_last = self._cuda or channels_last
         if self._cuda:
             torch.backends.cudnn.benchmark = True
             self.network = self.network.to(memory_format=torch.channels_last)
+            self._eager = self._eager.to(memory_format=torch.channels_last)
         elif channels_last:  # the 2D convolutions' weights: oneDNN follows them with NHWC activations
-            for module in self.network.modules():
+            for module in (*self.network.modules(), *self._eager.modules()):
                 if isinstance(module, torch.nn.Conv2d):
                     module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
-        self._forward = self.network
+        self._forward = self._eager
         self.compiled = False
         self._compiling: dict[tuple[int, ...], threading.Thread] = {}  # input size -> background compile
         self._start_build = None  # _per_size's: start the background build of a size
@@ -109,6 +114,12 @@ class NetworkEstimator(StereoEstimator):
             self._forward = self._per_size(self._int8_graph, "quantised to int8 and compiled")
         elif compile:
             self._forward = self._try_compile()
+
+    @property
+    def inference_network(self) -> torch.nn.Module:
+        """The module the eager path runs (and a hook sees): `network` with its BatchNorms folded
+        into the convolutions, a copy made at construction."""
+        return self._eager
 
     def _try_compile(self):
         """torch.compile the network; the eager network (with a warning) where that is refused.
@@ -130,7 +141,7 @@ class NetworkEstimator(StereoEstimator):
                 compiled = self._compile_cpu()
         except Exception as exc:  # noqa: BLE001 (any failure means: run eager)
             log.warning("torch.compile unavailable (%s); running '%s' eagerly", exc, self.name)
-            return self.network
+            return self._eager
         return self._per_size(lambda left, right: compiled, "compiled")
 
     def _int8_graph(self, left: torch.Tensor, right: torch.Tensor):
@@ -176,7 +187,7 @@ class NetworkEstimator(StereoEstimator):
             except Exception as exc:  # noqa: BLE001 (any failure means: run eager from now on)
                 log.warning("compiling '%s' for %dx%d failed (%s); running it eagerly", self.name, size[0],
                             size[1], exc)
-                self._forward, self.compiled = self.network, False
+                self._forward, self.compiled = self._eager, False
 
         def start_in_background(left: torch.Tensor, right: torch.Tensor) -> bool:
             """Start building the graph of this size in a thread unless built or building; True
@@ -201,7 +212,7 @@ class NetworkEstimator(StereoEstimator):
             if self._cuda:
                 return prepare(left, right, size)
             start_in_background(left, right)
-            return self.network(left, right)  # eager until the graph is ready
+            return self._eager(left, right)  # eager until the graph is ready
 
         self._start_build = start_in_background
         return forward
@@ -274,7 +285,7 @@ class NetworkEstimator(StereoEstimator):
         costs = []
 
         def forward(left_t: torch.Tensor, right_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            disparity, confidence, cost = self.network.infer_with_costs(left_t, right_t)
+            disparity, confidence, cost = self._eager.infer_with_costs(left_t, right_t)
             costs.append(cost)
             return disparity, confidence
 
@@ -301,7 +312,7 @@ class NetworkEstimator(StereoEstimator):
                 if not self.compiled:
                     raise
                 log.warning("compiled '%s' failed (%s); falling back to eager", self.name, exc)
-                self._forward, self.compiled = self.network, False
+                self._forward, self.compiled = self._eager, False
                 return self._forward(left_t, right_t)
 
     @torch.inference_mode()

@@ -7,6 +7,8 @@ resolution, H x W image size, h x w cost-volume size (padded H / cost_stride).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,6 +76,27 @@ def conv3d_bn_relu(
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+def fold_batch_norm(network: nn.Module) -> nn.Module:
+    """An inference copy of `network` (eval mode) with every BatchNorm that directly follows a
+    convolution in an nn.Sequential folded into that convolution's weights and bias, and replaced
+    by nn.Identity: the same function up to floating-point rounding, without the normalisation
+    pass over each activation (3-4 % of the default's CPU time in eager bf16). `network` itself
+    is left as it is (it may be trained later: folded BatchNorms no longer learn)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(network).eval()
+    for sequence in folded.modules():
+        if not isinstance(sequence, nn.Sequential):
+            continue
+        for index in range(len(sequence) - 1):
+            conv, norm = sequence[index], sequence[index + 1]
+            if isinstance(conv, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and \
+                    isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm3d)) and norm.track_running_stats:
+                sequence[index] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
+                sequence[index + 1] = nn.Identity()
+    return folded
 
 
 def init_weights(module: nn.Module) -> None:

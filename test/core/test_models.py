@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -367,3 +368,38 @@ def test_count_flops_counts_a_multiply_add_as_two():
 def test_count_flops_of_the_networks_orders_them():
     flops = {arch: count_flops(build_model(default_config(arch, MAX_DISPARITY)), 64, 96) for arch in OWN_ARCHITECTURES}
     assert flops["acv-teacher"] > flops["dsnet"] > flops["dsnet-fast"] > 0
+
+
+def _with_trained_batch_norm(network: nn.Module, seed: int = 3) -> nn.Module:
+    """Running statistics and affine parameters away from their initial 0/1, as after training:
+    folding them then changes every convolution's weights and bias."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in network.modules():
+        if isinstance(module, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            size = module.num_features
+            module.running_mean.copy_(0.2 * torch.randn(size, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(size, generator=generator))
+            module.weight.data.copy_(0.5 + torch.rand(size, generator=generator))
+            module.bias.data.copy_(0.1 * torch.randn(size, generator=generator))
+    return network
+
+
+def test_folding_batch_norm_keeps_the_eval_output_and_leaves_the_network_alone(model):
+    """The inference copy NetworkEstimator runs: no BatchNorm left, the same disparity and
+    confidence (fp32 rounding), and the given network untouched (still normalising, still in its
+    train/eval mode, its state dict unchanged) so that it can go on training."""
+    from stereo_kd_core.models.blocks import fold_batch_norm
+
+    network = _with_trained_batch_norm(copy.deepcopy(model)).train()
+    before = {key: value.clone() for key, value in network.state_dict().items()}
+    folded = fold_batch_norm(network)
+    assert network.training and not folded.training
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) for m in folded.modules())
+    assert any(isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) for m in network.modules())
+    assert all(torch.equal(before[key], value) for key, value in network.state_dict().items())
+    left, right = stereo_pair()
+    with torch.no_grad():
+        expected = network.eval()(left, right)
+        got = folded(left, right)
+    for reference, value in zip(expected, got, strict=True):
+        torch.testing.assert_close(value, reference, atol=1e-2, rtol=1e-3)  # fp32 rounding through the layers
