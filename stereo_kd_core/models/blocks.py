@@ -94,7 +94,8 @@ def fold_batch_norm(network: nn.Module) -> nn.Module:
             conv, norm = sequence[index], sequence[index + 1]
             if isinstance(conv, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)) and \
                     isinstance(norm, (nn.BatchNorm2d, nn.BatchNorm3d)) and norm.track_running_stats:
-                sequence[index] = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
+                transposed = isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+                sequence[index] = fuse_conv_bn_eval(conv, norm, transpose=transposed)
                 sequence[index + 1] = nn.Identity()
     return folded
 

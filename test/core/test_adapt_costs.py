@@ -70,7 +70,8 @@ def test_labels_and_costs_come_from_one_teacher_pass(tmp_path):
     frames = odd_frames(tmp_path, 2)
     teacher = network_teacher(tmp_path / "teacher.pt")
     passes = []
-    teacher.network.features.register_forward_hook(lambda *_: passes.append(1))  # both views per pass
+    # both views per pass; the estimator predicts with its BatchNorm-folded copy of teacher.network
+    teacher.estimator.inference_network.features.register_forward_hook(lambda *_: passes.append(1))
     cache = LabelCache(tmp_path / "out", teacher, costs=True)
     cache.fill(frames)
     assert len(passes) == 2 * len(frames)
