@@ -23,6 +23,12 @@ image, and the right pixels inside it take the linearly interpolated colour and 
 the rare uncovered right pixels are inpainted. Camera effects (blur, gamma, gain, noise, JPEG)
 are applied per view, with photometric asymmetry between the views.
 
+Optional glossy surfaces (`gloss_prob`): a layer may carry a mirror-like reflection, a photograph
+(sometimes blurred, sometimes with a specular highlight) blended over its colour, that lies at a
+virtual disparity between 0 and the surface's own: the reflection moves between the views by that
+disparity, not the surface's, while the ground truth stays the surface's. Real scenes are full of
+them (car bodies and windows, polished floors); without them a network trusts the reflection.
+
 Texture pool: the photographs that ship inside scikit-image (never the Motorcycle pair, an
 evaluation scene) and/or folders of images (`textures`), e.g. Debian's wallpaper packages.
 The fixed test split (seed 2026) uses the scikit-image photographs only, so it is the same on
@@ -59,6 +65,8 @@ OCCLUSION_TOLERANCE_PX = 0.5
 # the foreground layers.
 MIN_BACKGROUND_GRADIENT = 3.0
 BACKGROUND_TRIES = 6
+GLOSS_BACKGROUND_FACTOR = 0.25  # the background (a whole wall or floor) is glossy less often
+GLOSS_ALPHA = (0.2, 0.7)  # the reflection's share of a glossy pixel's colour
 
 
 # --------------------------------------------------------------------------- texture pool
@@ -225,9 +233,12 @@ class PhotoStereoGenerator:
     def __init__(self, height: int = 256, width: int = 512, max_disparity: int = 192, seed: int = 0,
                  textures: str | os.PathLike | list | None = None, builtin_photos: bool = True,
                  num_objects: tuple[int, int] = (10, 40), textureless_prob: float = 0.15,
-                 camera_effects: bool = True) -> None:
+                 camera_effects: bool = True, gloss_prob: float = 0.0) -> None:
         if num_objects[0] < 0 or num_objects[1] < num_objects[0]:
             raise ValueError(f"num_objects must be an ordered (low, high) pair, got {num_objects}")
+        if not 0.0 <= gloss_prob <= 1.0:
+            raise ValueError(f"gloss_prob must be in [0, 1], got {gloss_prob}")
+        self.gloss_prob = float(gloss_prob)
         self.height, self.width = int(height), int(width)
         self.max_disparity = int(max_disparity)
         self.seed = int(seed)
@@ -378,11 +389,13 @@ class PhotoStereoGenerator:
 
     # -- rendering
 
-    def _render_left(self, layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray]:
+    def _render_left(self, layers: list[_Layer], with_ids: bool = False) -> tuple[np.ndarray, ...]:
+        """Colour and disparity of the left view (and, `with_ids`, the index of each pixel's layer)."""
         height, width = self.height, self.width
         colour = np.zeros((height, width, 3), np.float32)
         depth = np.full((height, width), -np.inf, np.float32)
-        for layer in layers:
+        ids = np.full((height, width), -1, np.int32)
+        for index, layer in enumerate(layers):
             h, w = layer.mask.shape
             ys, xs = max(layer.y0, 0), max(layer.x0, 0)
             ye, xe = min(layer.y0 + h, height), min(layer.x0 + w, width)
@@ -393,7 +406,8 @@ class PhotoStereoGenerator:
             wins = layer.mask[window] & (disparity > depth[ys:ye, xs:xe])
             depth[ys:ye, xs:xe][wins] = disparity[wins]
             colour[ys:ye, xs:xe][wins] = layer.colour[window][wins]
-        return colour, depth
+            ids[ys:ye, xs:xe][wins] = index
+        return (colour, depth, ids) if with_ids else (colour, depth)
 
     def _right_fragments(self, layer: _Layer) -> tuple[np.ndarray, ...] | None:
         """Right-view fragments of a layer: flat pixel index, disparity, colour (N, 3)."""
@@ -439,12 +453,15 @@ class PhotoStereoGenerator:
             return None
         return np.concatenate(flat), np.concatenate(depth), np.concatenate(rgb)
 
-    def _render_right(self, layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray]:
+    def _render_right(self, layers: list[_Layer], with_ids: bool = False) -> tuple[np.ndarray, ...]:
+        """Colour and z-buffer (disparity) of the right view (and, `with_ids`, each pixel's layer
+        index, -1 where nothing landed)."""
         height, width = self.height, self.width
-        fragments = [f for f in (self._right_fragments(layer) for layer in layers) if f is not None]
-        flat = np.concatenate([f[0] for f in fragments])
-        depth = np.concatenate([f[1] for f in fragments])
-        rgb = np.concatenate([f[2] for f in fragments])
+        fragments = [(index, f) for index, f in enumerate(self._right_fragments(layer) for layer in layers)
+                     if f is not None]
+        flat = np.concatenate([f[0] for _, f in fragments])
+        depth = np.concatenate([f[1] for _, f in fragments])
+        rgb = np.concatenate([f[2] for _, f in fragments])
         order = np.lexsort((-depth, flat))  # by pixel, nearest (largest disparity) first
         flat, depth, rgb = flat[order], depth[order], rgb[order]
         first = np.ones(flat.size, bool)
@@ -458,7 +475,43 @@ class PhotoStereoGenerator:
         if holes.any():
             colour = cv2.inpaint(np.clip(colour, 0, 255).astype(np.uint8), holes.astype(np.uint8), 3,
                                  cv2.INPAINT_TELEA).astype(np.float32)
-        return colour, zbuffer
+        if not with_ids:
+            return colour, zbuffer
+        layer_of = np.concatenate([np.full(f[0].size, index, np.int32) for index, f in fragments])[order]
+        ids = np.full(height * width, -1, np.int32)
+        ids[flat[first]] = layer_of[first]
+        return colour, zbuffer, ids.reshape(height, width)
+
+    def _gloss(self, rng: np.random.Generator, layers: list[_Layer], left: np.ndarray, right: np.ndarray,
+               left_ids: np.ndarray, right_ids: np.ndarray) -> None:
+        """Blend mirror-like reflections over glossy layers, in place: a photograph at a virtual
+        disparity d_ref in [0, the layer's median disparity] (a reflected scene lies behind the
+        mirror), seen at column x in the left view and at x + d_ref in the right view's texture
+        coordinates, so it shifts by d_ref between the views while the surface shifts by its own."""
+        height, width = self.height, self.width
+        margin = int(math.ceil(self.scene_max_disparity)) + 2
+        for index, layer in enumerate(layers):
+            chance = self.gloss_prob * (GLOSS_BACKGROUND_FACTOR if index == 0 else 1.0)
+            if rng.random() >= chance:
+                continue
+            in_left, in_right = left_ids == index, right_ids == index
+            if not in_left.any():
+                continue
+            alpha = rng.uniform(*GLOSS_ALPHA)
+            d_ref = rng.uniform(0.0, 1.0) * float(np.median(layer.disparity[layer.mask]))
+            reflection = _photo_crop(rng, self.photos, height, width + margin)
+            if rng.random() < 0.5:  # out of focus: the mirror image lies at another depth
+                reflection = cv2.GaussianBlur(reflection, (0, 0), rng.uniform(0.5, 3.0))
+            if rng.random() < 0.5:  # a specular highlight: a light source reflected
+                cy, cx = rng.uniform(0, height), rng.uniform(0, width + margin)
+                radius = rng.uniform(3.0, 30.0)
+                yy, xx = np.mgrid[0:height, 0:width + margin].astype(np.float32)
+                reflection = reflection + 400.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / radius ** 2)[..., None]
+            whole, frac = int(d_ref), np.float32(d_ref - int(d_ref))
+            seen_left = reflection[:, :width]
+            seen_right = (1 - frac) * reflection[:, whole:whole + width] + frac * reflection[:, whole + 1:whole + 1 + width]
+            left[in_left] = (1 - alpha) * left[in_left] + alpha * seen_left[in_left]
+            right[in_right] = (1 - alpha) * right[in_right] + alpha * seen_right[in_right]
 
     def _non_occluded(self, disparity: np.ndarray, right_depth: np.ndarray) -> np.ndarray:
         """Left pixels whose point lands inside the right image and is the nearest surface there."""
@@ -498,9 +551,13 @@ class PhotoStereoGenerator:
     def sample(self, index: int) -> dict:
         """Sample dict: left/right uint8 HxWx3 RGB, disparity float32 HxW (dense), nocc bool HxW, name, calib."""
         layers = self.layers(index)
-        left, disparity = self._render_left(layers)
-        right, right_depth = self._render_right(layers)
+        glossy = self.gloss_prob > 0
+        left, disparity, *left_ids = self._render_left(layers, with_ids=glossy)
+        right, right_depth, *right_ids = self._render_right(layers, with_ids=glossy)
         nocc = self._non_occluded(disparity, right_depth)
+        if glossy:  # its own random stream: the scene and camera draws stay those of gloss_prob 0
+            self._gloss(np.random.default_rng([self.seed, int(index), 2]), layers, left, right,
+                        left_ids[0], right_ids[0])
         rng = np.random.default_rng([self.seed, int(index), 1])
         left, right = self._camera(rng, left, right)
         return {

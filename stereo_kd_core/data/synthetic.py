@@ -361,7 +361,7 @@ class SyntheticStereoDataset(Dataset):
     """`n` generator samples as a Dataset of sample dicts.
 
     kind "photo" (default; the test split): pairs synthesised from real photographs
-    (`photo_stereo.PhotoStereoGenerator`, which takes `textures` and `builtin_photos`);
+    (`photo_stereo.PhotoStereoGenerator`, which takes `textures`, `builtin_photos` and `gloss_prob`);
     "planes": the procedural textured planes of this module.
     """
 
@@ -376,14 +376,15 @@ class SyntheticStereoDataset(Dataset):
         kind: str = "photo",
         textures: str | os.PathLike | list | None = None,
         builtin_photos: bool = True,
+        gloss_prob: float = 0.0,
     ) -> None:
         self.n = int(n)
         if kind == "photo":
             self.generator = PhotoStereoGenerator(height, width, max_disparity, seed=seed, textures=textures,
-                                                  builtin_photos=builtin_photos)
+                                                  builtin_photos=builtin_photos, gloss_prob=gloss_prob)
         elif kind == "planes":
-            if textures is not None:
-                raise ValueError("textures apply to kind 'photo' only")
+            if textures is not None or gloss_prob:
+                raise ValueError("textures and gloss_prob apply to kind 'photo' only")
             self.generator = SyntheticStereoGenerator(height, width, max_disparity, seed=seed, device=device)
         else:
             raise ValueError(f"unknown synthetic kind {kind!r}; known: {GENERATOR_KINDS}")

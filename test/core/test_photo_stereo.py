@@ -145,3 +145,44 @@ def test_dataset_kinds():
     assert planes[0]["name"].startswith("synthetic_")
     with pytest.raises(ValueError, match="unknown synthetic kind"):
         SyntheticStereoDataset(2, kind="cubes")
+
+
+def _photometric_error(left: np.ndarray, right: np.ndarray, disparity: np.ndarray) -> np.ndarray:
+    """|left(x) - right(x - d)| per pixel (grey levels, mean over channels), right sampled linearly."""
+    height, width = disparity.shape
+    xs = (np.arange(width, dtype=np.float32)[None, :] - disparity).astype(np.float32)
+    ys = np.repeat(np.arange(height, dtype=np.float32)[:, None], width, 1)
+    warped = cv2.remap(right.astype(np.float32), xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return np.abs(left.astype(np.float32) - warped).mean(axis=2)
+
+
+def test_glossy_surfaces_reflect_at_their_own_disparity_and_keep_the_ground_truth():
+    """gloss_prob: the same scenes (ground truth, occlusion) with reflections blended over glossy
+    layers; a reflection moves between the views by its virtual disparity, not the surface's, so
+    the views stop agreeing under the ground truth exactly where the colour changed."""
+    plain = PhotoStereoGenerator(64, 128, 64, seed=5, camera_effects=False)
+    glossy = PhotoStereoGenerator(64, 128, 64, seed=5, camera_effects=False, gloss_prob=1.0)
+    on_plain, on_glossy = [], []  # photometric errors under the ground truth at the pixels gloss changed
+    for index in range(6):
+        a, b = plain.sample(index), glossy.sample(index)
+        np.testing.assert_array_equal(a["disparity"], b["disparity"])
+        np.testing.assert_array_equal(a["nocc"], b["nocc"])
+        changed = np.abs(a["left"].astype(int) - b["left"].astype(int)).max(axis=2) > 2
+        assert changed.mean() < 1.0
+        error_plain = _photometric_error(a["left"], a["right"], a["disparity"])
+        error_glossy = _photometric_error(b["left"], b["right"], b["disparity"])
+        far = a["nocc"] & ~_near(changed)  # nothing glossy within reach: untouched
+        np.testing.assert_array_equal(error_glossy[far], error_plain[far])
+        on_plain.append(error_plain[changed & a["nocc"]])
+        on_glossy.append(error_glossy[changed & a["nocc"]])
+    on_plain, on_glossy = np.concatenate(on_plain), np.concatenate(on_glossy)
+    assert on_plain.size > 1000
+    # the plain views agree under the ground truth (rounding, texture edges); the glossy ones do not
+    assert np.median(on_glossy) > np.median(on_plain) + 3.0, (np.median(on_plain), np.median(on_glossy))
+    with pytest.raises(ValueError, match="gloss_prob"):
+        PhotoStereoGenerator(64, 128, 64, gloss_prob=1.5)
+
+
+def _near(mask: np.ndarray, radius: int = 3) -> np.ndarray:
+    """Pixels within `radius` of `mask` (the right view's glossy pixels land up to a disparity away)."""
+    return cv2.dilate(mask.astype(np.uint8), np.ones((2 * radius + 1, 2 * radius + 1), np.uint8)).astype(bool)
