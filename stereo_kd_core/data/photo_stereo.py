@@ -509,7 +509,8 @@ class PhotoStereoGenerator:
                 reflection = reflection + 400.0 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / radius ** 2)[..., None]
             whole, frac = int(d_ref), np.float32(d_ref - int(d_ref))
             seen_left = reflection[:, :width]
-            seen_right = (1 - frac) * reflection[:, whole:whole + width] + frac * reflection[:, whole + 1:whole + 1 + width]
+            seen_right = ((1 - frac) * reflection[:, whole:whole + width]
+                          + frac * reflection[:, whole + 1:whole + 1 + width])
             left[in_left] = (1 - alpha) * left[in_left] + alpha * seen_left[in_left]
             right[in_right] = (1 - alpha) * right[in_right] + alpha * seen_right[in_right]
 
