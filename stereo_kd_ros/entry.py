@@ -32,6 +32,7 @@ class StopRequested(KeyboardInterrupt):
 class _StopState:
     phase = STARTING
     stop = threading.Event()  # a stop signal arrived (any phase)
+    unraisablehook = sys.__unraisablehook__  # the hook in place before ours: everything else goes there
 
 
 def _on_stop_signal(signum: int, frame: object) -> None:
@@ -45,17 +46,19 @@ def _silence_swallowed_stop(unraisable: sys.UnraisableHookArgs) -> None:
     """sys.unraisablehook: a StopRequested raised where Python cannot propagate it (a weakref
     callback inside importlib's module locks, a __del__) is dropped quietly instead of printed as
     "Exception ignored ...": the stop flag is already set, and runner.run acts on it once the node
-    is up. Everything else goes to the default hook."""
+    is up. Everything else goes to the hook that was in place before."""
     if isinstance(unraisable.exc_value, StopRequested):
         return
-    sys.__unraisablehook__(unraisable)
+    _StopState.unraisablehook(unraisable)
 
 
 def install_stop_handlers() -> None:
     """Route SIGINT and SIGTERM to the phase logic above (main thread only; idempotent)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    sys.unraisablehook = _silence_swallowed_stop
+    if sys.unraisablehook is not _silence_swallowed_stop:
+        _StopState.unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _silence_swallowed_stop
     for stop_signal in STOP_SIGNALS:
         if signal.getsignal(stop_signal) is not _on_stop_signal:
             signal.signal(stop_signal, _on_stop_signal)
