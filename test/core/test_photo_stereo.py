@@ -4,6 +4,7 @@ pool (never the Motorcycle evaluation pair), determinism and scene statistics.""
 import cv2
 import numpy as np
 import pytest
+from test_synthetic import warp_right_to_left  # the right view warped by a disparity (bilinear)
 
 from stereo_kd_core.data import photo_stereo
 from stereo_kd_core.data.photo_stereo import PhotoStereoGenerator, _Layer, list_texture_files
@@ -148,12 +149,8 @@ def test_dataset_kinds():
 
 
 def _photometric_error(left: np.ndarray, right: np.ndarray, disparity: np.ndarray) -> np.ndarray:
-    """|left(x) - right(x - d)| per pixel (grey levels, mean over channels), right sampled linearly."""
-    height, width = disparity.shape
-    xs = (np.arange(width, dtype=np.float32)[None, :] - disparity).astype(np.float32)
-    ys = np.repeat(np.arange(height, dtype=np.float32)[:, None], width, 1)
-    warped = cv2.remap(right.astype(np.float32), xs, ys, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    return np.abs(left.astype(np.float32) - warped).mean(axis=2)
+    """|left(x) - right(x - d)| per pixel (grey levels, mean over channels)."""
+    return np.abs(left.astype(np.float32) - warp_right_to_left(right, disparity)).mean(axis=2)
 
 
 def test_glossy_surfaces_reflect_at_their_own_disparity_and_keep_the_ground_truth():
