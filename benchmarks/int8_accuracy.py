@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     height, width = args.size
-    network = StereoEstimator.load(args.model, device="cpu", precision="fp32").network
+    network = StereoEstimator.load(args.model, device="cpu", precision="fp32").inference_network  # what predict runs
     bf16 = cpu_has_native_bf16()
     core = int8_cpu.quantize_core(network, height, width, bf16=bf16)
     cases = [(d.name, read_image_rgb(d / "im0.png"), read_image_rgb(d / "im1.png"), read_pfm(d / "disp0GT.pfm"))

@@ -92,17 +92,16 @@ class NetworkEstimator(StereoEstimator):
         self._float_dtype = PRECISIONS.get(self.precision) or (
             torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
         self.network = network.to(device).eval()
-        # what runs eagerly: a copy with BatchNorm folded into the convolutions. self.network stays
-        # as given (a caller may go on training it; compile and int8 build from it, folding anyway)
+        # what runs (eagerly, and what compile and int8 build from): a copy with BatchNorm folded
+        # into the convolutions; self.network stays as given (a caller may go on training it)
         self._eager = fold_batch_norm(self.network)
         self._host_buffer: torch.Tensor | None = None
         self.channels_last = self._cuda or channels_last
         if self._cuda:
             torch.backends.cudnn.benchmark = True
-            self.network = self.network.to(memory_format=torch.channels_last)
             self._eager = self._eager.to(memory_format=torch.channels_last)
         elif channels_last:  # the 2D convolutions' weights: oneDNN follows them with NHWC activations
-            for module in (*self.network.modules(), *self._eager.modules()):
+            for module in self._eager.modules():
                 if isinstance(module, torch.nn.Conv2d):
                     module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
         self._forward = self._eager
@@ -117,8 +116,9 @@ class NetworkEstimator(StereoEstimator):
 
     @property
     def inference_network(self) -> torch.nn.Module:
-        """The module the eager path runs (and a hook sees): `network` with its BatchNorms folded
-        into the convolutions, a copy made at construction."""
+        """The module the eager path runs (and a hook sees) and the compiled and int8 graphs are
+        built from: `network` with its BatchNorms folded into the convolutions, a copy made at
+        construction."""
         return self._eager
 
     def _try_compile(self):
@@ -133,7 +133,7 @@ class NetworkEstimator(StereoEstimator):
         for that size once it is ready (`wait_for_compile` waits for it)."""
         try:
             if self._cuda:  # reduce-overhead = CUDA graphs
-                compiled = torch.compile(self.network, mode="reduce-overhead", dynamic=False)
+                compiled = torch.compile(self._eager, mode="reduce-overhead", dynamic=False)
             else:
                 use_compile_cache_dir()
                 # static sizes: torch 2.13's inductor fails on this network's symbolic sizes
@@ -148,7 +148,7 @@ class NetworkEstimator(StereoEstimator):
         """int8_cpu's graph of infer_core at this pair's size, with the confidence head after it."""
         # a copy: torch.export patches the modules it traces while the eager network keeps answering
         with torch.inference_mode(False):  # the build thread runs in inference mode: a copy of normal tensors
-            network = copy.deepcopy(self.network)
+            network = copy.deepcopy(self._eager)
         core = int8_cpu.quantize_core(network, left.shape[-2], left.shape[-1],
                                       bf16=self._float_dtype == torch.bfloat16)
         head = torch.compile(network.confidence_head, dynamic=False)  # no weights: no freezing, no int8
@@ -242,7 +242,7 @@ class NetworkEstimator(StereoEstimator):
         and calibration, no weights) as a second graph without freezing: torch 2.13's inductor
         fails on the two in one frozen graph ("vr must not be None for symbol q0"). A copy of the
         network: it is traced in a background thread while the eager one answers."""
-        network = copy.deepcopy(self.network)
+        network = copy.deepcopy(self._eager)
         if not (hasattr(network, "infer_core") and hasattr(network, "confidence_head")):
             return torch.compile(network, dynamic=False, options={"freezing": True})
         core = torch.compile(network.infer_core, dynamic=False, options={"freezing": True})

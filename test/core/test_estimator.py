@@ -105,7 +105,7 @@ def test_channels_last_on_the_cpu_changes_the_layout_not_the_result():
     plain = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", channels_last=False)
     nhwc = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", channels_last=True)
     assert not plain.channels_last and nhwc.channels_last
-    convolutions = [m for m in nhwc.network.modules() if isinstance(m, torch.nn.Conv2d)]
+    convolutions = [m for m in nhwc.inference_network.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convolutions and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convolutions)
     expected, got = plain.predict(left, right), nhwc.predict(left, right)
     np.testing.assert_allclose(got.disparity, expected.disparity, atol=1e-3)
