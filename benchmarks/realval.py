@@ -33,20 +33,35 @@ def dataset_of(case_name: str) -> str:
 GT_MAX_DISPARITY = 192
 
 
-def score(model: str, realval: Path, precision: str = "auto", input_scale: float = 1.0) -> dict:
-    """{"realval": {dataset: mean metrics}, "realval_mean": ..., "motorcycle": ..., "cases": [...]}"""
+def score(model: str, realval: Path, precision: str = "auto", input_scale: float = 1.0,
+          min_confidence: float = 0.0) -> dict:
+    """{"realval": {dataset: mean metrics}, "realval_mean": ..., "motorcycle": ..., "cases": [...]};
+    with min_confidence also what that threshold publishes (kept %, bad-2 of the kept pixels)."""
     estimator = StereoEstimator.load(model, device="cpu", precision=precision, input_scale=input_scale)
-    real = evaluate(estimator, open_eval_dataset("middlebury", str(realval)), max_disparity=GT_MAX_DISPARITY)
+    keys = ("epe", "bad2", "d1") + (("kept", "bad2_kept") if min_confidence > 0 else ())
+    real = evaluate(estimator, open_eval_dataset("middlebury", str(realval)), max_disparity=GT_MAX_DISPARITY,
+                    min_confidence=min_confidence)
     by_dataset: dict[str, list[dict]] = defaultdict(list)
     for case in real["cases"]:
         by_dataset[dataset_of(case["name"])].append(case)
-    means = {name: {key: sum(c[key] for c in cases) / len(cases) for key in ("epe", "bad2", "d1")}
+    means = {name: {key: sum(c[key] for c in cases) / len(cases) for key in keys}
              for name, cases in sorted(by_dataset.items())}
-    moto = evaluate(estimator, open_eval_dataset("motorcycle"), max_disparity=GT_MAX_DISPARITY)
-    return {"model": model, "precision": precision, "input_scale": input_scale, "realval": means,
-            "realval_mean": {key: real["mean"][key] for key in ("epe", "bad2", "d1")},
-            "motorcycle": {key: moto["mean"][key] for key in ("epe", "bad2", "d1")},
-            "cases": real["cases"]}
+    moto = evaluate(estimator, open_eval_dataset("motorcycle"), max_disparity=GT_MAX_DISPARITY,
+                    min_confidence=min_confidence)
+    def mean_of(result: dict) -> dict:  # kept / bad2_kept: the mean over cases (aggregate_metrics leaves them out)
+        return {key: result["mean"][key] if key in result["mean"]
+                else sum(c[key] for c in result["cases"]) / len(result["cases"]) for key in keys}
+
+    return {"model": model, "precision": precision, "input_scale": input_scale, "min_confidence": min_confidence,
+            "realval": means, "realval_mean": mean_of(real), "motorcycle": mean_of(moto), "cases": real["cases"]}
+
+
+def cell(metrics: dict) -> str:
+    """'EPE / bad-2 %', and with a confidence threshold '(kept % at bad-2 % of them)'."""
+    text = f"{metrics['epe']:.2f} / {metrics['bad2']:.1f} %"
+    if "kept" in metrics:
+        text += f" ({metrics['kept']:.1f} % kept at {metrics['bad2_kept']:.1f} %)"
+    return text
 
 
 def table(rows: list[dict]) -> str:
@@ -56,9 +71,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row.get("label", row["model"])]
-        cells += [f"{row['realval'][d]['epe']:.2f} / {row['realval'][d]['bad2']:.1f} %" for d in datasets]
-        for key in ("realval_mean", "motorcycle"):
-            cells.append(f"{row[key]['epe']:.2f} / {row[key]['bad2']:.1f} %")
+        cells += [cell(row["realval"][d]) for d in datasets]
+        cells += [cell(row[key]) for key in ("realval_mean", "motorcycle")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -72,11 +86,13 @@ def main() -> None:
     parser.add_argument("--json", help="write every row (with its cases) to this file")
     parser.add_argument("--input-scale", type=float, action="append",
                         help="run each model on the pairs resized by this factor (repeat: one row per factor)")
+    parser.add_argument("--min-confidence", type=float, default=0.0,
+                        help="also score what this confidence threshold publishes (the node's default: 0.8)")
     args = parser.parse_args()
     rows = []
     runs = [(model, scale) for model in args.models for scale in (args.input_scale or [1.0])]
     for index, (model, scale) in enumerate(runs):
-        row = score(model, Path(args.realval), args.precision, scale)
+        row = score(model, Path(args.realval), args.precision, scale, args.min_confidence)
         if args.label and index < len(args.label):
             row["label"] = args.label[index]
         elif scale != 1.0:

@@ -29,7 +29,7 @@ NODE_PARAMETER_ARGUMENTS: dict[str, tuple[type, str]] = {
     "precision": (str, "Network precision: auto, fp32, fp16 or bf16."),
     "compile": (bool, "torch.compile the network; each input size compiles at its first pair "
                       "(CPU: 30 s+, in the background, eager meanwhile)."),
-    "max_disparity": (int, "Disparity search range in pixels (multiple of 16)."),
+    "max_disparity": (int, "Disparity search range in pixels (multiple of 16); 0: the model's own."),
     "input_scale": (float, "Resize factor (0.1..1) applied to both images before the estimator."),
     "approximate_sync": (bool, "Pair left/right images by nearest stamps instead of equal stamps."),
     "use_system_default_qos": (bool, "Subscribe reliably instead of with sensor-data QoS (best effort): for large "

@@ -125,7 +125,10 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                expected_sha256: str | None = None) -> nn.Module:
     """Rebuild the model from a checkpoint's config and load its weights strictly (eval mode), with
-    the confidence calibration `<stem>.confidence.json` beside the checkpoint when there is one."""
+    the confidence calibration `<stem>.confidence.json` beside the checkpoint when there is one, and
+    as `model.working_scale` the input scale it is meant to run at and as `model.fit_range` whether
+    it fits near scenes into its range (its `extra["input_scale"]` and `extra["fit_range"]`, written
+    by `stereo-kd adapt` for a start that ran so; 1 and False when absent)."""
     from stereo_kd_core.models import build_model
     from stereo_kd_core.models.confidence import ConfidenceCalibration, calibration_path
 
@@ -138,4 +141,6 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     calibration = calibration_path(path)  # its confidence calibration, a JSON table beside it
     if calibration.is_file() and hasattr(model, "confidence_calibration"):
         model.confidence_calibration = ConfidenceCalibration.read(calibration)
+    model.working_scale = float((ckpt["extra"] or {}).get("input_scale", 1.0))
+    model.fit_range = bool((ckpt["extra"] or {}).get("fit_range", False))
     return model.to(device).eval()

@@ -232,21 +232,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from stereo_kd_core.export import export_model
+    from stereo_kd_core.rectification import input_size
     from stereo_kd_core.registry import describe_line
 
     estimator, ran = _load_estimator(args)
     network = getattr(estimator, "network", None)
     if network is None:
         raise SystemExit(f"stereo-kd export: '{_model(args)}' is not a network; give a checkpoint or registry name")
+    scale = getattr(estimator, "scale", 1.0)  # a model that runs on enlarged pairs: the graph is built enlarged
     path = export_model(network.float(), args.out, args.format, args.height, args.width, dynamic=args.dynamic,
-                        model_name=estimator.name, source_sha256=ran["model_sha256"])
-    print(f"wrote {path} from {describe_line(ran)}")
+                        model_name=estimator.name, source_sha256=ran["model_sha256"], input_scale=scale)
+    graph_width, graph_height = input_size(args.width, args.height, scale)
+    resized = "" if scale == 1.0 else f" (graph {graph_width}x{graph_height}: pairs are resized by {scale:g} first)"
+    print(f"wrote {path} from {describe_line(ran)}{resized}")
     if args.int8_calibration_pairs:
         if args.format != "onnx" or args.dynamic:
             raise ValueError("--int8-calibration-pairs needs a fixed-size ONNX export")
         from stereo_kd_core.quantize import quantize_int8_static, synthetic_calibration_pairs
 
-        pairs = synthetic_calibration_pairs(args.int8_calibration_pairs, args.height, args.width,
+        pairs = synthetic_calibration_pairs(args.int8_calibration_pairs, graph_height, graph_width,
                                             network.max_disparity)
         int8_path = quantize_int8_static(path, path.with_name(f"{path.stem}_int8.onnx"), pairs)
         print(f"wrote {int8_path} (static int8; its EPE loss decides whether it is offered: "

@@ -22,7 +22,7 @@ from stereo_kd_core.estimator_base import (  # noqa: F401 (re-exported: the seam
 )
 from stereo_kd_core.network_estimator import NetworkEstimator, compile_cache_dir
 from stereo_kd_core.onnx_runtime import OnnxEstimator
-from stereo_kd_core.registry import default_model, resolve_shipped, shipped_models
+from stereo_kd_core.registry import default_model, fits_range, resolve_shipped, shipped_models, working_scale
 from stereo_kd_core.scaled_estimator import ScaledEstimator, check_scale
 from stereo_kd_core.sgbm_estimator import SGBMEstimator
 
@@ -91,25 +91,42 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
 
     input_scale: run on each pair resized by this factor, the disparity brought back to the
     pair's size and pixels (`stereo_kd_core.scaled_estimator`: above 1, more exact and slower).
+    A model with a working scale of its own (a shipped model's manifest `input_scale`, an adapted
+    checkpoint's) runs at that scale times this one; its name then says only the caller's factor.
+    One that fits near scenes into its range (manifest or checkpoint `fit_range`) probes each pair
+    first and runs nearer scenes at a smaller scale (`ScaledEstimator`).
     """
-    if check_scale(input_scale) != 1.0:
-        return ScaledEstimator(load(model, device, precision, max_disparity, compile, threads, engine_cache_dir,
-                                    channels_last), input_scale)
+    scale = check_scale(input_scale)
     model = default_model() if model is None else model
+    estimator, own_scale, fit_range = _load_at_own_scale(model, device, precision, max_disparity, compile, threads,
+                                                         engine_cache_dir, channels_last)
+    name = estimator.name if scale == 1.0 else f"{estimator.name}@x{scale:g}"
+    if scale * own_scale == 1.0 and not fit_range:
+        estimator.name = name
+        return estimator
+    return ScaledEstimator(estimator, check_scale(scale * own_scale), name=name, fit_range=fit_range)
+
+
+def _load_at_own_scale(model: str, device: str, precision: str, max_disparity: int, compile: bool,
+                       threads: int | None, engine_cache_dir: str | None, channels_last: bool | None
+                       ) -> tuple[StereoEstimator, float, bool]:
+    """(the estimator `model` names, run on pairs as given; the scale it is meant to run at;
+    whether it fits near scenes into its range)."""
     if precision not in PRECISIONS and precision not in ("auto", "int8"):
         raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, int8, got '{precision}'")
     if not isinstance(max_disparity, int) or max_disparity < 16:
         raise ValueError(f"max_disparity must be an integer >= 16, got {max_disparity!r}")
     if model == "sgbm":
-        return SGBMEstimator(max_disparity=max_disparity)
+        return SGBMEstimator(max_disparity=max_disparity), 1.0, False
     if model.endswith(".onnx"):
         if precision == "int8":
             raise ValueError("precision int8 is for networks; an int8 ONNX model is its own file "
                              "(stereo_kd_core.quantize.quantize_int8_static): load that file")
         if precision == "auto":
             precision = resolve_precision(precision, "cpu", model)
-        return OnnxEstimator(model, device=device, precision=precision, max_disparity=max_disparity,
+        onnx = OnnxEstimator(model, device=device, precision=precision, max_disparity=max_disparity,
                              threads=threads, engine_cache_dir=engine_cache_dir)
+        return onnx, onnx.convention.input_scale, False  # a graph's size is fixed at export: no probe
     if os.sep in model or model.endswith((".pt", ".pth", ".ckpt")) or Path(model).is_file():
         path, sha = Path(model).expanduser(), None
         if not path.is_file():
@@ -119,11 +136,14 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
         path, sha = resolve_shipped(model)
         name = model
     network = load_model(path, expected_sha256=sha)
+    own_scale, fit_range = ((working_scale(model), fits_range(model)) if sha is not None
+                            else (getattr(network, "working_scale", 1.0), getattr(network, "fit_range", False)))
     measured = model if sha is not None else (measured_as(network) or model)
     device = resolve_device(device)
-    return NetworkEstimator(network, name=name, device=device,
-                            precision=resolve_precision(precision, device, measured), max_disparity=max_disparity,
-                            compile=compile, channels_last=resolve_channels_last(channels_last, measured))
+    estimator = NetworkEstimator(network, name=name, device=device,
+                                 precision=resolve_precision(precision, device, measured), max_disparity=max_disparity,
+                                 compile=compile, channels_last=resolve_channels_last(channels_last, measured))
+    return estimator, own_scale, fit_range
 
 
 StereoEstimator.load = staticmethod(load)  # the seam's entry point (see estimator_base.StereoEstimator)

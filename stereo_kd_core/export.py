@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stereo_kd_core.rectification import input_size
+
 ONNX_OPSET = 18  # "17 or newer"; 18 is what the dynamo exporter emits natively
 
 OUTPUT_MEANINGS = {
@@ -32,9 +34,10 @@ class InferenceWrapper(nn.Module):
         return disparity, confidence
 
 
-def network_convention(network: nn.Module, model_name: str = "", source_sha256: str = ""):
+def network_convention(network: nn.Module, model_name: str = "", source_sha256: str = "", input_scale: float = 1.0):
     """The InputConvention of an InferenceWrapper export of `network`: RGB in [0, 1] (the network
-    normalises inside), padded to its stride, its max disparity, disparity + confidence outputs."""
+    normalises inside), padded to its stride, its max disparity, disparity + confidence outputs,
+    fed pairs resized by `input_scale` (the working scale of the model it was exported from)."""
     from stereo_kd_core.onnx_runtime import InputConvention
 
     return InputConvention(
@@ -42,7 +45,7 @@ def network_convention(network: nn.Module, model_name: str = "", source_sha256: 
         padding_multiple=int(getattr(network, "stride", 1)), max_disparity=int(network.max_disparity),
         disparity_output="disparity", disparity_scale=1.0, confidence_output="confidence",
         model_name=model_name or getattr(network, "arch", ""), outputs=dict(OUTPUT_MEANINGS),
-        arch=getattr(network, "arch", ""), source_sha256=source_sha256)
+        arch=getattr(network, "arch", ""), source_sha256=source_sha256, input_scale=float(input_scale))
 
 
 def write_onnx_metadata(path: str | Path, entries: dict[str, str]) -> None:
@@ -65,13 +68,21 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
 
 
 def export_model(network: nn.Module, out_path: str | Path, fmt: str, height: int, width: int,
-                 dynamic: bool = False, model_name: str = "", source_sha256: str = "") -> Path:
+                 dynamic: bool = False, model_name: str = "", source_sha256: str = "", input_scale: float = 1.0
+                 ) -> Path:
     """Write `network` as ONNX (opset 18, with its input convention as metadata) or TorchScript
-    (traced) at the given input size. `source_sha256`: of the checkpoint the network came from."""
+    (traced) for pairs of the given size. `source_sha256`: of the checkpoint the network came from.
+    `input_scale`: the model runs on pairs resized by it (a shipped working scale): the graph is
+    built at the resized size and the ONNX metadata says so, so StereoEstimator.load resizes."""
     out_path = Path(out_path)
     if fmt not in ("onnx", "torchscript"):
         raise ValueError(f"export format must be 'onnx' or 'torchscript', got '{fmt}'")
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    if input_scale != 1.0:
+        if fmt == "torchscript":
+            raise ValueError(f"this model runs on pairs resized by {input_scale:g}, which a TorchScript file "
+                             "cannot say: export ONNX (its metadata carries the scale)")
+        width, height = input_size(width, height, input_scale)
     wrapper = InferenceWrapper(network).cpu().eval()
     example = (torch.rand(1, 3, height, width), torch.rand(1, 3, height, width))
     with torch.no_grad():
@@ -87,7 +98,7 @@ def export_model(network: nn.Module, out_path: str | Path, fmt: str, height: int
         torch.onnx.export(wrapper, example, str(out_path), input_names=["left", "right"],
                           output_names=["disparity", "confidence"], opset_version=ONNX_OPSET,
                           dynamic_axes=dynamic_axes, dynamo=True, external_data=False)  # one self-contained file
-    write_onnx_metadata(out_path, network_convention(network, model_name, source_sha256).to_metadata())
+    write_onnx_metadata(out_path, network_convention(network, model_name, source_sha256, input_scale).to_metadata())
     if dynamic:
         _check_dynamic_export(out_path, wrapper, height, width)
     return out_path

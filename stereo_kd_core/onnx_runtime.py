@@ -16,6 +16,7 @@ exist. Example for a RAFT-Stereo-style export (0-255 input, negative x-flow outp
     disparity_scale: -1.0      # multiplies the output into disparity in pixels (flow models: -1)
     confidence_output: null    # name of a [0, 1] confidence output, if the model has one
     model_name: raft-stereo
+    input_scale: 1.0           # resize each pair by this before the model (exports of a model that runs enlarged)
 
 Fixed-size models (integer H and W in the graph) are fed pairs resized to that size unless the
 pair fits inside it, in which case it is padded (replicating the last row/column) and the
@@ -77,6 +78,9 @@ class InputConvention:
     arch: str = ""
     source_sha256: str = ""
     quantization: str = ""
+    # the pair is resized by this before the graph (a model exported from one with a working scale:
+    # StereoEstimator.load applies it, as it does for the shipped model; the graph's size is the enlarged one)
+    input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.colour_order = str(self.colour_order).upper()
@@ -96,6 +100,9 @@ class InputConvention:
         self.padding_multiple = int(self.padding_multiple)
         self.max_disparity = int(self.max_disparity)
         self.disparity_scale = float(self.disparity_scale)
+        self.input_scale = float(self.input_scale)
+        if not 0.1 <= self.input_scale <= 4.0:
+            raise ValueError(f"input_scale must be between 0.1 and 4, got {self.input_scale}")
         if self.padding_multiple < 1:
             raise ValueError(f"padding_multiple must be >= 1, got {self.padding_multiple}")
 

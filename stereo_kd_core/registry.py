@@ -64,6 +64,22 @@ def resolve_shipped(name: str) -> tuple[Path, str]:
     return WEIGHTS_DIR / entry["file"], entry["sha256"]
 
 
+def working_scale(name: str | None) -> float:
+    """The input scale a shipped model runs at unless told otherwise (its manifest's
+    `input_scale`, 1 when it has none; 1 for checkpoint paths and classical backends). A network
+    whose error is about constant in its own pixels is more exact on an enlarged pair
+    (README, "Input scale"); a model shipped with a scale was measured and chosen at it, and a
+    caller's input_scale multiplies it."""
+    return float(shipped_models().get(name or "", {}).get("input_scale", 1.0))
+
+
+def fits_range(name: str | None) -> bool:
+    """Whether a shipped model fits near scenes into its range (manifest `fit_range`: a probe
+    chooses a smaller scale for pairs whose enlarged disparities would pass what it learned;
+    scaled_estimator.ScaledEstimator)."""
+    return bool(shipped_models().get(name or "", {}).get("fit_range", False))
+
+
 def model_source(model: str | None) -> dict[str, str | None]:
     """{"model_file", "model_sha256"} of what `model` (as given to StereoEstimator.load) names: a
     registry name's shipped file and manifest hash (verified at load), a file's path and hash;

@@ -37,6 +37,9 @@ def disparity_to_size(disparity: np.ndarray, size: tuple[int, int]) -> np.ndarra
     if (width, height) == (disparity.shape[1], disparity.shape[0]):
         return disparity
     valid = np.isfinite(disparity)
+    if valid.all():  # a network's dense answer: the same values in one resize
+        resized = cv2.resize(disparity.astype(np.float32, copy=False), size, interpolation=cv2.INTER_LINEAR)
+        return resized * np.float32(width / disparity.shape[1])
     weight = valid.astype(np.float32)
     filled = np.where(valid, disparity, np.float32(0.0)).astype(np.float32)
     total = cv2.resize(filled, size, interpolation=cv2.INTER_LINEAR)
@@ -54,23 +57,64 @@ def check_scale(scale: float) -> float:
     return float(scale)
 
 
+# Fitting the scene into the range (fit_range): the shipped networks learned scenes up to this
+# fraction of their search range (stereo_kd_core.data.photo_stereo.SCENE_FRACTION) and fail beyond
+# it; a pair whose enlarged disparities would pass it is run at a smaller scale instead.
+TRAINED_RANGE_FRACTION = 0.8
+FIT_PERCENTILE = 98          # the probe's disparity that must fit: 2 % of the pixels may lie beyond
+FIT_STEP = 0.125             # scales are chosen on this grid (rounded down): a few input sizes only,
+SMALLEST_FIT = 0.5           # as compiled and int8 graphs are built per size; and no smaller than this
+PROBE_SCALE, PROBE_MIN_WIDTH = 0.25, 128  # the probe: the pair at 1/4 (at least 128 px wide)
+
+
 class ScaledEstimator(StereoEstimator):
     """`inner` on each pair resized by `scale`; disparity (in the pair's pixels) and confidence at
-    the pair's size. Its range in the pair's pixels is the inner range / scale."""
+    the pair's size. Its range in the pair's pixels is the inner range / scale.
 
-    def __init__(self, inner: StereoEstimator, scale: float):
-        self.inner, self.scale = inner, check_scale(scale)
-        self.name = f"{inner.name}@x{scale:g}"
+    fit_range: first a probe (`inner` on the pair at 1/4, a tenth of the time) measures how near
+    the scene is; when its disparities, enlarged by `scale`, would pass what the network learned
+    (TRAINED_RANGE_FRACTION of its range), the pair runs at the largest grid scale that keeps them
+    inside (down to SMALLEST_FIT), so a near scene is answered at lower resolution instead of
+    failing. Its range in the pair's pixels is then the inner range / SMALLEST_FIT."""
+
+    def __init__(self, inner: StereoEstimator, scale: float, name: str | None = None, fit_range: bool = False):
+        self.inner, self.scale, self.fit_range = inner, check_scale(scale), bool(fit_range)
+        self.name = f"{inner.name}@x{scale:g}" if name is None else name
         self.backend, self.device, self.precision = inner.backend, inner.device, inner.precision
         self.channels_last = getattr(inner, "channels_last", False)
-        self.max_disparity = int(inner.max_disparity / scale)
-        self.min_disparity = inner.min_disparity / scale
-        self.min_input_width = math.ceil(inner.min_input_width / scale)
+        smallest = min(self.scale, SMALLEST_FIT) if self.fit_range else self.scale
+        self.max_disparity = int(inner.max_disparity / smallest)
+        self.min_disparity = inner.min_disparity / self.scale
+        self.min_input_width = math.ceil(inner.min_input_width / min(smallest, PROBE_SCALE if fit_range else 1.0))
+
+    def __getattr__(self, name: str):
+        """What the inner estimator says of itself (e.g. `compiled`, `inference_network`)."""
+        if name == "inner":  # not set yet (during unpickling or __init__)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def scale_for(self, left: np.ndarray, right: np.ndarray) -> float:
+        """The scale this (checked) pair runs at: `scale`, or with fit_range the largest grid scale
+        up to it that keeps the probe's FIT_PERCENTILE disparity inside the trained range."""
+        if not self.fit_range:
+            return self.scale
+        height, width = left.shape[:2]
+        probe = min(1.0, max(PROBE_SCALE, PROBE_MIN_WIDTH / width))
+        size = input_size(width, height, probe)
+        disparity = self.inner.predict(resize_image(left, size), resize_image(right, size)).disparity
+        valid = disparity[np.isfinite(disparity)]
+        if valid.size == 0:
+            return self.scale
+        reach = float(np.percentile(valid, FIT_PERCENTILE)) * width / size[0]  # in the pair's pixels
+        fits = TRAINED_RANGE_FRACTION * self.inner.max_disparity / max(reach, 1e-6)
+        if fits >= self.scale:
+            return self.scale
+        return max(math.floor(fits / FIT_STEP) * FIT_STEP, min(SMALLEST_FIT, self.scale))
 
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
         left, right = check_pair(left, right)
         height, width = left.shape[:2]
-        size = input_size(width, height, self.scale)
+        size = input_size(width, height, self.scale_for(left, right))
         inner = self.inner.predict(resize_image(left, size), resize_image(right, size))
         disparity = disparity_to_size(inner.disparity, (width, height))
         confidence = resize_image(inner.confidence.astype(np.float32), (width, height))

@@ -30,6 +30,7 @@ from stereo_kd_ros.outputs import StereoOutputs
 from stereo_kd_ros.parameters import (  # noqa: F401 - PARAMETERS & co. re-exported: the node's public names
     PARAMETER_NAMES,
     PARAMETERS,
+    SGBM_DEFAULT_RANGE,
     OutputSettings,
     ParameterError,
     declare_parameters,
@@ -65,8 +66,9 @@ class StereoNode(Node):
         self.add_post_set_parameters_callback(self._after_set_parameters)
 
         # SGBM is rebuilt for each input_scale (cheap); networks keep the range they were built for.
-        self._sgbm_max_disparity = (values["max_disparity"] if estimator is None and values["model"] == "sgbm"
-                                    else None)
+        requested_range = values["max_disparity"]  # 0: the model's own
+        self._sgbm_max_disparity = ((requested_range or SGBM_DEFAULT_RANGE)
+                                    if estimator is None and values["model"] == "sgbm" else None)
         if estimator is not None:
             self.estimator = estimator
         elif self._sgbm_max_disparity is not None:
@@ -74,10 +76,11 @@ class StereoNode(Node):
         else:
             self.estimator = StereoEstimator.load(values["model"], device=values["device"],
                                                   precision=values["precision"],
-                                                  max_disparity=values["max_disparity"], compile=values["compile"])
+                                                  max_disparity=requested_range or SGBM_DEFAULT_RANGE,
+                                                  compile=values["compile"])
         self._rectification_device = (self._choose_rectification_device(values["rectify_on"])
                                       if values["rectify"] else None)
-        range_limit_px = self._network_range_limit(values["max_disparity"]) if estimator is None else None
+        range_limit_px = self._network_range_limit(requested_range) if estimator is None else None
 
         overrides = QoSOverridingOptions.with_default_policies()
         self.outputs = StereoOutputs(self, overrides, values["depth_encoding"], values["publish_depth"],
@@ -147,7 +150,7 @@ class StereoNode(Node):
         invalidating larger disparities (returned as the limit); above it, it cannot be, and the
         node refuses to start (ParameterError, also logged to /rosout)."""
         built = self.estimator.max_disparity
-        if self._sgbm_max_disparity is not None or max_disparity == built:
+        if self._sgbm_max_disparity is not None or max_disparity in (0, built):
             return None
         if max_disparity > built:
             message = (f"max_disparity: {max_disparity} exceeds the {built} px that model '{self.estimator.name}' "

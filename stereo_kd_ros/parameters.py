@@ -16,6 +16,7 @@ from stereo_kd_core.registry import default_model
 from stereo_kd_ros.payloads import DEPTH_ENCODINGS
 
 SGBM_RANGE_STEP = 16       # OpenCV SGBM's numDisparities is a multiple of 16
+SGBM_DEFAULT_RANGE = 192   # max_disparity 0 with model sgbm
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "fp16", "bf16", "int8")
 RECTIFY_ON_CHOICES = ("auto", "cpu", "estimator")
@@ -45,10 +46,11 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "measured default, bf16 where the CPU has AMX/AVX-512 BF16, else fp32), fp32, fp16, bf16 or int8 "
                   "(networks on the CPU: PT2E int8 compiled per input size in the background, eager bf16 "
                   "meanwhile; needs torchao)."),
-    ParameterSpec("max_disparity", 192, "Disparity search range in pixels (multiple of 16). A network searches "
-                  "the range it was built for (192 for the shipped model): a smaller value invalidates larger "
-                  "disparities in every output; a larger one is refused.",
-                  value_range=(16, 1024, 16)),
+    ParameterSpec("max_disparity", 0, "Disparity search range in pixels (multiple of 16); 0: the model's own "
+                  "(SGBM: 192). A network searches the range it was built for, in the pixels it is given (the "
+                  "default model, which shrinks near scenes down to half size: 384): a smaller value "
+                  "invalidates larger disparities in every output; a larger one is refused.",
+                  value_range=(0, 1024, 16)),
     ParameterSpec("approximate_sync", False, "Pair left/right images by nearest stamps instead of equal stamps."),
     ParameterSpec("approximate_sync_tolerance_seconds", 0.01,
                   "Largest stamp difference paired by approximate sync (> 0).", value_range=(0.0, 10.0, 0)),

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from stereo_kd_core.rectification import input_size
+from stereo_kd_core.scaled_estimator import disparity_to_size, resize_image
+
 from .bag import read_stereo_frames
 from .datasets import KITTI_LAYOUT, MiddleburyDataset, PairFolderDataset, StereoFolderDataset
 from .io import write_image_rgb
@@ -33,14 +36,29 @@ class Frame:
     name: str              # the label file stem: Middlebury case, KITTI / left/ stem, bag index
     dataset: StereoFolderDataset
     index: int
+    scale: float = 1.0     # the pair as the student sees it: resized by its working scale
 
     @property
     def key(self) -> str:
-        """Cache file stem, unique over all sources."""
-        return f"{self.source}/{self.name}"
+        """Cache file stem, unique over all sources (and scales: labels of an enlarged pair differ)."""
+        return f"{self.source}/{self.name}" + ("" if self.scale == 1.0 else f"@x{self.scale:g}")
 
     def sample(self) -> dict:
-        return self.dataset[self.index]
+        return scale_sample(self.dataset[self.index], self.scale)
+
+
+def scale_sample(sample: dict, scale: float) -> dict:
+    """A pair sample resized by `scale` as ScaledEstimator resizes what it is given (images
+    bilinear to enlarge, area to shrink); a ground-truth disparity follows (values in the resized
+    pixels, invalid pixels kept invalid)."""
+    if scale == 1.0:
+        return sample
+    height, width = sample["left"].shape[:2]
+    size = input_size(width, height, scale)
+    resized = {**sample, "left": resize_image(sample["left"], size), "right": resize_image(sample["right"], size)}
+    if sample.get("disparity") is not None:
+        resized["disparity"] = disparity_to_size(np.asarray(sample["disparity"], np.float32), size)
+    return resized
 
 
 def open_folder(root: Path) -> StereoFolderDataset:
@@ -80,8 +98,9 @@ def extract_bag(path: Path, frames_dir: Path, topics: Mapping[str, str | None] |
 
 
 def open_recordings(sources: Sequence[str | os.PathLike], out_dir: Path, every: int = 1,
-                    topics: Mapping[str, str | None] | None = None) -> list[list[Frame]]:
-    """The frames of every source, each list in time order and subsampled by `every`."""
+                    topics: Mapping[str, str | None] | None = None, scale: float = 1.0) -> list[list[Frame]]:
+    """The frames of every source, each list in time order and subsampled by `every`, each pair
+    resized by `scale` when read (the working scale of the student being adapted)."""
     if every < 1:
         raise ValueError(f"--every must be >= 1, got {every}")
     recordings = []
@@ -91,7 +110,8 @@ def open_recordings(sources: Sequence[str | os.PathLike], out_dir: Path, every: 
             raise FileNotFoundError(f"--data {path}: no such file or folder")
         is_bag = path.suffix in BAG_SUFFIXES or (path.is_dir() and (path / "metadata.yaml").is_file())
         dataset = extract_bag(path, out_dir / FRAMES_DIR / str(number), topics) if is_bag else open_folder(path)
-        frames = [Frame(number, dataset.cases[index].name, dataset, index) for index in range(0, len(dataset), every)]
+        frames = [Frame(number, dataset.cases[index].name, dataset, index, scale)
+                  for index in range(0, len(dataset), every)]
         recordings.append(frames)
     return recordings
 

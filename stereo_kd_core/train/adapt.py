@@ -69,13 +69,16 @@ PICTURE_FRAMES = 3  # hold-out frames shown in before_after.png
 # --- the run -----------------------------------------------------------------------------
 def load_student(spec: str | None) -> tuple[nn.Module, str]:
     """(network, description) of --init: a registry name or a checkpoint; None = the shipped
-    default student, with a clear error while no trained default ships."""
+    default student, with a clear error while no trained default ships. `network.working_scale`
+    and `network.fit_range`: how it runs (a shipped model's manifest, a checkpoint's own)."""
     if spec is None:
         spec = registry.default_model()
     if Path(spec).is_file():
         return load_model(spec), spec
     path, sha = registry.resolve_shipped(spec)
-    return load_model(path, expected_sha256=sha), spec
+    network = load_model(path, expected_sha256=sha)
+    network.working_scale, network.fit_range = registry.working_scale(spec), registry.fits_range(spec)
+    return network, spec
 
 
 def adapt_recipe(source: str | Mapping, model_config: Mapping, overrides: Mapping[str, Any]) -> dict:
@@ -132,7 +135,9 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     if teacher_obj is None and adapt["photometric"] <= 0:
         raise ValueError("--teacher none needs --photometric W > 0: without labels only self-supervision trains")
 
-    recordings = open_recordings(data, out_dir, int(adapt["every"]), topics)
+    # the student learns, and is judged, on pairs as it will see them: resized by its working scale
+    scale = float(getattr(student, "working_scale", 1.0))
+    recordings = open_recordings(data, out_dir, int(adapt["every"]), topics, scale)
     train_frames, holdout_frames = split_holdout(recordings, float(adapt["holdout"]))
     if isinstance(teacher_obj, FileTeacher):
         names = Counter(frame.name for frames in recordings for frame in frames)
@@ -185,7 +190,8 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
     judge = adapt_judge.Judge(
         [adapt_judge.judge_frame(frame.sample(), None if cache is None else cache.confident(frame, adapt[
             "min_confidence"]), student_max) for frame in judged],
-        [frame.key for frame in judged], out_dir, adapt["judge"], student.config, device, judge_precision)
+        [frame.key for frame in judged], out_dir, adapt["judge"], student.config, device, judge_precision, scale,
+        getattr(student, "fit_range", False))
     judge.record(0, student)
     trainer.on_checkpoint = judge.record
     started = time.perf_counter()

@@ -156,7 +156,8 @@ class Judge:
     """
 
     def __init__(self, frames: Sequence[JudgeFrame], frame_names: Sequence[str], out_dir: Path,
-                 config: Mapping[str, Any], model_config: Mapping, device: str, precision: str) -> None:
+                 config: Mapping[str, Any], model_config: Mapping, device: str, precision: str,
+                 input_scale: float = 1.0, fit_range: bool = False) -> None:
         criterion = config["criterion"]
         if criterion not in CRITERIA:
             raise ValueError(f"adapt.judge.criterion {criterion!r}: one of {', '.join(CRITERIA)}")
@@ -176,6 +177,9 @@ class Judge:
                               or "left_right" in (criterion, self.guard))
         self.out_dir, self.model_config = Path(out_dir), dict(model_config)
         self.device, self.precision = device, precision
+        # how the start runs (frames arrive resized by its working scale): every checkpoint written runs so too
+        self.saved_extra = ({} if input_scale == 1.0 else {"input_scale": float(input_scale)}) | (
+            {"fit_range": True} if fit_range else {})
         self.identity = {"criterion": criterion, "frames": list(frame_names), "recorded": list(self.recorded)}
         self.scores: dict[int, dict[str, float | None]] = {}
         path = self.out_dir / JUDGE_FILE
@@ -204,7 +208,8 @@ class Judge:
         self.scores[step] = measure(network, self.frames, self.device, self.precision, self.recorded)
         if step > 0 and self.best_adapted_step() == step:
             save_checkpoint(self.out_dir / ADAPTED_CHECKPOINT, network, self.model_config, step=step,
-                            extra={"judge": {"criterion": self.criterion, "scores": self.scores[step]}})
+                            extra={"judge": {"criterion": self.criterion, "scores": self.scores[step]},
+                                   **self.saved_extra})
         self._write()
 
     def decision(self) -> dict[str, Any]:
@@ -242,7 +247,8 @@ def settle(judge: Judge, start: nn.Module, final_path: Path, recipe: Mapping, ke
     decision.update(final="adapted" if use_adapted else "start", keep_anyway=bool(keep_anyway))
     final = adapted if use_adapted else start
     save_checkpoint(final_path, final, judge.model_config, step=decision["best_step"] if use_adapted else 0,
-                    extra={"recipe": dict(recipe), "judge": {k: v for k, v in decision.items() if k != "scores"}})
+                    extra={"recipe": dict(recipe), "judge": {k: v for k, v in decision.items() if k != "scores"},
+                           **judge.saved_extra})
     return final, adapted, decision
 
 

@@ -46,6 +46,8 @@ from stereo_kd_core.distill.teacher_cache import (
     write_npz_atomic,
 )
 from stereo_kd_core.estimator import StereoEstimator
+from stereo_kd_core.rectification import input_size
+from stereo_kd_core.scaled_estimator import disparity_to_size
 from stereo_kd_core.teachers import convert_psmnet_checkpoint, default_cache_dir, fetch_psmnet_kitti2015
 
 LABELS_PREFIX = "labels:"
@@ -196,6 +198,8 @@ class FileTeacher(Teacher):
 
     def label(self, frame: Frame, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         disparity = read_label(label_file(self.directory, frame.name))
+        if frame.scale != 1.0 and input_size(disparity.shape[1], disparity.shape[0], frame.scale) == left.shape[1::-1]:
+            disparity = disparity_to_size(disparity, left.shape[1::-1])  # the frame as the student sees it
         if disparity.shape != left.shape[:2]:
             raise ValueError(f"label of frame {frame.name} is {disparity.shape[1]}x{disparity.shape[0]}, "
                              f"the frame {left.shape[1]}x{left.shape[0]}")

@@ -280,6 +280,41 @@ def test_adapt_resumes_a_finished_run_without_relabelling_and_refuses_other_sett
         run_adapt([tmp_path / "frames"], tmp_path / "run", overrides={**overrides, "train.steps": 3}, **arguments)
 
 
+def test_a_start_that_runs_enlarged_is_adapted_judged_and_written_at_its_scale(tmp_path, monkeypatch):
+    """A start with a working scale (the shipped default runs on pairs enlarged by 1.25) learns from
+    and is judged on the frames resized by it, labels:DIR files follow the resize, and final.pt
+    carries the scale, so the adapted network runs as the start did."""
+    synthetic_folder(tmp_path, 3)
+    config = dict(default_config("dsnet", MAX_DISPARITY), **TINY_ARGS)
+    init = save_checkpoint(tmp_path / "init.pt", build_model(config), config, extra={"input_scale": 1.5})
+    shapes = []
+    original = AdaptFrames.__getitem__
+
+    def recording(self, index):
+        item = original(self, index)
+        shapes.append((item["left"].shape[:2], item["disparity"].shape))
+        return item
+
+    monkeypatch.setattr(AdaptFrames, "__getitem__", recording)
+    report = run_adapt([tmp_path / "frames"], tmp_path / "run", teacher=f"labels:{tmp_path / 'labels'}",
+                       init=str(init), device="cpu", overrides={**FAST, "train.steps": 2, "adapt.holdout": 0.0})
+    enlarged = (round(HEIGHT * 1.5), round(WIDTH * 1.5))
+    assert shapes and set(shapes) == {(enlarged, enlarged)}
+    assert report["labels_computed"] == 3
+    final = StereoEstimator.load(report["final"], device="cpu")
+    assert final.scale == 1.5
+    assert final.predict(np.zeros((HEIGHT, WIDTH, 3), np.uint8),
+                         np.zeros((HEIGHT, WIDTH, 3), np.uint8)).disparity.shape == (HEIGHT, WIDTH)
+    # the exact labels, resized with their frame: values in the enlarged pixels
+    frame = open_recordings([tmp_path / "frames"], tmp_path / "run", scale=1.5)[0][0]
+    label, _ = FileTeacher(tmp_path / "labels").label(frame, frame.sample()["left"], frame.sample()["right"])
+    truth = frame.sample()["disparity"]
+    assert frame.key.endswith("@x1.5") and label.shape == enlarged and np.nanmax(np.abs(label - truth)) < 1e-3
+    native = open_recordings([tmp_path / "frames"], tmp_path / "run")[0][0]
+    native_label, _ = FileTeacher(tmp_path / "labels").label(native, native.sample()["left"], native.sample()["right"])
+    assert np.nanmax(label) == pytest.approx(1.5 * np.nanmax(native_label), rel=0.02)  # values in enlarged pixels
+
+
 def test_default_init_fails_clearly_while_no_student_ships(tmp_path, monkeypatch):
     monkeypatch.setattr(adapt.registry, "shipped_models", lambda: {})
     with pytest.raises(ValueError, match="no trained default student ships"):

@@ -66,3 +66,35 @@ def test_torchscript_matches_pytorch(fast_model, tmp_path):
 def test_unknown_format_is_refused(fast_model, tmp_path):
     with pytest.raises(ValueError, match="onnx"):
         export_model(fast_model, tmp_path / "x.bin", "tflite", 64, 96)
+
+
+def test_a_model_that_runs_enlarged_exports_its_scale_and_runs_the_same_from_onnx(tmp_path, capsys):
+    """`stereo-kd export` of a model with a working scale (the shipped default's 1.25; here a
+    checkpoint carrying 1.5) builds the graph at the enlarged size and says so in its metadata,
+    so StereoEstimator.load of the file resizes each pair as the PyTorch model does."""
+    from stereo_kd_core import StereoEstimator
+    from stereo_kd_core.checkpoint import save_checkpoint
+    from stereo_kd_core.cli import main
+
+    torch.manual_seed(0)
+    config = default_config("dsnet-fast", max_disparity=64)
+    checkpoint = save_checkpoint(tmp_path / "enlarged.pt", build_model(config), config, extra={"input_scale": 1.5})
+    out = tmp_path / "enlarged.onnx"
+    assert main(["export", "--model", str(checkpoint), "--format", "onnx", "--height", "64", "--width", "96",
+                 "--out", str(out), "--device", "cpu", "--precision", "fp32"]) == 0
+    assert "graph 144x96: pairs are resized by 1.5 first" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [list(i.shape) for i in session.get_inputs()] == [[1, 3, 96, 144]] * 2
+    from_onnx = StereoEstimator.load(str(out), device="cpu")
+    from_torch = StereoEstimator.load(str(checkpoint), device="cpu", precision="fp32")
+    assert from_onnx.scale == from_torch.scale == 1.5
+    rng = np.random.default_rng(2)
+    left = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    right = np.roll(left, -4, axis=1)
+    got, expected = from_onnx.predict(left, right).disparity, from_torch.predict(left, right).disparity
+    assert got.shape == (64, 96)
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+    assert main(["export", "--model", str(checkpoint), "--format", "torchscript", "--height", "64", "--width", "96",
+                 "--out", str(tmp_path / "x.pt"), "--device", "cpu"]) == 2
+    assert "a TorchScript file cannot say" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

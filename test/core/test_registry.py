@@ -10,6 +10,7 @@ import torch
 from stereo_kd_core import StereoEstimator, registry
 from stereo_kd_core.checkpoint import CheckpointError, save_checkpoint, sha256_of_file
 from stereo_kd_core.models import build_model, default_config
+from stereo_kd_core.scaled_estimator import ScaledEstimator
 
 
 @pytest.fixture
@@ -167,3 +168,41 @@ def test_the_faster_student_loads_by_name_at_half_the_default_widths():
     prediction = faster.predict(image, np.roll(image, -4, axis=1))
     assert prediction.disparity.shape == (64, 128) and np.isfinite(prediction.disparity).all()
     assert ((prediction.confidence >= 0) & (prediction.confidence <= 1)).all()
+
+
+def test_a_shipped_working_scale_runs_the_model_on_the_enlarged_pair_and_composes_with_input_scale(shipped):
+    """A manifest entry's input_scale: the same weights run on each pair resized by it (exactly what
+    ScaledEstimator does by hand), its range in the caller's pixels shrinks by it, and a caller's
+    input_scale multiplies it (0.8 x 1.25 = the network on the pair as given)."""
+    manifest = json.loads(registry.MANIFEST_PATH.read_text())
+    manifest["models"]["tiny-fast-x1.25"] = {**manifest["models"]["tiny-fast"], "input_scale": 1.25}
+    registry.MANIFEST_PATH.write_text(json.dumps(manifest))
+    assert registry.working_scale("tiny-fast-x1.25") == 1.25 and registry.working_scale("tiny-fast") == 1.0
+    assert registry.working_scale("sgbm") == 1.0 and registry.working_scale(None) == 1.0
+    rng = np.random.default_rng(1)
+    left = rng.integers(0, 256, (48, 96, 3), dtype=np.uint8)
+    right = np.roll(left, -5, axis=1)
+    scaled = StereoEstimator.load("tiny-fast-x1.25", device="cpu", precision="fp32")
+    assert scaled.name == "tiny-fast-x1.25" and scaled.max_disparity == int(64 / 1.25)
+    by_hand = ScaledEstimator(StereoEstimator.load("tiny-fast", device="cpu", precision="fp32"), 1.25)
+    got, expected = scaled.predict(left, right), by_hand.predict(left, right)
+    assert got.disparity.shape == (48, 96)
+    np.testing.assert_array_equal(got.disparity, expected.disparity)
+    plain = StereoEstimator.load("tiny-fast", device="cpu", precision="fp32").predict(left, right).disparity
+    assert not np.array_equal(got.disparity, plain)  # the scale is not a no-op
+    composed = StereoEstimator.load("tiny-fast-x1.25", device="cpu", precision="fp32", input_scale=0.8)
+    assert composed.name == "tiny-fast-x1.25@x0.8" and composed.max_disparity == 64
+    np.testing.assert_array_equal(composed.predict(left, right).disparity, plain)
+    enlarged = StereoEstimator.load("tiny-fast-x1.25", device="cpu", precision="fp32", input_scale=1.2)
+    assert enlarged.name == "tiny-fast-x1.25@x1.2" and enlarged.scale == pytest.approx(1.5)
+
+
+def test_a_checkpoint_carries_its_working_scale(tmp_path):
+    """What adapt writes for a start that ran enlarged (extra input_scale) loads enlarged too."""
+    config = default_config("dsnet-fast", max_disparity=64)
+    network = build_model(config)
+    plain = save_checkpoint(tmp_path / "plain.pt", network, config)
+    marked = save_checkpoint(tmp_path / "marked.pt", network, config, extra={"input_scale": 1.5})
+    assert not isinstance(StereoEstimator.load(str(plain), device="cpu"), ScaledEstimator)
+    loaded = StereoEstimator.load(str(marked), device="cpu")
+    assert isinstance(loaded, ScaledEstimator) and loaded.scale == 1.5 and loaded.name == "marked"

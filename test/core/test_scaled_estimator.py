@@ -13,15 +13,15 @@ from stereo_kd_core.scaled_estimator import ScaledEstimator, disparity_to_size
 HEIGHT, WIDTH, SHIFT_PX = 96, 256, 8
 
 
-def shifted_pair() -> tuple[np.ndarray, np.ndarray]:
-    """Smooth random texture (blobs a few pixels wide, so it survives resizing); right(x - 8) = left(x)."""
+def shifted_pair(shift: int = SHIFT_PX, width: int = WIDTH) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth random texture (blobs a few pixels wide, so it survives resizing); right(x - shift) = left(x)."""
     rng = np.random.default_rng(7)
-    coarse = rng.integers(0, 256, size=(HEIGHT // 4, (WIDTH + SHIFT_PX) // 4 + 1)).astype(np.float32)
+    coarse = rng.integers(0, 256, size=(HEIGHT // 4, (width + shift) // 4 + 1)).astype(np.float32)
     import cv2
 
     base = cv2.resize(coarse, (coarse.shape[1] * 4, HEIGHT), interpolation=cv2.INTER_CUBIC)
     base = np.clip(base, 0, 255).astype(np.uint8)
-    left, right = base[:, :WIDTH], base[:, SHIFT_PX:SHIFT_PX + WIDTH]
+    left, right = base[:, :width], base[:, shift:shift + width]
     return np.repeat(left[..., None], 3, 2), np.repeat(right[..., None], 3, 2)
 
 
@@ -73,3 +73,34 @@ def test_the_cli_takes_input_scale_where_pairs_are_estimated(tmp_path, capsys):
     assert "sgbm@x0.5" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["export", "--model", "dsnet-fast", "--out", str(tmp_path / "x.onnx"), "--input-scale", "2"])
+
+
+def test_fit_range_runs_a_near_scene_at_a_scale_that_keeps_it_inside_the_range():
+    """A 40 px shift enlarged by 2 is 80 px, beyond SGBM's 64: plainly scaled it fails; with fit_range
+    the probe measures 40 px, and the pair runs at the largest grid scale that keeps it within
+    0.8 of the range (51.2 / 40 = 1.28 -> 1.25), where the answer is right. A far scene keeps 2."""
+    shift, width = 40, 384
+    left, right = shifted_pair(shift, width)
+    sgbm = StereoEstimator.load("sgbm", max_disparity=64)
+    fitted, plain = ScaledEstimator(sgbm, 2.0, fit_range=True), ScaledEstimator(sgbm, 2.0)
+    assert fitted.max_disparity == 128 and plain.max_disparity == 32  # the range reachable by shrinking to 0.5
+    assert fitted.scale_for(left, right) == 1.25
+    region = np.s_[:, 160:]
+    good = fitted.predict(left, right).disparity[region]
+    assert np.isfinite(good).mean() > 0.5 and np.median(good[np.isfinite(good)]) == pytest.approx(shift, abs=0.5)
+    bad = plain.predict(left, right).disparity[region]
+    assert np.isfinite(bad).mean() < 0.5 or abs(np.median(bad[np.isfinite(bad)]) - shift) > 2
+    far_left, far_right = shifted_pair(8, width)
+    assert fitted.scale_for(far_left, far_right) == 2.0
+
+
+def test_a_dense_disparity_resizes_as_the_masked_path_does_away_from_invalid_pixels():
+    """The dense fast path (a network's answer) and the masked path agree wherever no invalid pixel
+    is near: one NaN in a corner changes nothing far from it."""
+    disparity = np.random.default_rng(3).uniform(0, 60, (96, 160)).astype(np.float32)
+    holed = disparity.copy()
+    holed[0, 0] = np.nan
+    dense, masked = disparity_to_size(disparity, (200, 120)), disparity_to_size(holed, (200, 120))
+    assert np.isfinite(dense).all() and np.isnan(masked[0, 0])
+    np.testing.assert_allclose(dense[10:, 10:], masked[10:, 10:], rtol=1e-6)
+    assert dense.max() > 60 * 200 / 160 * 0.9  # values rescaled by the width ratio

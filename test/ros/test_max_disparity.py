@@ -12,6 +12,8 @@ from conftest import TEST_DOMAIN_OFFSET, wait_until
 from stereo_scene import make_scene
 from test_stop_signals import NODE, env
 
+from stereo_kd_core import StereoEstimator, registry
+from stereo_kd_core.scaled_estimator import SMALLEST_FIT
 from stereo_kd_ros.conversions import disparity_from_msg, point_cloud_to_numpy
 
 ROS_DOMAIN_ID = 155 + TEST_DOMAIN_OFFSET
@@ -45,10 +47,29 @@ def test_a_network_honours_a_smaller_max_disparity(make_harness):
     assert harness.diagnostics(until=lambda v: v["processed"] == "1")["max_disparity"] == str(LIMIT_PX)
 
 
+def test_the_default_max_disparity_is_the_default_models_own_range(make_harness):
+    """max_disparity 0 (the parameter's default): the range of the model that runs. The shipped
+    default runs on pairs enlarged by 1.25 and shrinks near scenes down to 0.5 to keep them in the
+    range it learned (fit_range), so in the node's pixels it reaches 192 / 0.5 = 384."""
+    scene = make_scene(plane_disparity=8, box_disparity=24)
+    harness = make_harness(model=registry.default_model(), max_disparity=0, confidence_threshold=0.0)
+    searched = harness.node.estimator.max_disparity
+    assert registry.fits_range(registry.default_model()) and searched == int(192 / SMALLEST_FIT)
+    stamp = Time(sec=1)
+    harness.send_infos(*scene.camera_infos(stamp))
+    harness.send_images(*scene.images(stamp))
+    assert wait_until(lambda: harness.count("disparity"), timeout_s=120)
+    assert harness.last("disparity").max_disparity == pytest.approx(searched - 1)
+    assert harness.diagnostics(until=lambda v: v["processed"] == "1")["max_disparity"] == str(searched)
+
+
 def test_a_larger_max_disparity_than_the_network_was_built_for_is_refused():
-    result = subprocess.run([*NODE, "-p", "max_disparity:=256"], env=env(), capture_output=True, text=True,
+    default = StereoEstimator.load()  # what the node runs without a model parameter
+    asked = (default.max_disparity // 16 + 1) * 16  # the next multiple of 16 above its range
+    result = subprocess.run([*NODE, "-p", f"max_disparity:={asked}"], env=env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     logged = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]") and "stereo_kd_node" in line]
-    assert logged and "max_disparity: 256 exceeds the 192 px that model 'dsnet-fast' was built for" in logged[0]
+    assert logged and (f"max_disparity: {asked} exceeds the {default.max_disparity} px that model "
+                       f"'{default.name}' was built for") in logged[0]
