@@ -12,6 +12,7 @@ within the network's range; at 0.5 it answers about 4x faster and less exactly.
 from __future__ import annotations
 
 import math
+import time
 
 import cv2
 import numpy as np
@@ -67,6 +68,11 @@ SMALLEST_FIT = 0.5           # as compiled and int8 graphs are built per size; a
 PROBE_SCALE, PROBE_MIN_WIDTH = 0.25, 128  # the probe: the pair at 1/4 (at least 128 px wide)
 
 
+def probe_size(width: int, height: int) -> tuple[int, int]:
+    """(W, H) of fit_range's probe of a width x height pair: 1/4, at least PROBE_MIN_WIDTH wide (at most 1x)."""
+    return input_size(width, height, min(1.0, max(PROBE_SCALE, PROBE_MIN_WIDTH / width)))
+
+
 class ScaledEstimator(StereoEstimator):
     """`inner` on each pair resized by `scale`; disparity (in the pair's pixels) and confidence at
     the pair's size. Its range in the pair's pixels is the inner range / scale.
@@ -99,8 +105,7 @@ class ScaledEstimator(StereoEstimator):
         if not self.fit_range:
             return self.scale
         height, width = left.shape[:2]
-        probe = min(1.0, max(PROBE_SCALE, PROBE_MIN_WIDTH / width))
-        size = input_size(width, height, probe)
+        size = probe_size(width, height)
         disparity = self.inner.predict(resize_image(left, size), resize_image(right, size)).disparity
         valid = disparity[np.isfinite(disparity)]
         if valid.size == 0:
@@ -110,6 +115,27 @@ class ScaledEstimator(StereoEstimator):
         if fits >= self.scale:
             return self.scale
         return max(math.floor(fits / FIT_STEP) * FIT_STEP, min(SMALLEST_FIT, self.scale))
+
+    def prepare_size(self, height: int, width: int) -> bool:
+        """The inner estimator's prepare_size (a compiled network's background build) for the sizes
+        a height x width pair is run at: enlarged by `scale`, and the probe's (smaller grid scales,
+        for near scenes, build when first needed). True when a build started."""
+        prepare = getattr(self.inner, "prepare_size", None)
+        if prepare is None:
+            return False
+        sizes = [input_size(width, height, self.scale)] + ([probe_size(width, height)] if self.fit_range else [])
+        return any([bool(prepare(h, w)) for w, h in sizes])  # a list: every size starts
+
+    def warm_up(self, height: int, width: int) -> float:
+        """One prediction on a blank height x width pair (a compiled network builds its sizes now),
+        waiting for the builds; its seconds."""
+        started = time.perf_counter()
+        blank = np.zeros((height, width, 3), np.uint8)
+        self.predict(blank, blank)
+        wait = getattr(self.inner, "wait_for_compile", None)
+        if wait is not None:
+            wait()
+        return time.perf_counter() - started
 
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
         left, right = check_pair(left, right)

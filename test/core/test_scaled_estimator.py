@@ -104,3 +104,27 @@ def test_a_dense_disparity_resizes_as_the_masked_path_does_away_from_invalid_pix
     assert np.isfinite(dense).all() and np.isnan(masked[0, 0])
     np.testing.assert_allclose(dense[10:, 10:], masked[10:, 10:], rtol=1e-6)
     assert dense.max() > 60 * 200 / 160 * 0.9  # values rescaled by the width ratio
+
+
+class _Recording(StereoEstimator):
+    """An inner estimator that records the sizes it is asked to prepare (a compiled network's hook)."""
+
+    name, backend, device, precision, max_disparity = "recording", "python", "cpu", "fp32", 64
+
+    def __init__(self):
+        self.prepared = []
+
+    def prepare_size(self, height: int, width: int) -> bool:
+        self.prepared.append((width, height))
+        return True
+
+
+def test_prepare_size_builds_the_sizes_the_pair_runs_at_not_the_pairs():
+    """The node asks a compiled estimator to build for the camera's size before frames arrive: a
+    scaled one must build the enlarged size (and the probe's), or its first frames run eagerly."""
+    inner = _Recording()
+    assert ScaledEstimator(inner, 1.25).prepare_size(480, 640) and inner.prepared == [(800, 600)]
+    inner.prepared.clear()
+    assert ScaledEstimator(inner, 1.25, fit_range=True).prepare_size(480, 640)
+    assert inner.prepared == [(800, 600), (160, 120)]
+    assert not ScaledEstimator(StereoEstimator.load("sgbm", max_disparity=64), 1.5).prepare_size(96, 256)
