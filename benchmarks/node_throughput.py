@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="sgbm", help="Node 'model' parameter (sgbm, a shipped name, a path).")
     parser.add_argument("--device", default="auto", help="Node 'device' parameter.")
     parser.add_argument("--input-scale", type=float, default=1.0, help="Node 'input_scale' parameter (0.1..1).")
-    parser.add_argument("--max-disparity", type=int, default=0, help="Node 'max_disparity' parameter (0: the model's own).")
+    parser.add_argument("--max-disparity", type=int, default=0,
+                        help="Node 'max_disparity' parameter (0: the model's own).")
     parser.add_argument("--best-effort", action="store_true",
                         help="Leave the node's subscriptions on sensor-data (best effort) QoS; by default "
                              "they are reliable (use_system_default_qos), because best-effort 640x480 images "
