@@ -236,7 +236,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stereo_kd_core.registry import describe_line
 
     estimator, ran = _load_estimator(args)
-    network = getattr(estimator, "network", None)
+    network = getattr(getattr(estimator, "inner", estimator), "network", None)  # a scaled model: its network
     if network is None:
         raise SystemExit(f"stereo-kd export: '{_model(args)}' is not a network; give a checkpoint or registry name")
     scale = getattr(estimator, "scale", 1.0)  # a model that runs on enlarged pairs: the graph is built enlarged

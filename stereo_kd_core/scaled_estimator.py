@@ -68,6 +68,9 @@ SMALLEST_FIT = 0.5           # as compiled and int8 graphs are built per size; a
 PROBE_SCALE, PROBE_MIN_WIDTH = 0.25, 128  # the probe: the pair at 1/4 (at least 128 px wide)
 
 
+DELEGATED = frozenset({"compiled", "wait_for_compile"})  # ScaledEstimator answers these for its inner one
+
+
 def probe_size(width: int, height: int) -> tuple[int, int]:
     """(W, H) of fit_range's probe of a width x height pair: 1/4, at least PROBE_MIN_WIDTH wide (at most 1x)."""
     return input_size(width, height, min(1.0, max(PROBE_SCALE, PROBE_MIN_WIDTH / width)))
@@ -94,10 +97,11 @@ class ScaledEstimator(StereoEstimator):
         self.min_input_width = math.ceil(inner.min_input_width / min(smallest, PROBE_SCALE if fit_range else 1.0))
 
     def __getattr__(self, name: str):
-        """What the inner estimator says of itself (e.g. `compiled`, `inference_network`)."""
-        if name == "inner":  # not set yet (during unpickling or __init__)
-            raise AttributeError(name)
-        return getattr(self.inner, name)
+        """What the inner estimator says of its build (`compiled`, `wait_for_compile`). Nothing
+        else: its network or predict_with_costs would answer for the pair as given, not resized."""
+        if name in DELEGATED and "inner" in self.__dict__:
+            return getattr(self.inner, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def scale_for(self, left: np.ndarray, right: np.ndarray) -> float:
         """The scale this (checked) pair runs at: `scale`, or with fit_range the largest grid scale
