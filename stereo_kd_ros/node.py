@@ -25,6 +25,7 @@ from rclpy.qos_overriding_options import QoSOverridingOptions
 
 from stereo_kd_core import StereoEstimator
 from stereo_kd_core.estimator import NetworkEstimator
+from stereo_kd_core.scaled_estimator import SMALLEST_FIT
 from stereo_kd_ros.diagnostics import StereoDiagnostics
 from stereo_kd_ros.outputs import StereoOutputs
 from stereo_kd_ros.parameters import (  # noqa: F401 - PARAMETERS & co. re-exported: the node's public names
@@ -44,6 +45,16 @@ NODE_NAME = "stereo_kd_node"
 
 COMPILED_NOTE = (", compiled for each input size from its first camera_info or pair (CPU: in the background, "
                  "eager meanwhile)")
+
+
+def scale_note(estimator) -> str:
+    """', pairs enlarged by 1.25 (near scenes down to 0.5), ' for a model that runs at a scale of
+    its own (the default), '' otherwise: the start-up line says how its pixels relate to the camera's."""
+    scale = getattr(estimator, "scale", 1.0)
+    if scale == 1.0:
+        return ""
+    fitted = f" (near scenes down to {min(scale, SMALLEST_FIT):g})" if getattr(estimator, "fit_range", False) else ""
+    return f"pairs {'enlarged' if scale > 1 else 'shrunk'} by {scale:g}{fitted}, "
 
 
 class StereoNode(Node):
@@ -99,7 +110,7 @@ class StereoNode(Node):
             f"({self.estimator.precision}{COMPILED_NOTE if getattr(self.estimator, 'compiled', False) else ''}), "
             f"max_disparity {self.outputs.search_range_px(self.estimator)}"
             f"{f' (of the {self.estimator.max_disparity} it was built for)' if range_limit_px else ''}, "
-            f"{'approximate' if tolerance else 'exact'} sync"
+            f"{scale_note(self.estimator)}{'approximate' if tolerance else 'exact'} sync"
             f"{' via message_filters' if self.pipeline.image_sync.uses_message_filters else ''}"
         )
 

@@ -73,3 +73,13 @@ def test_a_larger_max_disparity_than_the_network_was_built_for_is_refused():
     logged = [line for line in result.stderr.splitlines() if line.startswith("[ERROR]") and "stereo_kd_node" in line]
     assert logged and (f"max_disparity: {asked} exceeds the {default.max_disparity} px that model "
                        f"'{default.name}' was built for") in logged[0]
+
+
+def test_the_start_up_line_says_how_a_scaled_model_sees_the_camera():
+    from stereo_kd_ros.node import scale_note
+
+    default = registry.default_model()
+    scale = registry.working_scale(default)
+    assert scale_note(StereoEstimator.load(default)) == f"pairs enlarged by {scale:g} (near scenes down to 0.5), "
+    assert scale_note(StereoEstimator.load("sgbm", input_scale=0.5)) == "pairs shrunk by 0.5, "
+    assert scale_note(StereoEstimator.load("sgbm")) == ""
