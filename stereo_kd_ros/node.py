@@ -150,8 +150,9 @@ class StereoNode(Node):
         on_device = isinstance(self.estimator, NetworkEstimator) and (
             rectify_on == "estimator" or (rectify_on == "auto" and self.estimator.device.startswith("cuda")))
         if rectify_on == "estimator" and not on_device:
-            self.get_logger().warning(f"rectify_on 'estimator': '{self.estimator.name}' is not a PyTorch "
-                                      "network; rectifying on the CPU (OpenCV)")
+            self.get_logger().warning(f"rectify_on 'estimator': '{self.estimator.name}' is not a PyTorch network "
+                                      "run on the pair as given (SGBM, ONNX, or a model run at a scale of its "
+                                      "own, as the default); rectifying on the CPU (OpenCV)")
         if isinstance(self.estimator, NetworkEstimator):
             self.estimator.rectifies_on_device = on_device
         return self.estimator.device if on_device else "cpu"
