@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from stereo_kd_core.data.photo_stereo import PhotoStereoGenerator
+from stereo_kd_core.data.recordings import scale_sample
 from stereo_kd_core.estimator import PRECISIONS, StereoEstimator
 from stereo_kd_core.evaluate import motorcycle_sample
 from stereo_kd_core.models.confidence import (
@@ -68,7 +69,10 @@ class CueRunner:
     """The shipped network as the estimator runs it (device, precision, layout), returning cues."""
 
     def __init__(self, model: str, with_lr: bool):
-        self.estimator = StereoEstimator.load(model, device="cpu", precision="auto")
+        loaded = StereoEstimator.load(model, device="cpu", precision="auto")
+        # a model run at a scale of its own (the default): its network on pairs resized by it
+        self.scale = getattr(loaded, "scale", 1.0)
+        self.estimator = getattr(loaded, "inner", loaded)
         self.network = self.estimator.network
         self.with_lr = False  # also the left-right consistency (a second, mirrored pass)
         self.with_bilinear = False  # also today's peak: cost resolution, bilinear (a second pass)
@@ -106,16 +110,19 @@ class CueRunner:
 
 
 def collect(runner: CueRunner, samples, max_disparity: float, subsample: int | None, rng) -> list[dict]:
-    """Per pair: error |pred - gt| and cues over the pixels with ground truth (optionally a random subset)."""
+    """Per pair: error |pred - gt| (in the pair's pixels) and cues over the pixels with ground truth
+    (optionally a random subset). A scaled model sees the pair resized; its errors are brought back
+    to the pair's pixels, so "within 2 px" means what a caller of that model gets."""
     pairs = []
     for sample in samples:
+        sample = scale_sample(sample, runner.scale)
         disparity, cues, elapsed_ms = runner(sample)
         gt = sample["disparity"]
         valid = np.isfinite(gt) & (gt > 0) & (gt < max_disparity)
         index = np.flatnonzero(valid)
         if subsample is not None and index.size > subsample:
             index = rng.choice(index, subsample, replace=False)
-        error = np.abs(disparity.ravel()[index] - gt.ravel()[index])
+        error = np.abs(disparity.ravel()[index] - gt.ravel()[index]) / runner.scale
         error[~np.isfinite(error)] = np.inf
         pairs.append({"name": sample["name"], "error": error.astype(np.float32), "ms": elapsed_ms,
                       "cues": {k: v.ravel()[index].astype(np.float32) for k, v in cues.items()}})
@@ -403,18 +410,25 @@ def main() -> None:
     table = candidates[chosen].table
     RESULTS.mkdir(exist_ok=True)
     summary = {k: {d: v["mean"] for d, v in per.items()} for k, per in result.items()}
-    (RESULTS / "confidence_study.json").write_text(json.dumps(
-        {"model": args.model, "precision": runner.estimator.precision, "generated": GENERATED, "table": table,
-         "means": summary, "details": result}, indent=1, default=float) + "\n")
+    out = RESULTS / ("confidence_study.json" if args.model == "dsnet-fast" else
+                     f"confidence_study_{Path(args.model).stem if args.model.endswith('.pt') else args.model}.json")
+    out.write_text(json.dumps(
+        {"model": args.model, "precision": runner.estimator.precision, "input_scale": runner.scale,
+         "generated": GENERATED, "table": table, "means": summary, "details": result}, indent=1, default=float) + "\n")
     print(markdown({k: v for k, v in result.items() if k != "calibrated all cues, fitted on the first half"},
                    list(groups), chosen, tuple(f"{t:g}" for t in THRESHOLDS)))
     if args.write_table:
         from stereo_kd_core import registry
 
-        path = calibration_path(registry.resolve_shipped(args.model)[0] if Path(args.model).suffix != ".pt"
-                                else args.model)
+        if Path(args.model).suffix == ".pt":
+            path = calibration_path(args.model)
+        elif runner.scale != 1.0:  # the weights file's own table is its 1x entry's: this entry gets one of its own
+            path = registry.shipped_calibration(args.model) or registry.WEIGHTS_DIR / f"{args.model}.confidence.json"
+        else:
+            path = calibration_path(registry.resolve_shipped(args.model)[0])
         path.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"wrote {path}")
+        print(f"wrote {path}" + ("" if runner.scale == 1.0 or registry.shipped_calibration(args.model) else
+                                 f'; name it in the manifest entry: "confidence": "{path.name}"'))
 
 
 if __name__ == "__main__":

@@ -123,9 +123,10 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict, source: str = "ch
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               expected_sha256: str | None = None) -> nn.Module:
+               expected_sha256: str | None = None, calibration: str | os.PathLike | None = None) -> nn.Module:
     """Rebuild the model from a checkpoint's config and load its weights strictly (eval mode), with
-    the confidence calibration `<stem>.confidence.json` beside the checkpoint when there is one, and
+    the confidence calibration `calibration` (a JSON table) or else `<stem>.confidence.json` beside
+    the checkpoint when there is one, and
     as `model.working_scale` the input scale it is meant to run at and as `model.fit_range` whether
     it fits near scenes into its range (its `extra["input_scale"]` and `extra["fit_range"]`, written
     by `stereo-kd adapt` for a start that ran so; 1 and False when absent)."""
@@ -138,7 +139,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} has a config that builds no model: {exc}") from None
     load_state_dict_strict(model, ckpt["state_dict"], source=f"checkpoint {path}")
-    calibration = calibration_path(path)  # its confidence calibration, a JSON table beside it
+    # its confidence calibration: the table given (a shipped entry's own), else the JSON table beside it
+    calibration = Path(calibration) if calibration is not None else calibration_path(path)
     if calibration.is_file() and hasattr(model, "confidence_calibration"):
         model.confidence_calibration = ConfidenceCalibration.read(calibration)
     model.working_scale = float((ckpt["extra"] or {}).get("input_scale", 1.0))

@@ -22,7 +22,14 @@ from stereo_kd_core.estimator_base import (  # noqa: F401 (re-exported: the seam
 )
 from stereo_kd_core.network_estimator import NetworkEstimator, compile_cache_dir
 from stereo_kd_core.onnx_runtime import OnnxEstimator
-from stereo_kd_core.registry import default_model, fits_range, resolve_shipped, shipped_models, working_scale
+from stereo_kd_core.registry import (
+    default_model,
+    fits_range,
+    resolve_shipped,
+    shipped_calibration,
+    shipped_models,
+    working_scale,
+)
 from stereo_kd_core.scaled_estimator import ScaledEstimator, check_scale
 from stereo_kd_core.sgbm_estimator import SGBMEstimator
 
@@ -135,7 +142,7 @@ def _load_at_own_scale(model: str, device: str, precision: str, max_disparity: i
     else:
         path, sha = resolve_shipped(model)
         name = model
-    network = load_model(path, expected_sha256=sha)
+    network = load_model(path, expected_sha256=sha, calibration=shipped_calibration(model) if sha else None)
     own_scale, fit_range = ((working_scale(model), fits_range(model)) if sha is not None
                             else (getattr(network, "working_scale", 1.0), getattr(network, "fit_range", False)))
     measured = model if sha is not None else (measured_as(network) or model)

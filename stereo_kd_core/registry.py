@@ -64,6 +64,14 @@ def resolve_shipped(name: str) -> tuple[Path, str]:
     return WEIGHTS_DIR / entry["file"], entry["sha256"]
 
 
+def shipped_calibration(name: str | None) -> Path | None:
+    """A shipped entry's own confidence table (manifest `confidence`, a file in the weights folder),
+    for an entry that runs its weights differently from the file's other entries (a working scale):
+    None when it has none (the table beside the weights file applies)."""
+    table = shipped_models().get(name or "", {}).get("confidence")
+    return None if table is None else WEIGHTS_DIR / table
+
+
 def working_scale(name: str | None) -> float:
     """The input scale a shipped model runs at unless told otherwise (its manifest's
     `input_scale`, 1 when it has none; 1 for checkpoint paths and classical backends). A network

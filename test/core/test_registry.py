@@ -206,3 +206,25 @@ def test_a_checkpoint_carries_its_working_scale(tmp_path):
     assert not isinstance(StereoEstimator.load(str(plain), device="cpu"), ScaledEstimator)
     loaded = StereoEstimator.load(str(marked), device="cpu")
     assert isinstance(loaded, ScaledEstimator) and loaded.scale == 1.5 and loaded.name == "marked"
+
+
+def test_an_entry_with_a_table_of_its_own_gets_that_confidence_calibration(shipped):
+    """Two entries of one weights file (1x, and run at a scale of its own) each get their own table:
+    the file's beside it, the scaled entry's named in the manifest (`confidence`); adapt's start too."""
+    from stereo_kd_core.train.adapt import load_student
+
+    table = json.loads((Path(registry.__file__).parent / "weights" / "dsnet-faster.confidence.json").read_text())
+    beside, own = dict(table, bias=1.0), dict(table, bias=-1.0)
+    (shipped.parent / "tiny-fast.confidence.json").write_text(json.dumps(beside))
+    (shipped.parent / "tiny-fast-x1.25.confidence.json").write_text(json.dumps(own))
+    manifest = json.loads(registry.MANIFEST_PATH.read_text())
+    manifest["models"]["tiny-fast-x1.25"] = {**manifest["models"]["tiny-fast"], "input_scale": 1.25,
+                                             "confidence": "tiny-fast-x1.25.confidence.json"}
+    registry.MANIFEST_PATH.write_text(json.dumps(manifest))
+
+    def bias(estimator) -> float:
+        return getattr(estimator, "inner", estimator).network.confidence_calibration.table["bias"]
+
+    assert bias(StereoEstimator.load("tiny-fast", device="cpu")) == 1.0
+    assert bias(StereoEstimator.load("tiny-fast-x1.25", device="cpu")) == -1.0
+    assert load_student("tiny-fast-x1.25")[0].confidence_calibration.table["bias"] == -1.0
