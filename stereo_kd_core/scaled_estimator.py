@@ -94,7 +94,9 @@ class ScaledEstimator(StereoEstimator):
         smallest = min(self.scale, SMALLEST_FIT) if self.fit_range else self.scale
         self.max_disparity = int(inner.max_disparity / smallest)
         self.min_disparity = inner.min_disparity / self.scale
-        self.min_input_width = math.ceil(inner.min_input_width / min(smallest, PROBE_SCALE if fit_range else 1.0))
+        # the narrowest the inner estimator is given: the pair at the smallest scale it runs at (the probe's)
+        narrowest = min(smallest, PROBE_SCALE) if self.fit_range else self.scale
+        self.min_input_width = math.ceil(inner.min_input_width / narrowest)
 
     def __getattr__(self, name: str):
         """What the inner estimator says of its build (`compiled`, `wait_for_compile`). Nothing

@@ -3,6 +3,8 @@ the pair's size and pixels (stereo_kd_core.scaled_estimator)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -37,6 +39,8 @@ def test_the_disparity_comes_back_in_the_pairs_pixels(scale):
     valid = prediction.disparity[:, 80:][np.isfinite(prediction.disparity[:, 80:])]
     assert valid.size > 0.5 * HEIGHT * (WIDTH - 80)
     assert np.median(valid) == pytest.approx(SHIFT_PX, abs=0.25)
+    sgbm_width = StereoEstimator.load("sgbm", max_disparity=64).min_input_width
+    assert estimator.min_input_width == math.ceil(sgbm_width / scale)  # what the resized pair needs
     native = StereoEstimator.load("sgbm", max_disparity=64).predict(left, right).disparity
     assert np.median(native[:, 80:][np.isfinite(native[:, 80:])]) == pytest.approx(SHIFT_PX, abs=0.25)
 
