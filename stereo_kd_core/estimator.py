@@ -22,14 +22,7 @@ from stereo_kd_core.estimator_base import (  # noqa: F401 (re-exported: the seam
 )
 from stereo_kd_core.network_estimator import NetworkEstimator, compile_cache_dir
 from stereo_kd_core.onnx_runtime import OnnxEstimator
-from stereo_kd_core.registry import (
-    default_model,
-    fits_range,
-    resolve_shipped,
-    shipped_calibration,
-    shipped_models,
-    working_scale,
-)
+from stereo_kd_core.registry import default_model, load_shipped, shipped_models
 from stereo_kd_core.scaled_estimator import ScaledEstimator, check_scale
 from stereo_kd_core.sgbm_estimator import SGBMEstimator
 
@@ -134,23 +127,20 @@ def _load_at_own_scale(model: str, device: str, precision: str, max_disparity: i
         onnx = OnnxEstimator(model, device=device, precision=precision, max_disparity=max_disparity,
                              threads=threads, engine_cache_dir=engine_cache_dir)
         return onnx, onnx.convention.input_scale, False  # a graph's size is fixed at export: no probe
-    if os.sep in model or model.endswith((".pt", ".pth", ".ckpt")) or Path(model).is_file():
-        path, sha = Path(model).expanduser(), None
+    shipped = not (os.sep in model or model.endswith((".pt", ".pth", ".ckpt")) or Path(model).is_file())
+    if shipped:
+        network, name = load_shipped(model), model
+    else:
+        path = Path(model).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint path does not exist: {path}")
-        name = path.stem
-    else:
-        path, sha = resolve_shipped(model)
-        name = model
-    network = load_model(path, expected_sha256=sha, calibration=shipped_calibration(model) if sha else None)
-    own_scale, fit_range = ((working_scale(model), fits_range(model)) if sha is not None
-                            else (getattr(network, "working_scale", 1.0), getattr(network, "fit_range", False)))
-    measured = model if sha is not None else (measured_as(network) or model)
+        network, name = load_model(path), path.stem
+    measured = model if shipped else (measured_as(network) or model)
     device = resolve_device(device)
     estimator = NetworkEstimator(network, name=name, device=device,
                                  precision=resolve_precision(precision, device, measured), max_disparity=max_disparity,
                                  compile=compile, channels_last=resolve_channels_last(channels_last, measured))
-    return estimator, own_scale, fit_range
+    return estimator, network.working_scale, network.fit_range
 
 
 StereoEstimator.load = staticmethod(load)  # the seam's entry point (see estimator_base.StereoEstimator)

@@ -88,6 +88,19 @@ def fits_range(name: str | None) -> bool:
     return bool(shipped_models().get(name or "", {}).get("fit_range", False))
 
 
+def load_shipped(name: str):
+    """A shipped entry's network, its file verified by SHA-256, with the entry's confidence table
+    (`shipped_calibration`, else the one beside the file) and how the entry runs it as
+    `network.working_scale` and `network.fit_range` (a checkpoint file carries its own, see
+    checkpoint.load_model)."""
+    from stereo_kd_core.checkpoint import load_model
+
+    path, sha = resolve_shipped(name)
+    network = load_model(path, expected_sha256=sha, calibration=shipped_calibration(name))
+    network.working_scale, network.fit_range = working_scale(name), fits_range(name)
+    return network
+
+
 def model_source(model: str | None) -> dict[str, str | None]:
     """{"model_file", "model_sha256"} of what `model` (as given to StereoEstimator.load) names: a
     registry name's shipped file and manifest hash (verified at load), a file's path and hash;

@@ -75,10 +75,7 @@ def load_student(spec: str | None) -> tuple[nn.Module, str]:
         spec = registry.default_model()
     if Path(spec).is_file():
         return load_model(spec), spec
-    path, sha = registry.resolve_shipped(spec)
-    network = load_model(path, expected_sha256=sha, calibration=registry.shipped_calibration(spec))
-    network.working_scale, network.fit_range = registry.working_scale(spec), registry.fits_range(spec)
-    return network, spec
+    return registry.load_shipped(spec), spec
 
 
 def adapt_recipe(source: str | Mapping, model_config: Mapping, overrides: Mapping[str, Any]) -> dict:
