@@ -297,7 +297,7 @@ def confidence_latency_ms(network, height: int, width: int, runs: int = 15) -> d
     """Median CPU time of the confidence's own work at one input size, in the estimator's precision:
     today's (cost-resolution peak, bilinear) against the full-resolution cues + calibration, on
     tensors of the network's shapes (the rest of the forward is the same for both)."""
-    from stereo_kd_core.models.blocks import soft_argmin
+    from stereo_kd_core.models.blocks import convex_weights, soft_argmin
     from stereo_kd_core.models.confidence import distribution_statistics, image_cues
 
     stride = network.cost_stride
@@ -308,7 +308,7 @@ def confidence_latency_ms(network, height: int, width: int, runs: int = 15) -> d
         {"cues": list(CUE_NAMES), "weights": [0.1] * len(CUE_NAMES), "bias": 0.0,
          "isotonic": {"x": knots, "y": knots}})
     logits = torch.randn(1, network.num_disparities, h, w)
-    mask = torch.randn(1, 9 * stride * stride, h, w)
+    mask = convex_weights(torch.randn(1, 9 * stride * stride, h, w), stride)
     disparity, unrefined = torch.rand(1, h * stride, w * stride) * 50, torch.rand(1, h * stride, w * stride) * 50
     left, right = torch.rand(1, 3, h * stride, w * stride), torch.rand(1, 3, h * stride, w * stride)
     levels = soft_argmin(logits)

@@ -24,7 +24,7 @@ from stereo_kd_core.estimator_base import (
     pair_peak,
 )
 from stereo_kd_core.geometry import points_from_disparity_torch
-from stereo_kd_core.models.blocks import fold_batch_norm
+from stereo_kd_core.models.blocks import fold_batch_norm, pointwise_as_matmul
 from stereo_kd_core.registry import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,9 @@ class NetworkEstimator(StereoEstimator):
         if self._cuda:
             torch.backends.cudnn.benchmark = True
             self._eager = self._eager.to(memory_format=torch.channels_last)
-        elif channels_last:  # the 2D convolutions' weights: oneDNN follows them with NHWC activations
+        else:
+            pointwise_as_matmul(self._eager)  # oneDNN's 1x1x1 3D convolutions are slow on the CPU
+        if not self._cuda and channels_last:  # the 2D convolutions' weights: oneDNN follows them with NHWC activations
             for module in self._eager.modules():
                 if isinstance(module, torch.nn.Conv2d):
                     module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)

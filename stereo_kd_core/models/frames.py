@@ -24,8 +24,9 @@ from .blocks import (
     CostAggregation,
     FeatureExtractor,
     ResidualBlock,
+    cat_channels,
     conv2d_bn_relu,
-    convex_upsample,
+    convex_combine,
     pad_to_multiple,
     soft_argmin,
 )
@@ -92,9 +93,14 @@ class StereoNetwork(nn.Module):
         self.volume = AttentionFilteredVolume(groups, attention_channels, self.num_disparities)
         self.aggregation = CostAggregation(2 * concat_channels, aggregation_channels, self.NUM_HOURGLASSES)
 
+    def normalise(self, images: Tensor) -> Tensor:
+        """RGB in [0, 1] -> (images - mean) / std, as one multiply-add (half the time of the two)."""
+        return torch.addcmul(-self.mean / self.std, images, 1.0 / self.std)
+
     def upsample_mask(self, left_correlation: Tensor) -> Tensor | None:
         """What the upsampling of every output shares, computed once per forward from the left
-        correlation features (B, Cg, h, w): the students' convex mask; None for the teacher."""
+        correlation features (B, Cg, h, w): the students' convex weights (B, h, w, 9, stride^2); None
+        for the teacher."""
         return None
 
     def full_resolution_disparity(self, logits: Tensor, levels: Tensor, mask: Tensor | None) -> Tensor:
@@ -121,12 +127,12 @@ class StereoNetwork(nn.Module):
     def infer_core(self, left: Tensor, right: Tensor) -> tuple[Tensor, ...]:
         """The weighted part of the eval forward, from left, right (B, 3, H, W) RGB in [0, 1]:
         (disparity, unrefined disparity) (B, Hp, Wp) px, the last cost logits (B, D, h, w), their
-        expected levels (B, h, w), the upsampling mask (or an empty tensor) and the normalised,
+        expected levels (B, h, w), `upsample_mask`'s convex weights (or an empty tensor) and the normalised,
         padded views (2B, 3, Hp, Wp). `cues_from_core` turns them into the confidence cues; the
         two are separate graphs for torch.compile (freezing folds weights in the first; the
         second has none, and inductor's freezing fails on the two together)."""
         batch = left.shape[0]
-        images = pad_to_multiple((torch.cat([left, right], dim=0) - self.mean) / self.std, self.stride)
+        images = pad_to_multiple(self.normalise(torch.cat([left, right], dim=0)), self.stride)
         stages, correlation, concat = self.features(images)
         volume, _, _ = self.volume((correlation[:batch], correlation[batch:]), (concat[:batch], concat[batch:]))
         logits = self.aggregation(volume, all_outputs=False)[-1]  # (B, D, h, w)
@@ -176,7 +182,7 @@ class StereoNetwork(nn.Module):
             return self.confidence_head(self.infer_core(left, right), *left.shape[-2:])
         batch, _, height, width = left.shape
         images = torch.cat([left, right], dim=0)
-        images = pad_to_multiple((images - self.mean) / self.std, self.stride)
+        images = pad_to_multiple(self.normalise(images), self.stride)
         stages, correlation, concat = self.features(images)  # (2B, Cg, h, w), (2B, Cc, h, w)
         correlation_pair = correlation[:batch], correlation[batch:]
         volume, gwc, attention = self.volume(correlation_pair, (concat[:batch], concat[batch:]))
@@ -233,8 +239,8 @@ class DisparityRefinement(nn.Module):
         grid = torch.stack([xs * (2.0 / max(width - 1, 1)) - 1.0, ys * (2.0 / max(height - 1, 1)) - 1.0], dim=-1)
         warped = F.grid_sample(right_features.float(), grid, mode="bilinear", padding_mode="border",
                                align_corners=True).to(left_features.dtype)
-        x = torch.cat([left_features, left_features - warped, (half * self.DISPARITY_SCALE).to(left_features.dtype)],
-                      dim=1)
+        x = cat_channels([left_features, left_features - warped, (half * self.DISPARITY_SCALE).to(left_features.dtype)],
+                         left_features)
         residual = F.pixel_shuffle(self.residual(self.blocks(self.head(x))), 2)  # (B, 1, H, W)
         return disparity + residual[:, 0].float()
 
@@ -263,11 +269,11 @@ class ConvexUpsamplingStereoNetwork(StereoNetwork):
         return self.refinement(disparity, stem[:batch], stem[batch:])
 
     def upsample_mask(self, left_correlation: Tensor) -> Tensor:
-        return self.upsampler.mask_logits(left_correlation)  # (B, 9 * stride^2, h, w)
+        return self.upsampler.weights(left_correlation)  # (B, h, w, 9, stride^2): the convex weights
 
     def full_resolution_disparity(self, logits: Tensor, levels: Tensor, mask: Tensor | None) -> Tensor:
         return self.upsampler(levels, mask)
 
     def upsample_cues(self, cues: Tensor, mask: Tensor | None) -> Tensor:
         """With the disparity's own convex weights (values unscaled)."""
-        return convex_upsample(cues / self.cost_stride, mask, self.cost_stride)
+        return convex_combine(cues / self.cost_stride, mask, self.cost_stride)

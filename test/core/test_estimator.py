@@ -113,6 +113,25 @@ def test_channels_last_on_the_cpu_changes_the_layout_not_the_result():
     assert np.median(np.abs(expected.disparity[:, 20:] - 5)) < 0.5  # and the shipped network finds the shift
 
 
+def test_the_cpu_inference_copy_runs_pointwise_3d_convolutions_as_matrix_products():
+    """The estimator's CPU copy swaps its 1x1x1 Conv3d for PointwiseConv3d: the network's own eval
+    output all the same (fp32), and the network it was given keeps its convolutions."""
+    import torch
+
+    from stereo_kd_core.models.blocks import PointwiseConv3d
+
+    left, right = textured_pair(height=64, width=96, shift=5, seed=4)
+    estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
+    assert any(isinstance(m, PointwiseConv3d) for m in estimator.inference_network.modules())
+    assert not any(isinstance(m, PointwiseConv3d) for m in estimator.network.modules())
+    got = estimator.predict(left, right)
+    with torch.inference_mode():
+        images = [torch.from_numpy(v).permute(2, 0, 1)[None].float() / 255 for v in (left, right)]
+        disparity, confidence = estimator.network(*images)
+    np.testing.assert_allclose(got.disparity, disparity[0].numpy(), atol=1e-3)
+    np.testing.assert_allclose(got.confidence, confidence[0].numpy(), atol=1e-3)
+
+
 def test_twelve_bit_mono16_matches_eight_bit():
     left, right = textured_pair()
     est = StereoEstimator.load("sgbm", max_disparity=32)

@@ -12,11 +12,16 @@ from torch import nn
 from stereo_kd_core.models import ARCHITECTURES, build_model, default_config
 from stereo_kd_core.models.blocks import (
     FEATURE_STAGES,
+    PointwiseConv3d,
+    cat_channels,
     concat_volume,
     conv_layout,
+    convex_combine,
     convex_upsample,
+    convex_weights,
     group_correlation_volume,
     pad_to_multiple,
+    pointwise_as_matmul,
     soft_argmin,
 )
 from stereo_kd_core.models.confidence import distribution_confidence
@@ -325,6 +330,67 @@ def test_convex_upsampling_with_a_centre_mask_is_nearest_neighbour():
     fine = convex_upsample(field, mask.view(1, -1, 2, 3), factor)
     expected = factor * field.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
     torch.testing.assert_close(fine, expected)
+
+
+def _convex_reference(field: torch.Tensor, mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """RAFT's convex upsampling written out pixel by pixel (the definition, no tricks)."""
+    batch, channels, height, width = field.shape
+    weights = mask.view(batch, 9, factor, factor, height, width).softmax(dim=1)
+    padded = torch.nn.functional.pad(field, (1, 1, 1, 1), mode="replicate")
+    fine = torch.zeros(batch, channels, height * factor, width * factor)
+    for y in range(height):
+        for x in range(width):
+            window = padded[:, :, y:y + 3, x:x + 3].reshape(batch, channels, 9, 1, 1)
+            block = (weights[:, None, :, :, :, y, x] * window).sum(2)  # (B, C, f, f)
+            fine[:, :, y * factor:(y + 1) * factor, x * factor:(x + 1) * factor] = factor * block
+    return fine
+
+
+def test_convex_upsampling_matches_its_definition_with_and_without_gradients_in_any_mask_layout():
+    """The inference path (one small matrix product per coarse pixel) and the training path (a sum
+    of nine products) give RAFT's definition; so does a channels_last mask (the CPU's layout, read
+    pixel by pixel), and the weights are shared by every field upsampled with them."""
+    generator = torch.Generator().manual_seed(4)
+    factor = 4
+    field = torch.randn(2, 3, 3, 5, generator=generator)
+    mask = 3 * torch.randn(2, 9 * factor * factor, 3, 5, generator=generator)
+    expected = _convex_reference(field, mask, factor)
+    with torch.no_grad():
+        torch.testing.assert_close(convex_upsample(field, mask, factor), expected)
+        channels_last = mask.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(convex_upsample(field, channels_last, factor), expected)
+    trained = field.clone().requires_grad_()
+    out = convex_combine(trained, convex_weights(mask, factor), factor)
+    torch.testing.assert_close(out.detach(), expected)
+    out.sum().backward()  # each coarse value feeds weights summing to 1 at 9 x f^2 fine pixels, x factor
+    assert trained.grad is not None and torch.isfinite(trained.grad).all()
+    assert convex_weights(mask, factor).shape == (2, 3, 5, 9, factor * factor)
+    torch.testing.assert_close(convex_weights(mask, factor).sum(3), torch.ones(2, 3, 5, factor * factor))
+
+
+def test_pointwise_conv_as_matmul_is_the_convolution_in_any_layout():
+    """The CPU inference copy's 1x1x1 convolutions: the same output (values and a contiguous
+    layout) on a contiguous volume and on conv_layout's transposed view; other convolutions stay."""
+    generator = torch.Generator().manual_seed(5)
+    network = nn.Sequential(nn.Conv3d(6, 4, 1), nn.ReLU(), nn.Conv3d(4, 3, 1, bias=False), nn.Conv3d(3, 2, 3))
+    volume = torch.randn(2, 6, 4, 5, 7, generator=generator)
+    replaced = pointwise_as_matmul(copy.deepcopy(network))
+    assert [type(m) for m in replaced] == [PointwiseConv3d, nn.ReLU, PointwiseConv3d, nn.Conv3d]
+    with torch.no_grad():
+        for x in (volume, conv_layout(volume)):
+            got = replaced(x)
+            torch.testing.assert_close(got, network(x), atol=1e-5, rtol=1e-5)
+            assert got.is_contiguous()
+
+
+def test_cat_channels_keeps_a_channels_last_layout():
+    left = torch.randn(1, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(1, 2, 5, 6)  # the default layout, as grid_sample returns
+    joined = cat_channels([left, other], left)
+    assert torch.equal(joined, torch.cat([left, other], dim=1))
+    assert joined.is_contiguous(memory_format=torch.channels_last) and not joined.is_contiguous()
+    plain = cat_channels([left.contiguous(), other], left.contiguous())
+    assert torch.equal(plain, joined) and plain.is_contiguous()
 
 
 def test_conv_layout_swaps_disparity_and_width_and_back():
