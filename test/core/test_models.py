@@ -369,18 +369,21 @@ def test_convex_upsampling_matches_its_definition_with_and_without_gradients_in_
 
 
 def test_pointwise_conv_as_matmul_is_the_convolution_in_any_layout():
-    """The CPU inference copy's 1x1x1 convolutions: the same output (values and a contiguous
-    layout) on a contiguous volume and on conv_layout's transposed view; other convolutions stay."""
+    """The CPU inference copy's 1x1x1 convolutions: the same output, laid out as the input, on a
+    contiguous and a channels_last_3d volume and on conv_layout's transposed views of both; other
+    convolutions stay."""
     generator = torch.Generator().manual_seed(5)
     network = nn.Sequential(nn.Conv3d(6, 4, 1), nn.ReLU(), nn.Conv3d(4, 3, 1, bias=False), nn.Conv3d(3, 2, 3))
     volume = torch.randn(2, 6, 4, 5, 7, generator=generator)
     replaced = pointwise_as_matmul(copy.deepcopy(network))
     assert [type(m) for m in replaced] == [PointwiseConv3d, nn.ReLU, PointwiseConv3d, nn.Conv3d]
+    channels_last = volume.contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        for x in (volume, conv_layout(volume)):
-            got = replaced(x)
-            torch.testing.assert_close(got, network(x), atol=1e-5, rtol=1e-5)
-            assert got.is_contiguous()
+        for x in (volume, conv_layout(volume), channels_last, conv_layout(channels_last)):
+            got = replaced[0](x)
+            torch.testing.assert_close(got, network[0](x), atol=1e-5, rtol=1e-5)
+            assert sorted(range(5), key=got.stride) == sorted(range(5), key=x.stride)  # laid out as the input
+            torch.testing.assert_close(replaced(x), network(x), atol=1e-5, rtol=1e-5)
 
 
 def test_cat_channels_keeps_a_channels_last_layout():
