@@ -94,7 +94,9 @@ def image_cues(disparity: Tensor, left: Tensor, right: Tensor) -> dict[str, Tens
     """The cues that need only the disparity (B, H, W) px and the views (B, 3, H, W), float32:
     edge, photometric, texture, outside; (B, H, W) each."""
     disparity = disparity.float().unsqueeze(1)  # (B, 1, H, W)
-    left, right = left.float(), right.float()
+    # the default layout, as grid_sample's output: on channels_last views (the CPU's) the differences
+    # and channel means below took 1.6 ms at 384x640 instead of 0.4
+    left, right = left.float().contiguous(), right.float()
     edge = _local_max(disparity) + _local_max(-disparity)
     height, width = disparity.shape[-2:]
     xs = torch.arange(width, device=disparity.device, dtype=torch.float32).view(1, 1, width) - disparity[:, 0]

@@ -28,6 +28,7 @@ from .blocks import (
     conv2d_bn_relu,
     convex_combine,
     pad_to_multiple,
+    shift_rows,
     soft_argmin,
 )
 from .confidence import ConfidenceCalibration, distribution_statistics, image_cues
@@ -233,14 +234,9 @@ class DisparityRefinement(nn.Module):
     def forward(self, disparity: Tensor, left_features: Tensor, right_features: Tensor) -> Tensor:
         """disparity (B, H, W) pixels; features (B, C, H/2, W/2) -> refined (B, H, W) pixels."""
         half = F.avg_pool2d(disparity.unsqueeze(1).float(), 2) * 0.5  # (B, 1, H/2, W/2) half-res pixels
-        height, width = half.shape[-2:]
-        xs = torch.arange(width, device=half.device, dtype=half.dtype).view(1, 1, width) - half[:, 0]
-        ys = torch.arange(height, device=half.device, dtype=half.dtype).view(1, height, 1).expand_as(xs)
-        grid = torch.stack([xs * (2.0 / max(width - 1, 1)) - 1.0, ys * (2.0 / max(height - 1, 1)) - 1.0], dim=-1)
-        warped = F.grid_sample(right_features.float(), grid, mode="bilinear", padding_mode="border",
-                               align_corners=True).to(left_features.dtype)
+        warped = shift_rows(right_features, half[:, 0]).to(left_features.dtype)
         x = cat_channels([left_features, left_features - warped, (half * self.DISPARITY_SCALE).to(left_features.dtype)],
-                         left_features)
+                         left_features)  # in the features' layout, as the difference
         residual = F.pixel_shuffle(self.residual(self.blocks(self.head(x))), 2)  # (B, 1, H, W)
         return disparity + residual[:, 0].float()
 

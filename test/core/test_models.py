@@ -22,6 +22,7 @@ from stereo_kd_core.models.blocks import (
     group_correlation_volume,
     pad_to_multiple,
     pointwise_as_matmul,
+    shift_rows,
     soft_argmin,
 )
 from stereo_kd_core.models.confidence import distribution_confidence
@@ -384,6 +385,23 @@ def test_pointwise_conv_as_matmul_is_the_convolution_in_any_layout():
             torch.testing.assert_close(got, network[0](x), atol=1e-5, rtol=1e-5)
             assert sorted(range(5), key=got.stride) == sorted(range(5), key=x.stride)  # laid out as the input
             torch.testing.assert_close(replaced(x), network(x), atol=1e-5, rtol=1e-5)
+
+
+def test_shifting_rows_of_channels_last_features_is_grid_samples_bilinear_shift():
+    """The refinement's warp: channels_last features (whole pixels gathered) give what grid_sample
+    gives the same features in the default layout, inside the row, past either border (the border
+    column) and at whole pixels; a NaN disparity samples inside the row instead of failing."""
+    generator = torch.Generator().manual_seed(6)
+    features = torch.randn(2, 5, 4, 9, generator=generator)
+    disparity = torch.rand(2, 4, 9, generator=generator) * 14 - 3  # some beyond the left border, some negative
+    disparity[0, 0, :3] = torch.tensor([0.0, 1.0, 2.0])  # whole pixels
+    expected = shift_rows(features, disparity)  # grid_sample
+    got = shift_rows(features.contiguous(memory_format=torch.channels_last), disparity)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(expected[0, :, 0, 2], features[0, :, 0, 0])  # x = 2 - 2: column 0
+    disparity[1, 2, 4] = float("nan")
+    assert torch.isfinite(shift_rows(features.contiguous(memory_format=torch.channels_last), disparity)).all()
 
 
 def test_cat_channels_keeps_a_channels_last_layout():
