@@ -188,9 +188,9 @@ class ConfidenceCalibration:
         # reducing over it took 2.5x as long on the CPU (14 ms at 384x640 against 6)
         score = None
         for name, weight in zip(self.cues, self.weights, strict=True):
-            term = CUE_TRANSFORMS[name](cues[name].float()) * weight
-            score = term if score is None else score + term
-        score = torch.sigmoid(score + self.bias)
+            feature = CUE_TRANSFORMS[name](cues[name].float())
+            score = feature * weight + self.bias if score is None else torch.add(score, feature, alpha=weight)
+        score = torch.sigmoid(score)
         return piecewise_linear(score, self.knots_x, self.knots_y).clamp(0.0, 1.0)
 
 
