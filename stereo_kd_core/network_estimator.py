@@ -30,6 +30,12 @@ from stereo_kd_core.registry import default_cache_dir
 log = logging.getLogger(__name__)
 
 
+# Background builds (compile, int8) run one at a time in the process: torch.export and dynamo keep
+# process-wide state, and two sizes built at once (a scaled model's enlarged pair and its probe) failed
+# with "Trying to pop empty mode stack" and "_EXPORT_MODULE_HIERARCHY must not be None".
+_BUILD_LOCK = threading.Lock()
+
+
 def int8_unavailable(network: torch.nn.Module, cuda: bool) -> str | None:
     """None where `network` can run in int8 here, else why not."""
     if cuda:
@@ -185,8 +191,9 @@ class NetworkEstimator(StereoEstimator):
 
         def prepare_in_background(left: torch.Tensor, right: torch.Tensor, size: tuple[int, ...]):
             try:  # autocast and inference mode are per thread: as _run_network sets them
-                with torch.inference_mode(), torch.autocast("cpu", dtype=self._float_dtype, cache_enabled=False,
-                                                            enabled=self._float_dtype != torch.float32):
+                lowered = self._float_dtype != torch.float32
+                with _BUILD_LOCK, torch.inference_mode(), torch.autocast(
+                        "cpu", dtype=self._float_dtype, cache_enabled=False, enabled=lowered):
                     prepare(left, right, size)
             except Exception as exc:  # noqa: BLE001 (any failure means: run eager from now on)
                 log.warning("compiling '%s' for %dx%d failed (%s); running it eagerly", self.name, size[0],

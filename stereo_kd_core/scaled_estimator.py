@@ -122,25 +122,31 @@ class ScaledEstimator(StereoEstimator):
             return self.scale
         return max(math.floor(fits / FIT_STEP) * FIT_STEP, min(SMALLEST_FIT, self.scale))
 
+    def run_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(W, H) of what a height x width pair runs at: enlarged by `scale`, and the probe's with
+        fit_range (smaller grid scales, for near scenes, come when first needed)."""
+        return [input_size(width, height, self.scale)] + ([probe_size(width, height)] if self.fit_range else [])
+
     def prepare_size(self, height: int, width: int) -> bool:
         """The inner estimator's prepare_size (a compiled network's background build) for the sizes
-        a height x width pair is run at: enlarged by `scale`, and the probe's (smaller grid scales,
-        for near scenes, build when first needed). True when a build started."""
+        a height x width pair is run at (`run_sizes`), not the pair's. True when a build started."""
         prepare = getattr(self.inner, "prepare_size", None)
         if prepare is None:
             return False
-        sizes = [input_size(width, height, self.scale)] + ([probe_size(width, height)] if self.fit_range else [])
-        return any([bool(prepare(h, w)) for w, h in sizes])  # a list: every size starts
+        return any([bool(prepare(h, w)) for w, h in self.run_sizes(height, width)])  # a list: every size starts
 
     def warm_up(self, height: int, width: int) -> float:
-        """One prediction on a blank height x width pair (a compiled network builds its sizes now),
-        waiting for the builds; its seconds."""
+        """The inner estimator warmed up (a compiled network built, one size after another) at the
+        sizes a height x width pair runs at; its seconds. Not a blank pair through predict: the
+        probe would pick a scale for a scene that is not there and build that size instead."""
         started = time.perf_counter()
-        blank = np.zeros((height, width, 3), np.uint8)
-        self.predict(blank, blank)
-        wait = getattr(self.inner, "wait_for_compile", None)
-        if wait is not None:
-            wait()
+        for w, h in self.run_sizes(height, width):
+            warm = getattr(self.inner, "warm_up", None)
+            if warm is not None:
+                warm(h, w)
+            else:
+                blank = np.zeros((h, w, 3), np.uint8)
+                self.inner.predict(blank, blank)
         return time.perf_counter() - started
 
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:

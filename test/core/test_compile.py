@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -204,3 +205,30 @@ def test_prepare_size_builds_a_size_ahead_of_its_first_pair(monkeypatch):
     assert build_thread == f"compile-dsnet-fast-{HEIGHT}x{WIDTH}" and pair_thread == threading.current_thread().name
     assert built_for == pair_inputs  # dynamo's guards (shape, stride, inference mode) hold for real pairs
     assert list(estimator._compiling) == [(HEIGHT, WIDTH)]
+
+
+def test_background_builds_run_one_at_a_time(monkeypatch):
+    """Two sizes prepared at once (a scaled model's enlarged pair and its probe, at a camera_info)
+    build one after the other: torch.export and dynamo keep process-wide state, and two int8 builds
+    at once failed ("Trying to pop empty mode stack") and left the node eager."""
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def tracking_compile(function, **kwargs):
+        def compiled(*args):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            try:
+                time.sleep(0.2)  # long enough for a second build, were it let in, to overlap
+                return function(*args)
+            finally:
+                with lock:
+                    active[0] -= 1
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", tracking_compile)
+    estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32", compile=True)
+    assert estimator.prepare_size(HEIGHT, WIDTH) and estimator.prepare_size(HEIGHT // 2, WIDTH)
+    assert estimator.wait_for_compile(timeout_s=300) and estimator.compiled
+    assert len(estimator._compiling) == 2 and peak[0] == 1
+

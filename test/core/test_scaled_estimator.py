@@ -116,7 +116,14 @@ class _Recording(StereoEstimator):
     name, backend, device, precision, max_disparity = "recording", "python", "cpu", "fp32", 64
 
     def __init__(self):
-        self.prepared = []
+        self.prepared, self.warmed = [], []
+
+    def warm_up(self, height: int, width: int) -> float:
+        self.warmed.append((width, height))
+        return 0.0
+
+    def predict(self, left, right, geometry=None):
+        raise AssertionError("a warm-up runs the inner estimator at its sizes, not a blank pair through the probe")
 
     def prepare_size(self, height: int, width: int) -> bool:
         self.prepared.append((width, height))
@@ -132,3 +139,13 @@ def test_prepare_size_builds_the_sizes_the_pair_runs_at_not_the_pairs():
     assert ScaledEstimator(inner, 1.25, fit_range=True).prepare_size(480, 640)
     assert inner.prepared == [(800, 600), (160, 120)]
     assert not ScaledEstimator(StereoEstimator.load("sgbm", max_disparity=64), 1.5).prepare_size(96, 256)
+
+
+def test_warm_up_builds_the_sizes_the_pair_runs_at_one_after_another():
+    """A blank pair through predict would let the probe pick a scale for a scene that is not there
+    (and a compiled network build that size, not the enlarged one): the inner estimator is warmed
+    at the enlarged size and the probe's, in turn."""
+    inner = _Recording()
+    ScaledEstimator(inner, 1.25, fit_range=True).warm_up(480, 640)
+    assert inner.warmed == [(800, 600), (160, 120)]
+
