@@ -392,7 +392,7 @@ def test_shifting_rows_of_channels_last_features_is_grid_samples_bilinear_shift(
     gives the same features in the default layout, inside the row, past either border (the border
     column) and at whole pixels; a NaN disparity samples inside the row instead of failing."""
     generator = torch.Generator().manual_seed(6)
-    features = torch.randn(2, 5, 4, 9, generator=generator)
+    features = torch.randn(2, 9, 4, 9, generator=generator)  # 8 channels or more: gathered whole
     disparity = torch.rand(2, 4, 9, generator=generator) * 14 - 3  # some beyond the left border, some negative
     disparity[0, 0, :3] = torch.tensor([0.0, 1.0, 2.0])  # whole pixels
     expected = shift_rows(features, disparity)  # grid_sample
@@ -402,6 +402,9 @@ def test_shifting_rows_of_channels_last_features_is_grid_samples_bilinear_shift(
     torch.testing.assert_close(expected[0, :, 0, 2], features[0, :, 0, 0])  # x = 2 - 2: column 0
     disparity[1, 2, 4] = float("nan")
     assert torch.isfinite(shift_rows(features.contiguous(memory_format=torch.channels_last), disparity)).all()
+    rgb = features[:, :3].contiguous(memory_format=torch.channels_last)  # fewer channels: grid_sample
+    disparity[1, 2, 4] = 3.5
+    torch.testing.assert_close(shift_rows(rgb, disparity), shift_rows(features[:, :3], disparity))
 
 
 def test_cat_channels_keeps_a_channels_last_layout():
