@@ -332,6 +332,23 @@ class NetworkEstimator(StereoEstimator):
         prediction, _ = self._predict_images(self._images(left, right), geometry)
         return prediction
 
+    @torch.inference_mode()
+    def predict_coarse(self, left: np.ndarray, right: np.ndarray) -> np.ndarray | None:
+        """The network's expected disparity at its cost resolution (`coarse_disparity`: no upsampling,
+        refinement or confidence), (ceil(H / stride), ceil(W / stride)) float32 in the pair's pixels,
+        eager in the estimator's precision: a cheap look at how near the scene is (a scaled model's
+        probe). None for a network without it or a compiled estimator (its graph of the whole forward
+        at the probe's size is the faster look there)."""
+        network = self._eager
+        if self.compiled or not hasattr(network, "coarse_disparity"):
+            return None
+        left, right = check_pair(left, right)
+        images = self._images(left, right)
+        coarse = self._run_network(images[0:1], images[1:2], forward=network.coarse_disparity)[0]
+        stride = network.cost_stride
+        rows, columns = -(-left.shape[0] // stride), -(-left.shape[1] // stride)
+        return coarse[:rows, :columns].float().cpu().numpy()
+
     def _images(self, left: np.ndarray, right: np.ndarray) -> torch.Tensor:
         """A checked host pair -> (2, 3, H, W) float in [0, 1] on the device."""
         scale = 1.0 / pair_peak(left, right)

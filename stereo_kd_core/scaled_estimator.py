@@ -112,7 +112,11 @@ class ScaledEstimator(StereoEstimator):
             return self.scale
         height, width = left.shape[:2]
         size = probe_size(width, height)
-        disparity = self.inner.predict(resize_image(left, size), resize_image(right, size)).disparity
+        small = resize_image(left, size), resize_image(right, size)
+        coarse = getattr(self.inner, "predict_coarse", None)
+        disparity = coarse(*small) if coarse is not None else None  # a network's cost-resolution look
+        if disparity is None:
+            disparity = self.inner.predict(*small).disparity
         valid = disparity[np.isfinite(disparity)]
         if valid.size == 0:
             return self.scale

@@ -98,6 +98,28 @@ def test_fit_range_runs_a_near_scene_at_a_scale_that_keeps_it_inside_the_range()
     assert fitted.scale_for(far_left, far_right) == 2.0
 
 
+def test_a_network_probe_looks_at_cost_resolution_and_decides_as_the_whole_forward():
+    """A network's probe is its cost-resolution disparity (predict_coarse: no upsampling, refinement
+    or confidence; half the time): it finds the shift in the pair's pixels, and fit_range keeps the
+    scene inside the trained range as with the whole forward (a grid step apart at most); a compiled
+    estimator (whose graph of the whole forward is the faster look) and SGBM have no such probe."""
+    shift = 48  # enlarged by 4: 192 px, beyond 0.8 x 192; 153.6 / 48 = 3.2 fits
+    left, right = shifted_pair(shift, WIDTH)
+    network = StereoEstimator.load("dsnet-faster", device="cpu", precision="fp32")
+    coarse = network.predict_coarse(left, right)
+    assert coarse.shape == (HEIGHT // 8, WIDTH // 8)
+    assert np.median(coarse[:, 8:]) == pytest.approx(shift, abs=1.0)
+    fitted = ScaledEstimator(network, 4.0, fit_range=True)
+    by_coarse = fitted.scale_for(left, right)
+    network.predict_coarse = lambda *pair: None  # the whole forward instead
+    by_forward = fitted.scale_for(left, right)
+    for scale in (by_coarse, by_forward):
+        assert 2.75 <= scale <= 3.125 and shift * scale <= 0.8 * 192
+    assert abs(by_coarse - by_forward) <= 0.125
+    assert StereoEstimator.load("dsnet-faster", device="cpu", compile=True).predict_coarse(left, right) is None
+    assert not hasattr(StereoEstimator.load("sgbm", max_disparity=64), "predict_coarse")
+
+
 def test_a_dense_disparity_resizes_as_the_masked_path_does_away_from_invalid_pixels():
     """The dense fast path (a network's answer) and the masked path agree wherever no invalid pixel
     is near: one NaN in a corner changes nothing far from it."""
