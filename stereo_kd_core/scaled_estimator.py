@@ -19,6 +19,7 @@ import numpy as np
 
 from stereo_kd_core.estimator_base import StereoEstimator, StereoPrediction, check_pair
 from stereo_kd_core.rectification import input_size
+from stereo_kd_core.scene_range import TRAINED_RANGE_FRACTION
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -58,10 +59,9 @@ def check_scale(scale: float) -> float:
     return float(scale)
 
 
-# Fitting the scene into the range (fit_range): the shipped networks learned scenes up to this
-# fraction of their search range (stereo_kd_core.data.photo_stereo.SCENE_FRACTION) and fail beyond
-# it; a pair whose enlarged disparities would pass it is run at a smaller scale instead.
-TRAINED_RANGE_FRACTION = 0.8
+# Fitting the scene into the range (fit_range): the shipped networks learned scenes up to
+# TRAINED_RANGE_FRACTION of their search range and fail beyond it; a pair whose enlarged disparities
+# would pass it is run at a smaller scale instead.
 FIT_PERCENTILE = 98          # the probe's disparity that must fit: 2 % of the pixels may lie beyond
 FIT_STEP = 0.125             # scales are chosen on this grid (rounded down): a few input sizes only,
 SMALLEST_FIT = 0.5           # as compiled and int8 graphs are built per size; and no smaller than this

@@ -45,6 +45,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..scene_range import TRAINED_RANGE_FRACTION
 from .virtual_rig import random_disparity_plane, virtual_rig_calib
 
 # scikit-image photographs that ship inside the wheel, of scenes only (stereo_motorcycle is an
@@ -58,7 +59,6 @@ MAX_PHOTO_SIDE = 1600  # photographs are stored downscaled to this (memory: ~7 M
 MIN_PHOTO_SIDE = 96
 MAX_PLANE_SLOPE = 0.35  # |dd/dx| of a foreground layer; keeps right-view segments well ordered
 MIN_DISPARITY = 0.5
-SCENE_FRACTION = 0.8  # scene disparities stay below this fraction of max_disparity
 OCCLUSION_TOLERANCE_PX = 0.5
 # A background crop whose mean absolute grey gradient (grey levels per pixel) is below this is
 # redrawn (a few tries): real scenes are textured almost everywhere; textureless regions come from
@@ -247,7 +247,7 @@ class PhotoStereoGenerator:
         self.num_objects = (int(num_objects[0]), int(num_objects[1]))
         self.textureless_prob = float(textureless_prob)
         self.camera_effects = bool(camera_effects)
-        self.scene_max_disparity = SCENE_FRACTION * self.max_disparity
+        self.scene_max_disparity = TRAINED_RANGE_FRACTION * self.max_disparity
         if self.scene_max_disparity <= 4 * MIN_DISPARITY:
             raise ValueError(f"max_disparity {max_disparity} is too small for a scene")
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..scene_range import TRAINED_RANGE_FRACTION
 from .io import write_image_rgb, write_middlebury_calib, write_pfm
 from .photo_stereo import PhotoStereoGenerator, skimage_photos
 from .virtual_rig import random_disparity_plane, virtual_rig_calib
@@ -218,7 +219,7 @@ class SyntheticStereoGenerator:
         self.seed = int(seed)
         self.num_objects = num_objects
         self.device = torch.device(device)
-        self.scene_max_disparity = 0.8 * self.max_disparity
+        self.scene_max_disparity = TRAINED_RANGE_FRACTION * self.max_disparity
         if self.scene_max_disparity <= 2 * MIN_DISPARITY:
             raise ValueError(f"max_disparity {max_disparity} is too small for a scene")
 
