@@ -112,6 +112,8 @@ class StereoEstimator:
     # Where predict_raw rectifies and resizes: False = OpenCV on the CPU; True = on the
     # estimator's own device (networks only: torch grid_sample, no host round trip on a GPU).
     rectifies_on_device: bool = False
+    # Whether it can do the latter (a PyTorch network, also one run at a scale of its own).
+    can_rectify_on_device: bool = False
 
     def predict_raw(self, left: np.ndarray, right: np.ndarray, maps, size: tuple[int, int] | None = None,
                     geometry=None, rectified_left: bool = False) -> RawPrediction:

@@ -72,6 +72,8 @@ class NetworkEstimator(StereoEstimator):
     disparity, confidence and (optionally) points together.
     """
 
+    can_rectify_on_device = True
+
     def __init__(self, network: torch.nn.Module, name: str, device: str, precision: str,
                  max_disparity: int, compile: bool = False, channels_last: bool = False):
         self.name = name

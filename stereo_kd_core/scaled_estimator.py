@@ -17,7 +17,7 @@ import time
 import cv2
 import numpy as np
 
-from stereo_kd_core.estimator_base import StereoEstimator, StereoPrediction, check_pair
+from stereo_kd_core.estimator_base import RawPrediction, StereoEstimator, StereoPrediction, check_pair
 from stereo_kd_core.rectification import input_size
 from stereo_kd_core.scene_range import TRAINED_RANGE_FRACTION
 
@@ -117,10 +117,14 @@ class ScaledEstimator(StereoEstimator):
         disparity = coarse(*small) if coarse is not None else None  # a network's cost-resolution look
         if disparity is None:
             disparity = self.inner.predict(*small).disparity
+        return self._fitted_scale(disparity * (width / size[0]))
+
+    def _fitted_scale(self, disparity: np.ndarray) -> float:
+        """fit_range's scale for a probe's disparity (in the pair's pixels, at any resolution)."""
         valid = disparity[np.isfinite(disparity)]
         if valid.size == 0:
             return self.scale
-        reach = float(np.percentile(valid, FIT_PERCENTILE)) * width / size[0]  # in the pair's pixels
+        reach = float(np.percentile(valid, FIT_PERCENTILE))
         fits = TRAINED_RANGE_FRACTION * self.inner.max_disparity / max(reach, 1e-6)
         if fits >= self.scale:
             return self.scale
@@ -158,7 +162,46 @@ class ScaledEstimator(StereoEstimator):
         height, width = left.shape[:2]
         size = input_size(width, height, self.scale_for(left, right))
         inner = self.inner.predict(resize_image(left, size), resize_image(right, size))
+        return self._at_pair_size(inner, width, height, geometry)
+
+    def _at_pair_size(self, inner: StereoPrediction, width: int, height: int, geometry) -> StereoPrediction:
+        """The inner estimator's answer for the resized pair, as the answer for the width x height pair."""
         disparity = disparity_to_size(inner.disparity, (width, height))
         confidence = resize_image(inner.confidence.astype(np.float32), (width, height))
         return StereoPrediction(disparity=disparity, confidence=np.clip(confidence, 0.0, 1.0),
                                 points=self._points(disparity, geometry))
+
+    @property
+    def can_rectify_on_device(self) -> bool:
+        return bool(getattr(self.inner, "can_rectify_on_device", False))
+
+    @property
+    def rectifies_on_device(self) -> bool:
+        """Whether predict_raw rectifies on the inner network's device (the node sets it)."""
+        return self.can_rectify_on_device and bool(self.inner.rectifies_on_device)
+
+    @rectifies_on_device.setter
+    def rectifies_on_device(self, value: bool) -> None:
+        if value and not self.can_rectify_on_device:
+            raise ValueError(f"'{self.name}' cannot rectify on its device: its inner estimator is no PyTorch network")
+        if self.can_rectify_on_device:
+            self.inner.rectifies_on_device = bool(value)
+
+    def predict_raw(self, left: np.ndarray, right: np.ndarray, maps, size: tuple[int, int] | None = None,
+                    geometry=None, rectified_left: bool = False) -> RawPrediction:
+        """As StereoEstimator.predict_raw. With `rectifies_on_device` the raw pair goes to the inner
+        network's device as it came, and is rectified and resized there straight to the sizes it
+        runs at (the probe's, then the enlarged pair's), as a plain network's is; the rectified left
+        image at `size` is the full rectified one resized here (area), as OpenCV's path makes it."""
+        if not self.rectifies_on_device:
+            return super().predict_raw(left, right, maps, size, geometry, rectified_left)
+        width, height = size if size is not None else (left.shape[1], left.shape[0])  # the inner checks the pair
+        scale = self.scale
+        if self.fit_range:
+            probe = probe_size(width, height)
+            look = self.inner.predict_raw(left, right, maps, probe).prediction.disparity
+            scale = self._fitted_scale(look * (width / probe[0]))
+        raw = self.inner.predict_raw(left, right, maps, input_size(width, height, scale), rectified_left=True)
+        small_left = resize_image(raw.rectified_left, (width, height))
+        return RawPrediction(self._at_pair_size(raw.prediction, width, height, geometry), small_left,
+                             raw.rectified_left if rectified_left else None)

@@ -24,7 +24,6 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_
 from rclpy.qos_overriding_options import QoSOverridingOptions
 
 from stereo_kd_core import StereoEstimator
-from stereo_kd_core.estimator import NetworkEstimator
 from stereo_kd_core.scaled_estimator import SMALLEST_FIT
 from stereo_kd_ros.diagnostics import StereoDiagnostics
 from stereo_kd_ros.outputs import StereoOutputs
@@ -145,15 +144,15 @@ class StereoNode(Node):
 
     def _choose_rectification_device(self, rectify_on: str) -> str:
         """Raw input is rectified on the estimator's device (`predict_raw`) where that is asked
-        for, or by auto where the estimator is a network on CUDA; otherwise with OpenCV. Returns
-        the device that rectifies."""
-        on_device = isinstance(self.estimator, NetworkEstimator) and (
-            rectify_on == "estimator" or (rectify_on == "auto" and self.estimator.device.startswith("cuda")))
+        for, or by auto where the estimator is a network on CUDA (also one run at a scale of its
+        own, as the default); otherwise with OpenCV. Returns the device that rectifies."""
+        able = self.estimator.can_rectify_on_device
+        on_device = able and (rectify_on == "estimator"
+                              or (rectify_on == "auto" and self.estimator.device.startswith("cuda")))
         if rectify_on == "estimator" and not on_device:
             self.get_logger().warning(f"rectify_on 'estimator': '{self.estimator.name}' is not a PyTorch network "
-                                      "run on the pair as given (SGBM, ONNX, or a model run at a scale of its "
-                                      "own, as the default); rectifying on the CPU (OpenCV)")
-        if isinstance(self.estimator, NetworkEstimator):
+                                      "(SGBM, ONNX); rectifying on the CPU (OpenCV)")
+        if able:
             self.estimator.rectifies_on_device = on_device
         return self.estimator.device if on_device else "cpu"
 

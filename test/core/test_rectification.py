@@ -155,15 +155,19 @@ def raw_stereo_pair(dtype=np.uint8, mono=False, shift=8):
     return raws, tuple(RectificationMaps.build(c) for c in calibrations)
 
 
+@pytest.mark.parametrize("model", ["dsnet-fast", "dsnet-faster-x1.25"])
 @pytest.mark.parametrize("dtype, mono, size", [(np.uint8, False, None), (np.uint8, False, (80, 60)),
                                                (np.uint16, True, (120, 90))])
-def test_rectifying_on_the_estimator_device_matches_opencv(dtype, mono, size):
+def test_rectifying_on_the_estimator_device_matches_opencv(dtype, mono, size, model):
     """The device path (grid_sample + area resize in torch, run here on the CPU: on a GPU only the
-    device differs) gives the images and disparity of the OpenCV path."""
+    device differs) gives the images and disparity of the OpenCV path; for the default, a network
+    run at a scale of its own, the raw pair is rectified and resized straight to the sizes it runs
+    at (the probe's and the enlarged pair's)."""
     from stereo_kd_core import StereoEstimator
 
     (left, right), maps = raw_stereo_pair(dtype, mono)
-    estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
+    estimator = StereoEstimator.load(model, device="cpu", precision="fp32")
+    assert estimator.can_rectify_on_device and not estimator.rectifies_on_device
     reference = estimator.predict_raw(left, right, maps, size, rectified_left=True)
     estimator.rectifies_on_device = True
     result = estimator.predict_raw(left, right, maps, size, rectified_left=True)
@@ -179,6 +183,7 @@ def test_rectifying_on_the_estimator_device_matches_opencv(dtype, mono, size):
     unit = 1 if dtype == np.uint8 else 4095 / 255
     difference = np.abs(result.rectified_left.astype(float) - reference.rectified_left)
     assert difference.max() <= 3 * unit and difference.mean() < 0.3 * unit
+    assert difference.max() > 0  # torch's resampling on the device, not OpenCV's again
     difference = np.abs(result.left.astype(float) - reference.left)
     assert difference.max() <= 3 * unit and difference.mean() < 0.3 * unit
     # Disparity: the same, up to those resampling differences (border pixels see outside the raw image).

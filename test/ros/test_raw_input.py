@@ -76,7 +76,10 @@ def interior(scale: float) -> np.ndarray:
 # moves under resampling; the network moves ~0.17 px median on the 96x64 half-scale input with
 # either path (OpenCV's measured 0.16, torch's 0.18; the paths themselves agree to < 0.05 px,
 # test/core/test_rectification.py).
-PATHS = [("sgbm", "auto", "cpu", (0.1, 0.5, 0.01)), ("dsnet-fast", "estimator", "cpu", (0.3, 1.5, 0.05))]
+# The default (a network run at a scale of its own) rectifies on its device too, straight to the sizes
+# it runs at.
+PATHS = [("sgbm", "auto", "cpu", (0.1, 0.5, 0.01)), ("dsnet-fast", "estimator", "cpu", (0.3, 1.5, 0.05)),
+         ("dsnet-faster-x1.25", "estimator", "cpu", (0.3, 1.5, 0.05))]
 
 
 @pytest.mark.parametrize("model, rectify_on, device, tolerance", PATHS)
@@ -92,6 +95,7 @@ def test_raw_input_gives_the_rectified_input_results(make_harness, scene, scale,
     infos = raw_infos(scene, stamp)
     disparity_msg, cloud_msg = run_pair(raw, infos, raw_images(scene, stamp, infos))
     assert raw.diagnostics()["rectification_device"] == device
+    assert raw.node.estimator.rectifies_on_device == (rectify_on == "estimator")
 
     # The published geometry is the rectified cameras' (P), scaled as with rectified input.
     assert (disparity_msg.f, disparity_msg.t) == pytest.approx((reference_disparity.f, reference_disparity.t))
