@@ -91,11 +91,12 @@ class ScaledEstimator(StereoEstimator):
         self.name = f"{inner.name}@x{scale:g}" if name is None else name
         self.backend, self.device, self.precision = inner.backend, inner.device, inner.precision
         self.channels_last = getattr(inner, "channels_last", False)
-        smallest = min(self.scale, SMALLEST_FIT) if self.fit_range else self.scale
-        self.max_disparity = int(inner.max_disparity / smallest)
+        # the smallest scale a pair runs at (a near scene's, with fit_range)
+        self.smallest_scale = min(self.scale, SMALLEST_FIT) if self.fit_range else self.scale
+        self.max_disparity = int(inner.max_disparity / self.smallest_scale)
         self.min_disparity = inner.min_disparity / self.scale
         # the narrowest the inner estimator is given: the pair at the smallest scale it runs at (the probe's)
-        narrowest = min(smallest, PROBE_SCALE) if self.fit_range else self.scale
+        narrowest = min(self.smallest_scale, PROBE_SCALE) if self.fit_range else self.scale
         self.min_input_width = math.ceil(inner.min_input_width / narrowest)
 
     def __getattr__(self, name: str):
@@ -148,8 +149,8 @@ class ScaledEstimator(StereoEstimator):
         sizes a height x width pair runs at; its seconds. Not a blank pair through predict: the
         probe would pick a scale for a scene that is not there and build that size instead."""
         started = time.perf_counter()
+        warm = getattr(self.inner, "warm_up", None)
         for w, h in self.run_sizes(height, width):
-            warm = getattr(self.inner, "warm_up", None)
             if warm is not None:
                 warm(h, w)
             else:

@@ -24,7 +24,6 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_
 from rclpy.qos_overriding_options import QoSOverridingOptions
 
 from stereo_kd_core import StereoEstimator
-from stereo_kd_core.scaled_estimator import SMALLEST_FIT
 from stereo_kd_ros.diagnostics import StereoDiagnostics
 from stereo_kd_ros.outputs import StereoOutputs
 from stereo_kd_ros.parameters import (  # noqa: F401 - PARAMETERS & co. re-exported: the node's public names
@@ -52,7 +51,7 @@ def scale_note(estimator) -> str:
     scale = getattr(estimator, "scale", 1.0)
     if scale == 1.0:
         return ""
-    fitted = f" (near scenes down to {min(scale, SMALLEST_FIT):g})" if getattr(estimator, "fit_range", False) else ""
+    fitted = f" (near scenes down to {estimator.smallest_scale:g})" if getattr(estimator, "fit_range", False) else ""
     return f"pairs {'enlarged' if scale > 1 else 'shrunk'} by {scale:g}{fitted}, "
 
 
