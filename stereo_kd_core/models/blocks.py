@@ -437,8 +437,10 @@ def convex_combine(field: Tensor, weights: Tensor, factor: int) -> Tensor:
             fine = fine + weights[:, None, :, :, k] * neighbourhoods[..., k, None]
     else:
         # One (C x 9) @ (9 x f^2) product per coarse pixel: 2.6x faster than the sum (torch.bmm on the
-        # same (B h w, C, 9) operands took 30x as long on this CPU as matmul's batched path)
-        fine = torch.matmul(neighbourhoods.permute(0, 2, 3, 1, 4).contiguous(), weights)  # (B, h, w, C, f^2)
+        # same (B h w, C, 9) operands took 30x as long on this CPU as matmul's batched path). In
+        # float32 under autocast too, as the sum is: bf16 has 1-pixel steps above 128.
+        with torch.autocast(neighbourhoods.device.type, enabled=False):
+            fine = torch.matmul(neighbourhoods.permute(0, 2, 3, 1, 4).contiguous(), weights)  # (B, h, w, C, f^2)
         fine = fine.permute(0, 3, 1, 2, 4)
     fine = fine.reshape(batch, channels, height, width, factor, factor).permute(0, 1, 2, 4, 3, 5)
     return fine.reshape(batch, channels, factor * height, factor * width)

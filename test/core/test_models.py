@@ -366,6 +366,11 @@ def test_convex_upsampling_matches_its_definition_with_and_without_gradients_in_
     out.sum().backward()  # each coarse value feeds weights summing to 1 at 9 x f^2 fine pixels, x factor
     assert trained.grad is not None and torch.isfinite(trained.grad).all()
     assert convex_weights(mask, factor).shape == (2, 3, 5, 9, factor * factor)
+    large = 20 * torch.rand(1, 1, 3, 5, generator=generator)  # up to 80 px once upsampled: bf16 steps of 0.5
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # as the CPU inference runs it
+        under_autocast = convex_upsample(large, mask[:1], factor)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, _convex_reference(large, mask[:1], factor))
     torch.testing.assert_close(convex_weights(mask, factor).sum(3), torch.ones(2, 3, 5, factor * factor))
 
 
