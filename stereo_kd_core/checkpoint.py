@@ -127,9 +127,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     """Rebuild the model from a checkpoint's config and load its weights strictly (eval mode), with
     the confidence calibration `calibration` (a JSON table) or else `<stem>.confidence.json` beside
     the checkpoint when there is one, and
-    as `model.working_scale` the input scale it is meant to run at and as `model.fit_range` whether
-    it fits near scenes into its range (its `extra["input_scale"]` and `extra["fit_range"]`, written
-    by `stereo-kd adapt` for a start that ran so; 1 and False when absent)."""
+    as `model.working_scale` the input scale it is meant to run at, as `model.fit_range` whether
+    it fits near scenes into its range and as `model.small_pairs` how it enlarges small pairs (its
+    `extra["input_scale"]`, `extra["fit_range"]` and `extra["small_pairs"]`, written by `stereo-kd
+    adapt` for a start that ran so; 1, False and None when absent)."""
     from stereo_kd_core.models import build_model
     from stereo_kd_core.models.confidence import ConfidenceCalibration, calibration_path
 
@@ -145,4 +146,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
         model.confidence_calibration = ConfidenceCalibration.read(calibration)
     model.working_scale = float((ckpt["extra"] or {}).get("input_scale", 1.0))
     model.fit_range = bool((ckpt["extra"] or {}).get("fit_range", False))
+    model.small_pairs = (ckpt["extra"] or {}).get("small_pairs")
     return model.to(device).eval()

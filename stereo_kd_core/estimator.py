@@ -23,7 +23,7 @@ from stereo_kd_core.estimator_base import (  # noqa: F401 (re-exported: the seam
 from stereo_kd_core.network_estimator import NetworkEstimator, compile_cache_dir
 from stereo_kd_core.onnx_runtime import OnnxEstimator
 from stereo_kd_core.registry import default_model, load_shipped, shipped_models
-from stereo_kd_core.scaled_estimator import ScaledEstimator, check_scale
+from stereo_kd_core.scaled_estimator import ScaledEstimator, SmallPairs, check_scale
 from stereo_kd_core.sgbm_estimator import SGBMEstimator
 
 # The PyTorch variants benchmarks/cpu_backends.py measures on the CPU: plain, and 2D convolution
@@ -94,30 +94,34 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
     A model with a working scale of its own (a shipped model's manifest `input_scale`, an adapted
     checkpoint's) runs at that scale times this one; its name then says only the caller's factor.
     One that fits near scenes into its range (manifest or checkpoint `fit_range`) probes each pair
-    first and runs nearer scenes at a smaller scale (`ScaledEstimator`).
+    first and runs nearer scenes at a smaller scale (`ScaledEstimator`). One that enlarges small
+    pairs (manifest or checkpoint `small_pairs`, `SmallPairs`) runs a pair with fewer pixels than
+    the size it was measured at enlarged further, for about that size's time.
     """
     scale = check_scale(input_scale)
     model = default_model() if model is None else model
-    estimator, own_scale, fit_range = _load_at_own_scale(model, device, precision, max_disparity, compile, threads,
-                                                         engine_cache_dir, channels_last)
+    estimator, own_scale, fit_range, small_pairs = _load_at_own_scale(model, device, precision, max_disparity,
+                                                                      compile, threads, engine_cache_dir, channels_last)
     name = estimator.name if scale == 1.0 else f"{estimator.name}@x{scale:g}"
-    if scale * own_scale == 1.0 and not fit_range:
+    if scale * own_scale == 1.0 and not fit_range and small_pairs is None:
         estimator.name = name
         return estimator
-    return ScaledEstimator(estimator, check_scale(scale * own_scale), name=name, fit_range=fit_range)
+    total = check_scale(scale * own_scale)
+    return ScaledEstimator(estimator, total, name=name, fit_range=fit_range,
+                           small_pairs=None if small_pairs is None else small_pairs.composed(total, scale))
 
 
 def _load_at_own_scale(model: str, device: str, precision: str, max_disparity: int, compile: bool,
                        threads: int | None, engine_cache_dir: str | None, channels_last: bool | None
-                       ) -> tuple[StereoEstimator, float, bool]:
+                       ) -> tuple[StereoEstimator, float, bool, SmallPairs | None]:
     """(the estimator `model` names, run on pairs as given; the scale it is meant to run at;
-    whether it fits near scenes into its range)."""
+    whether it fits near scenes into its range; how it enlarges small pairs)."""
     if precision not in PRECISIONS and precision not in ("auto", "int8"):
         raise ValueError(f"precision must be one of auto, {', '.join(PRECISIONS)}, int8, got '{precision}'")
     if not isinstance(max_disparity, int) or max_disparity < 16:
         raise ValueError(f"max_disparity must be an integer >= 16, got {max_disparity!r}")
     if model == "sgbm":
-        return SGBMEstimator(max_disparity=max_disparity), 1.0, False
+        return SGBMEstimator(max_disparity=max_disparity), 1.0, False, None
     if model.endswith(".onnx"):
         if precision == "int8":
             raise ValueError("precision int8 is for networks; an int8 ONNX model is its own file "
@@ -126,7 +130,7 @@ def _load_at_own_scale(model: str, device: str, precision: str, max_disparity: i
             precision = resolve_precision(precision, "cpu", model)
         onnx = OnnxEstimator(model, device=device, precision=precision, max_disparity=max_disparity,
                              threads=threads, engine_cache_dir=engine_cache_dir)
-        return onnx, onnx.convention.input_scale, False  # a graph's size is fixed at export: no probe
+        return onnx, onnx.convention.input_scale, False, None  # a graph's size is fixed at export: no probe
     shipped = not (os.sep in model or model.endswith((".pt", ".pth", ".ckpt")) or Path(model).is_file())
     if shipped:
         network, name = load_shipped(model), model
@@ -140,7 +144,7 @@ def _load_at_own_scale(model: str, device: str, precision: str, max_disparity: i
     estimator = NetworkEstimator(network, name=name, device=device,
                                  precision=resolve_precision(precision, device, measured), max_disparity=max_disparity,
                                  compile=compile, channels_last=resolve_channels_last(channels_last, measured))
-    return estimator, network.working_scale, network.fit_range
+    return estimator, network.working_scale, network.fit_range, SmallPairs.from_entry(network.small_pairs)
 
 
 StereoEstimator.load = staticmethod(load)  # the seam's entry point (see estimator_base.StereoEstimator)

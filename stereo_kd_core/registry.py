@@ -91,13 +91,14 @@ def fits_range(name: str | None) -> bool:
 def load_shipped(name: str):
     """A shipped entry's network, its file verified by SHA-256, with the entry's confidence table
     (`shipped_calibration`, else the one beside the file) and how the entry runs it as
-    `network.working_scale` and `network.fit_range` (a checkpoint file carries its own, see
-    checkpoint.load_model)."""
+    `network.working_scale`, `network.fit_range` and `network.small_pairs` (the manifest's
+    `small_pairs` or None; a checkpoint file carries its own, see checkpoint.load_model)."""
     from stereo_kd_core.checkpoint import load_model
 
     path, sha = resolve_shipped(name)
     network = load_model(path, expected_sha256=sha, calibration=shipped_calibration(name))
     network.working_scale, network.fit_range = working_scale(name), fits_range(name)
+    network.small_pairs = shipped_models().get(name, {}).get("small_pairs")
     return network
 
 

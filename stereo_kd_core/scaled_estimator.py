@@ -4,7 +4,8 @@ A network's error is about constant in its own pixels (its cost volume is at 1/4
 on an enlarged pair that error shrinks in the caller's pixels, for about the square of the factor
 in time. Measured for the default on ../shared/realval and Motorcycle (README, "Input scale"):
 at 1.5 the realval EPE falls 1.23 -> 1.03 px, as long as the scene's disparities, enlarged, stay
-within the network's range; at 0.5 it answers about 4x faster and less exactly.
+within the network's range; at 0.5 it answers about 4x faster and less exactly. A pair smaller than
+the size a model's time was measured at can be enlarged further for the same time (`SmallPairs`).
 
     StereoEstimator.load("dsnet-fast", input_scale=1.5)     # or stereo-kd predict --input-scale 1.5
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -66,6 +68,40 @@ FIT_PERCENTILE = 98          # the probe's disparity that must fit: 2 % of the p
 FIT_STEP = 0.125             # scales are chosen on this grid (rounded down): a few input sizes only,
 SMALLEST_FIT = 0.5           # as compiled and int8 graphs are built per size; and no smaller than this
 PROBE_SCALE, PROBE_MIN_WIDTH = 0.25, 128  # the probe: the pair at 1/4 (at least 128 px wide)
+# a small pair's probe (SmallPairs): at 1/4 it missed near thin objects that enlarging further pushed out of range
+SMALL_PAIR_PROBE = 0.5
+
+
+@dataclass(frozen=True)
+class SmallPairs:
+    """Pairs with fewer pixels than `pixels` (at scale 1) may be enlarged beyond the model's scale
+    until, with their probe, they have about as many as `pixels` enlarged by it, at most to
+    `max_scale` (grid scales, rounded down): a small camera's pair gets the time the model was
+    measured and chosen at, in more of its own detail (manifest or checkpoint `small_pairs`:
+    {"like": [H, W], "max_scale": s}). Measured for the default (README, "Small pairs")."""
+
+    pixels: int
+    max_scale: float
+
+    @classmethod
+    def from_entry(cls, entry: dict | None) -> SmallPairs | None:
+        """A manifest's or checkpoint's `small_pairs` ({"like": [H, W], "max_scale": s}); None for none.
+        ValueError for a malformed one."""
+        if entry is None:
+            return None
+        try:
+            height, width = (int(v) for v in entry["like"])
+            max_scale = check_scale(float(entry["max_scale"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"small_pairs must be {{'like': [H, W], 'max_scale': s}}, got {entry!r} ({exc})") from None
+        if height < 1 or width < 1:
+            raise ValueError(f"small_pairs: 'like' must be a positive size, got {entry['like']!r}")
+        return cls(height * width, max_scale)
+
+    def composed(self, scale: float, caller_scale: float) -> SmallPairs:
+        """As a ScaledEstimator of `scale` (the model's own scale times the caller's) takes it: the
+        pixels enlarged by `scale`, the largest scale times the caller's factor."""
+        return SmallPairs(round(self.pixels * scale * scale), self.max_scale * caller_scale)
 
 
 DELEGATED = frozenset({"compiled", "wait_for_compile"})  # ScaledEstimator answers these for its inner one
@@ -76,6 +112,11 @@ def probe_size(width: int, height: int) -> tuple[int, int]:
     return input_size(width, height, min(1.0, max(PROBE_SCALE, PROBE_MIN_WIDTH / width)))
 
 
+def _small_pair_probe(width: int, height: int) -> tuple[int, int]:
+    """(W, H) of a small pair's probe: SMALL_PAIR_PROBE, at least PROBE_MIN_WIDTH wide (at most 1x)."""
+    return input_size(width, height, min(1.0, max(SMALL_PAIR_PROBE, PROBE_MIN_WIDTH / width)))
+
+
 class ScaledEstimator(StereoEstimator):
     """`inner` on each pair resized by `scale`; disparity (in the pair's pixels) and confidence at
     the pair's size. Its range in the pair's pixels is the inner range / scale.
@@ -84,10 +125,22 @@ class ScaledEstimator(StereoEstimator):
     the scene is; when its disparities, enlarged by `scale`, would pass what the network learned
     (TRAINED_RANGE_FRACTION of its range), the pair runs at the largest grid scale that keeps them
     inside (down to SMALLEST_FIT), so a near scene is answered at lower resolution instead of
-    failing. Its range in the pair's pixels is then the inner range / SMALLEST_FIT."""
+    failing. Its range in the pair's pixels is then the inner range / SMALLEST_FIT.
 
-    def __init__(self, inner: StereoEstimator, scale: float, name: str | None = None, fit_range: bool = False):
+    small_pairs (with fit_range): a pair with fewer pixels than the size the model was measured at may
+    run at a larger scale, up to about that size's pixels with its probe (`pair_scale`); its probe is at
+    1/2, and the further enlargement stops where the probe's largest disparity would leave the trained
+    range."""
+
+    def __init__(self, inner: StereoEstimator, scale: float, name: str | None = None, fit_range: bool = False,
+                 small_pairs: SmallPairs | None = None):
         self.inner, self.scale, self.fit_range = inner, check_scale(scale), bool(fit_range)
+        # a small pair's own scale (pair_scale): pixels and max_scale composed with the caller's factor;
+        # only with fit_range, whose probe keeps the further enlarged scene inside the range
+        if small_pairs is not None and not self.fit_range:
+            raise ValueError("small_pairs needs fit_range: enlarging a pair further is safe only where a probe "
+                             "keeps its scene inside the network's range")
+        self.small_pairs = small_pairs
         self.name = f"{inner.name}@x{scale:g}" if name is None else name
         self.backend, self.device, self.precision = inner.backend, inner.device, inner.precision
         self.channels_last = getattr(inner, "channels_last", False)
@@ -106,35 +159,60 @@ class ScaledEstimator(StereoEstimator):
             return getattr(self.inner, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
-    def scale_for(self, left: np.ndarray, right: np.ndarray) -> float:
-        """The scale this (checked) pair runs at: `scale`, or with fit_range the largest grid scale
-        up to it that keeps the probe's FIT_PERCENTILE disparity inside the trained range."""
-        if not self.fit_range:
+    def pair_scale(self, height: int, width: int) -> float:
+        """The largest scale a height x width pair may run at (the probe may choose less): `scale`,
+        or for a pair with fewer pixels than `small_pairs` allows, the grid scale (rounded down)
+        that gives it, with its probe (SMALL_PAIR_PROBE), about as many, at most small_pairs.max_scale."""
+        if self.small_pairs is None:
             return self.scale
+        probe_width, probe_height = _small_pair_probe(width, height)
+        room = (self.small_pairs.pixels - probe_width * probe_height) / (height * width)
+        fill = math.floor(math.sqrt(max(room, 0.0)) / FIT_STEP) * FIT_STEP
+        return max(self.scale, min(fill, self.small_pairs.max_scale))
+
+    def probe_size(self, height: int, width: int) -> tuple[int, int]:
+        """(W, H) of fit_range's probe of a height x width pair: `probe_size`, or SMALL_PAIR_PROBE
+        for a small pair (one that `pair_scale` enlarges beyond `scale`)."""
+        if self.pair_scale(height, width) > self.scale:
+            return _small_pair_probe(width, height)
+        return probe_size(width, height)
+
+    def scale_for(self, left: np.ndarray, right: np.ndarray) -> float:
+        """The scale this (checked) pair runs at: `pair_scale`, or with fit_range the largest grid
+        scale up to it that keeps the probe's disparities inside the trained range (`_fitted_scale`)."""
         height, width = left.shape[:2]
-        size = probe_size(width, height)
+        if not self.fit_range:
+            return self.pair_scale(height, width)
+        size = self.probe_size(height, width)
         small = resize_image(left, size), resize_image(right, size)
         coarse = getattr(self.inner, "predict_coarse", None)
         disparity = coarse(*small) if coarse is not None else None  # a network's cost-resolution look
         if disparity is None:
             disparity = self.inner.predict(*small).disparity
-        return self._fitted_scale(disparity * (width / size[0]))
+        return self._fitted_scale(disparity * (width / size[0]), height, width)
 
-    def _fitted_scale(self, disparity: np.ndarray) -> float:
-        """fit_range's scale for a probe's disparity (in the pair's pixels, at any resolution)."""
+    def _fitted_scale(self, disparity: np.ndarray, height: int, width: int) -> float:
+        """fit_range's scale for a height x width pair from its probe's disparity (in the pair's
+        pixels, at any resolution): its FIT_PERCENTILE disparity inside the trained range, and a
+        small pair enlarged beyond `scale` only as far as its largest one stays inside it too."""
         valid = disparity[np.isfinite(disparity)]
         if valid.size == 0:
             return self.scale
-        reach = float(np.percentile(valid, FIT_PERCENTILE))
-        fits = TRAINED_RANGE_FRACTION * self.inner.max_disparity / max(reach, 1e-6)
-        if fits >= self.scale:
-            return self.scale
+        trained = TRAINED_RANGE_FRACTION * self.inner.max_disparity
+        scale = self.pair_scale(height, width)
+        if scale > self.scale:  # a near object the 1/4 probe missed failed there (generated split: 1.345 -> 1.411 px)
+            nearest_fits = math.floor(trained / max(float(valid.max()), 1e-6) / FIT_STEP) * FIT_STEP
+            scale = max(self.scale, min(scale, nearest_fits))
+        fits = trained / max(float(np.percentile(valid, FIT_PERCENTILE)), 1e-6)
+        if fits >= scale:
+            return scale
         return max(math.floor(fits / FIT_STEP) * FIT_STEP, min(SMALLEST_FIT, self.scale))
 
     def run_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """(W, H) of what a height x width pair runs at: enlarged by `scale`, and the probe's with
+        """(W, H) of what a height x width pair runs at: enlarged by `pair_scale`, and the probe's with
         fit_range (smaller grid scales, for near scenes, come when first needed)."""
-        return [input_size(width, height, self.scale)] + ([probe_size(width, height)] if self.fit_range else [])
+        return [input_size(width, height, self.pair_scale(height, width))] + (
+            [self.probe_size(height, width)] if self.fit_range else [])
 
     def prepare_size(self, height: int, width: int) -> bool:
         """The inner estimator's prepare_size (a compiled network's background build) for the sizes
@@ -197,11 +275,11 @@ class ScaledEstimator(StereoEstimator):
         if not self.rectifies_on_device:
             return super().predict_raw(left, right, maps, size, geometry, rectified_left)
         width, height = size if size is not None else (left.shape[1], left.shape[0])  # the inner checks the pair
-        scale = self.scale
+        scale = self.pair_scale(height, width)
         if self.fit_range:
-            probe = probe_size(width, height)
+            probe = self.probe_size(height, width)
             look = self.inner.predict_raw(left, right, maps, probe).prediction.disparity
-            scale = self._fitted_scale(look * (width / probe[0]))
+            scale = self._fitted_scale(look * (width / probe[0]), height, width)
         raw = self.inner.predict_raw(left, right, maps, input_size(width, height, scale), rectified_left=True)
         small_left = resize_image(raw.rectified_left, (width, height))
         return RawPrediction(self._at_pair_size(raw.prediction, width, height, geometry), small_left,

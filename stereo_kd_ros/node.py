@@ -46,13 +46,18 @@ COMPILED_NOTE = (", compiled for each input size from its first camera_info or p
 
 
 def scale_note(estimator) -> str:
-    """', pairs enlarged by 1.25 (near scenes down to 0.5), ' for a model that runs at a scale of
-    its own (the default), '' otherwise: the start-up line says how its pixels relate to the camera's."""
+    """', pairs enlarged by 1.25 (near scenes down to 0.5, small pairs up to 2), ' for a model that
+    runs at a scale of its own (the default), '' otherwise: the start-up line says how its pixels
+    relate to the camera's."""
     scale = getattr(estimator, "scale", 1.0)
     if scale == 1.0:
         return ""
-    fitted = f" (near scenes down to {estimator.smallest_scale:g})" if getattr(estimator, "fit_range", False) else ""
-    return f"pairs {'enlarged' if scale > 1 else 'shrunk'} by {scale:g}{fitted}, "
+    notes = [f"near scenes down to {estimator.smallest_scale:g}"] if getattr(estimator, "fit_range", False) else []
+    small_pairs = getattr(estimator, "small_pairs", None)
+    if small_pairs is not None:
+        notes.append(f"small pairs up to {small_pairs.max_scale:g}")
+    detail = f" ({', '.join(notes)})" if notes else ""
+    return f"pairs {'enlarged' if scale > 1 else 'shrunk'} by {scale:g}{detail}, "
 
 
 class StereoNode(Node):

@@ -69,8 +69,9 @@ PICTURE_FRAMES = 3  # hold-out frames shown in before_after.png
 # --- the run -----------------------------------------------------------------------------
 def load_student(spec: str | None) -> tuple[nn.Module, str]:
     """(network, description) of --init: a registry name or a checkpoint; None = the shipped
-    default student, with a clear error while no trained default ships. `network.working_scale`
-    and `network.fit_range`: how it runs (a shipped model's manifest, a checkpoint's own)."""
+    default student, with a clear error while no trained default ships. `network.working_scale`,
+    `network.fit_range` and `network.small_pairs`: how it runs (a shipped model's manifest, a
+    checkpoint's own)."""
     if spec is None:
         spec = registry.default_model()
     if Path(spec).is_file():
@@ -188,7 +189,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         [adapt_judge.judge_frame(frame.sample(), None if cache is None else cache.confident(frame, adapt[
             "min_confidence"]), student_max) for frame in judged],
         [frame.key for frame in judged], out_dir, adapt["judge"], student.config, device, judge_precision, scale,
-        getattr(student, "fit_range", False))
+        getattr(student, "fit_range", False), getattr(student, "small_pairs", None))
     judge.record(0, student)
     trainer.on_checkpoint = judge.record
     started = time.perf_counter()

@@ -157,7 +157,7 @@ class Judge:
 
     def __init__(self, frames: Sequence[JudgeFrame], frame_names: Sequence[str], out_dir: Path,
                  config: Mapping[str, Any], model_config: Mapping, device: str, precision: str,
-                 input_scale: float = 1.0, fit_range: bool = False) -> None:
+                 input_scale: float = 1.0, fit_range: bool = False, small_pairs: dict | None = None) -> None:
         criterion = config["criterion"]
         if criterion not in CRITERIA:
             raise ValueError(f"adapt.judge.criterion {criterion!r}: one of {', '.join(CRITERIA)}")
@@ -179,7 +179,7 @@ class Judge:
         self.device, self.precision = device, precision
         # how the start runs (frames arrive resized by its working scale): every checkpoint written runs so too
         self.saved_extra = ({} if input_scale == 1.0 else {"input_scale": float(input_scale)}) | (
-            {"fit_range": True} if fit_range else {})
+            {"fit_range": True} if fit_range else {}) | ({} if small_pairs is None else {"small_pairs": small_pairs})
         self.identity = {"criterion": criterion, "frames": list(frame_names), "recorded": list(self.recorded)}
         self.scores: dict[int, dict[str, float | None]] = {}
         path = self.out_dir / JUDGE_FILE

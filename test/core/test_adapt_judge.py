@@ -166,14 +166,16 @@ def test_settle_writes_the_start_or_the_adapted_weights(tmp_path, monkeypatch):
 
     start = load_model(start_path)
     monkeypatch.setattr(adapt_judge, "measure", lambda network, *args: {"photometric": 1.0})
-    judge = Judge([], [], tmp_path, JUDGE,
-                  start.config, "cpu", "fp32")
+    small_pairs = {"like": [384, 640], "max_scale": 2.0}  # how the start runs: the written file runs so too
+    judge = Judge([], [], tmp_path, JUDGE, start.config, "cpu", "fp32", 1.25, True, small_pairs)
     judge.record(0, start)
     judge.record(5, load_model(adapted_path))  # equal score: not better
     for keep_anyway, expected in ((False, start_path), (True, adapted_path)):
         final, candidate, decision = settle(judge, start, tmp_path / "final.pt", {"recipe": 1}, keep_anyway)
         assert decision["kept"] == "start" and decision["final"] == ("adapted" if keep_anyway else "start")
         written, reference = load_checkpoint(tmp_path / "final.pt"), load_checkpoint(expected)
+        runs_as = load_model(tmp_path / "final.pt")
+        assert (runs_as.working_scale, runs_as.fit_range, runs_as.small_pairs) == (1.25, True, small_pairs)
         for key, value in reference["state_dict"].items():
             torch.testing.assert_close(written["state_dict"][key], value, rtol=0, atol=0)
         assert candidate is not None

@@ -10,7 +10,7 @@ import torch
 from stereo_kd_core import StereoEstimator, registry
 from stereo_kd_core.checkpoint import CheckpointError, save_checkpoint, sha256_of_file
 from stereo_kd_core.models import build_model, default_config
-from stereo_kd_core.scaled_estimator import ScaledEstimator
+from stereo_kd_core.scaled_estimator import ScaledEstimator, SmallPairs
 
 
 @pytest.fixture
@@ -206,6 +206,14 @@ def test_a_checkpoint_carries_its_working_scale(tmp_path):
     assert not isinstance(StereoEstimator.load(str(plain), device="cpu"), ScaledEstimator)
     loaded = StereoEstimator.load(str(marked), device="cpu")
     assert isinstance(loaded, ScaledEstimator) and loaded.scale == 1.5 and loaded.name == "marked"
+    small = {"like": [96, 128], "max_scale": 2.0}
+    both = save_checkpoint(tmp_path / "small.pt", network, config,
+                           extra={"input_scale": 1.25, "fit_range": True, "small_pairs": small})
+    loaded = StereoEstimator.load(str(both), device="cpu", input_scale=0.8)
+    assert loaded.fit_range and loaded.small_pairs == SmallPairs(96 * 128, 1.6)  # x1.25 x0.8 = 1: 96x128 pixels
+    unsafe = save_checkpoint(tmp_path / "unsafe.pt", network, config, extra={"small_pairs": small})
+    with pytest.raises(ValueError, match="small_pairs needs fit_range"):
+        StereoEstimator.load(str(unsafe), device="cpu")
 
 
 def test_an_entry_with_a_table_of_its_own_gets_that_confidence_calibration(shipped):

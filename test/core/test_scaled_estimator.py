@@ -10,7 +10,7 @@ import pytest
 
 from stereo_kd_core import StereoEstimator
 from stereo_kd_core.geometry import StereoGeometry
-from stereo_kd_core.scaled_estimator import ScaledEstimator, disparity_to_size
+from stereo_kd_core.scaled_estimator import ScaledEstimator, SmallPairs, disparity_to_size
 
 HEIGHT, WIDTH, SHIFT_PX = 96, 256, 8
 
@@ -171,3 +171,90 @@ def test_warm_up_builds_the_sizes_the_pair_runs_at_one_after_another():
     ScaledEstimator(inner, 1.25, fit_range=True).warm_up(480, 640)
     assert inner.warmed == [(800, 600), (160, 120)]
 
+
+
+REFERENCE = SmallPairs(384 * 640, 2.0)  # the shipped default's small_pairs: like 384x640, at most x2
+
+
+def _small_pairs_estimator(inner: StereoEstimator, scale: float = 1.25, caller: float = 1.0) -> ScaledEstimator:
+    return ScaledEstimator(inner, scale * caller, fit_range=True,
+                           small_pairs=REFERENCE.composed(scale * caller, caller))
+
+
+@pytest.mark.parametrize(("height", "width", "expected"), [
+    (384, 640, 1.25), (480, 640, 1.25), (375, 1242, 1.25),  # the reference and larger: the model's own scale
+    (381, 432, 1.375),   # a Middlebury 2001 pair: (384000 - 216 x 190) / 164592 = 2.08 -> 1.44 -> 1.375
+    (300, 400, 1.625),   # (384000 - 200 x 150) / 120000 = 2.95 -> 1.72 -> 1.625
+    (240, 320, 2.0),     # (384000 - 160 x 120) / 76800 = 4.75 -> 2.18: at most 2
+])
+def test_a_small_pair_may_run_enlarged_to_the_pixels_and_time_of_the_reference_size(height, width, expected):
+    """small_pairs: a pair with fewer pixels than 384x640 may be enlarged beyond 1.25 until it and its
+    probe (at 1/2 for such a pair) have about the pixels of a 384x640 pair enlarged by 1.25; the
+    scales are grid scales (rounded down), at most max_scale."""
+    scaled = _small_pairs_estimator(StereoEstimator.load("sgbm", max_disparity=64))
+    assert scaled.pair_scale(height, width) == expected
+    network, probe = scaled.run_sizes(height, width)
+    assert network == (round(width * expected), round(height * expected))
+    small = expected > 1.25
+    assert probe == ((max(128, round(width / 2)), round(height * max(128, round(width / 2)) / width)) if small
+                     else (max(128, round(width / 4)), round(height * max(128, round(width / 4)) / width)))
+    if small:  # the time of the reference size: the enlarged pair and its probe have no more pixels
+        assert network[0] * network[1] + probe[0] * probe[1] <= 1.01 * 480 * 800
+
+
+def test_sizes_around_the_reference_never_run_more_pixels_than_it():
+    """Over sizes from tiny to twice the reference: a small pair and its probe never run more pixels
+    than a 384x640 pair at 1.25 (1 % for rounding), and none runs below the model's own scale."""
+    scaled = _small_pairs_estimator(StereoEstimator.load("sgbm", max_disparity=64))
+    for height in range(64, 769, 37):
+        for width in range(96, 1281, 53):
+            scale = scaled.pair_scale(height, width)
+            assert 1.25 <= scale <= 2.0
+            if scale > 1.25:
+                (w, h), (pw, ph) = scaled.run_sizes(height, width)
+                assert w * h + pw * ph <= 1.01 * 480 * 800, (height, width, scale)
+
+
+def test_a_small_pair_is_enlarged_only_as_far_as_its_nearest_point_fits():
+    """The probe's 98th percentile keeps the usual scene inside the trained range; a small pair's
+    further enlargement also needs its largest disparity inside it (at 1/4 the probe missed thin
+    near objects, which then fell out of range: the generated split lost 1.345 -> 1.411 px)."""
+    scaled = _small_pairs_estimator(StereoEstimator.load("sgbm", max_disparity=64))  # trained range 51.2 px
+    far = np.full((60, 80), 10.0, np.float32)
+    assert scaled._fitted_scale(far, 240, 320) == 2.0  # 51.2 / 10 fits 2
+    near_strip = far.copy()
+    near_strip[:, :1] = 34.0  # 1.25 % of the pixels: beyond the 98th percentile
+    assert scaled._fitted_scale(near_strip, 240, 320) == 1.5  # 51.2 / 34 = 1.506
+    nearer = far.copy()
+    nearer[:, :1] = 60.0
+    assert scaled._fitted_scale(nearer, 240, 320) == 1.25  # not below the model's own scale for it
+    assert scaled._fitted_scale(nearer, 384, 640) == 1.25 and scaled._fitted_scale(far, 384, 640) == 1.25
+    near = np.full((60, 80), 45.0, np.float32)
+    assert scaled._fitted_scale(near, 240, 320) == 1.125  # the usual fit: 51.2 / 45 -> 1.125
+
+
+def test_the_shipped_default_runs_a_small_pair_at_twice_its_size_and_answers_in_its_pixels():
+    """The registry default enlarges a 96x256 pair by 2 (its probe at 1/2, 128 px wide), and the shift
+    comes back in the pair's pixels; a caller's input_scale multiplies both bounds."""
+    left, right = shifted_pair()
+    default = StereoEstimator.load("dsnet-faster-x1.25", device="cpu", precision="fp32")
+    assert default.small_pairs is not None and default.scale_for(left, right) == 2.0
+    disparity = default.predict(left, right).disparity
+    assert disparity.shape == (HEIGHT, WIDTH)
+    assert np.median(disparity[:, 32:]) == pytest.approx(SHIFT_PX, abs=0.5)
+    halved = StereoEstimator.load("dsnet-faster-x1.25", device="cpu", precision="fp32", input_scale=0.5)
+    assert halved.pair_scale(HEIGHT, WIDTH) == 1.0 and halved.pair_scale(384, 640) == 0.625
+    # (96000 - 160 x 96) / 61440 = 1.31 -> 1.125, at most 0.5 x 2
+    assert halved.pair_scale(192, 320) == 1.0 and halved.pair_scale(240, 320) == 1.0
+
+
+def test_small_pairs_needs_a_probe_and_a_well_formed_entry():
+    sgbm = StereoEstimator.load("sgbm", max_disparity=64)
+    with pytest.raises(ValueError, match="small_pairs needs fit_range"):
+        ScaledEstimator(sgbm, 1.25, small_pairs=REFERENCE)
+    assert SmallPairs.from_entry(None) is None
+    assert SmallPairs.from_entry({"like": [384, 640], "max_scale": 2}) == REFERENCE
+    for bad in ({"like": [384], "max_scale": 2}, {"like": [384, 640]}, {"like": [0, 640], "max_scale": 2},
+                {"like": [384, 640], "max_scale": 9}):
+        with pytest.raises(ValueError, match="small_pairs"):
+            SmallPairs.from_entry(bad)

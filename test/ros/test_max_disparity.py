@@ -80,6 +80,7 @@ def test_the_start_up_line_says_how_a_scaled_model_sees_the_camera():
 
     default = registry.default_model()
     scale = registry.working_scale(default)
-    assert scale_note(StereoEstimator.load(default)) == f"pairs enlarged by {scale:g} (near scenes down to 0.5), "
+    assert scale_note(StereoEstimator.load(default)) == (f"pairs enlarged by {scale:g} (near scenes down to 0.5, "
+                                                         "small pairs up to 2), ")
     assert scale_note(StereoEstimator.load("sgbm", input_scale=0.5)) == "pairs shrunk by 0.5, "
     assert scale_note(StereoEstimator.load("sgbm")) == ""
