@@ -12,6 +12,7 @@ the size a model's time was measured at can be enlarged further for the same tim
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -158,6 +159,18 @@ class ScaledEstimator(StereoEstimator):
         if name in DELEGATED and "inner" in self.__dict__:
             return getattr(self.inner, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def for_pairs_shrunk_by(self, factor: float) -> ScaledEstimator:
+        """This estimator for pairs its caller shrinks by `factor` first (the node's input_scale): a
+        small pair's allowance shrinks with them (pixels x factor^2), as `load(input_scale=factor)`
+        composes it, so that a camera's pair shrunk for speed is not enlarged back; a view sharing
+        the inner estimator, or itself when nothing changes."""
+        factor = check_scale(factor)
+        if self.small_pairs is None or factor == 1.0:
+            return self
+        view = copy.copy(self)
+        view.small_pairs = SmallPairs(round(self.small_pairs.pixels * factor * factor), self.small_pairs.max_scale)
+        return view
 
     def pair_scale(self, height: int, width: int) -> float:
         """The largest scale a height x width pair may run at (the probe may choose less): `scale`,

@@ -60,6 +60,14 @@ def scale_note(estimator) -> str:
     return f"pairs {'enlarged' if scale > 1 else 'shrunk'} by {scale:g}{detail}, "
 
 
+def for_input_scale(estimator: StereoEstimator, input_scale: float) -> StereoEstimator:
+    """The estimator as the node runs it on pairs it shrank by input_scale: a model that enlarges
+    small pairs (the default) sizes that allowance by the camera's pair, not by the shrunk one, or
+    input_scale would buy no time (`ScaledEstimator.for_pairs_shrunk_by`)."""
+    shrunk = getattr(estimator, "for_pairs_shrunk_by", None)
+    return estimator if shrunk is None else shrunk(input_scale)
+
+
 class StereoNode(Node):
     """The ROS glue around StereoEstimator; see the module docstring for topics.
 
@@ -84,14 +92,15 @@ class StereoNode(Node):
         self._sgbm_max_disparity = ((requested_range or SGBM_DEFAULT_RANGE)
                                     if estimator is None and values["model"] == "sgbm" else None)
         if estimator is not None:
-            self.estimator = estimator
+            self._loaded = estimator
         elif self._sgbm_max_disparity is not None:
-            self.estimator = self._sgbm_for(values["input_scale"])
+            self._loaded = self._sgbm_for(values["input_scale"])
         else:
-            self.estimator = StereoEstimator.load(values["model"], device=values["device"],
-                                                  precision=values["precision"],
-                                                  max_disparity=requested_range or SGBM_DEFAULT_RANGE,
-                                                  compile=values["compile"])
+            self._loaded = StereoEstimator.load(values["model"], device=values["device"],
+                                                precision=values["precision"],
+                                                max_disparity=requested_range or SGBM_DEFAULT_RANGE,
+                                                compile=values["compile"])
+        self.estimator = for_input_scale(self._loaded, values["input_scale"])
         self._rectification_device = (self._choose_rectification_device(values["rectify_on"])
                                       if values["rectify"] else None)
         range_limit_px = self._network_range_limit(requested_range) if estimator is None else None
@@ -142,8 +151,10 @@ class StereoNode(Node):
 
     def _after_set_parameters(self, changes: list[Parameter]) -> None:
         settings = settings_from(self._merged_values(changes))
-        if self._sgbm_max_disparity is not None and settings.input_scale != self.settings.input_scale:
-            self.estimator = self._sgbm_for(settings.input_scale)  # the worker reads it once per frame
+        if settings.input_scale != self.settings.input_scale:  # the worker reads it once per frame
+            if self._sgbm_max_disparity is not None:
+                self._loaded = self._sgbm_for(settings.input_scale)
+            self.estimator = for_input_scale(self._loaded, settings.input_scale)
         self.settings = settings
 
     def _choose_rectification_device(self, rectify_on: str) -> str:

@@ -258,3 +258,20 @@ def test_small_pairs_needs_a_probe_and_a_well_formed_entry():
                 {"like": [384, 640], "max_scale": 9}):
         with pytest.raises(ValueError, match="small_pairs"):
             SmallPairs.from_entry(bad)
+
+
+def test_pairs_shrunk_by_the_caller_are_not_enlarged_back():
+    """The node shrinks a 640x480 camera's pair to 320x240 at input_scale 0.5 for speed: sized by the
+    shrunk pair alone, small_pairs would enlarge it back by 2; the view for pairs shrunk by 0.5 has a
+    quarter of the allowance (as load(input_scale=0.5) composes it) and runs it at 1.25, while a
+    320x240 camera's own pair still runs at 2. The view shares the inner estimator."""
+    scaled = _small_pairs_estimator(StereoEstimator.load("sgbm", max_disparity=64))
+    assert scaled.pair_scale(240, 320) == 2.0
+    shrunk = scaled.for_pairs_shrunk_by(0.5)
+    assert shrunk.pair_scale(240, 320) == 1.25 and shrunk.inner is scaled.inner
+    assert shrunk.small_pairs == SmallPairs(round(REFERENCE.composed(1.25, 1.0).pixels / 4), 2.0)
+    assert shrunk.pair_scale(120, 160) == 2.0  # a 320x240 camera shrunk by 0.5: the quarter allowance
+    assert scaled.pair_scale(240, 320) == 2.0  # the original is unchanged
+    assert scaled.for_pairs_shrunk_by(1.0) is scaled
+    plain = ScaledEstimator(StereoEstimator.load("sgbm", max_disparity=64), 1.25)
+    assert plain.for_pairs_shrunk_by(0.5) is plain

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
 from conftest import TEST_DOMAIN_OFFSET, wait_until
+from rclpy.parameter import Parameter
 from stereo_scene import make_scene
 from test_stop_signals import NODE, env
 
@@ -84,3 +85,16 @@ def test_the_start_up_line_says_how_a_scaled_model_sees_the_camera():
                                                          "small pairs up to 2), ")
     assert scale_note(StereoEstimator.load("sgbm", input_scale=0.5)) == "pairs shrunk by 0.5, "
     assert scale_note(StereoEstimator.load("sgbm")) == ""
+
+
+def test_the_node_sizes_the_defaults_small_pair_allowance_by_the_camera_not_by_input_scale(make_harness):
+    """The default enlarges pairs smaller than 384x640 further (small_pairs); the node's input_scale
+    shrinks the camera's pair first, for speed, and must not be undone: at 0.5 a 640x480 camera's
+    320x240 pairs run at 1.25 (at input_scale 1 a 320x240 camera's would run at 2), also after a
+    change at run time."""
+    harness = make_harness(model=registry.default_model(), max_disparity=0, input_scale=0.5)
+    assert harness.node.estimator.pair_scale(240, 320) == 1.25
+    assert harness.node.set_parameters([Parameter("input_scale", value=1.0)])[0].successful
+    assert harness.node.estimator.pair_scale(240, 320) == 2.0
+    assert harness.node.set_parameters([Parameter("input_scale", value=0.5)])[0].successful
+    assert harness.node.estimator.pair_scale(240, 320) == 1.25
