@@ -108,14 +108,10 @@ class SmallPairs:
 DELEGATED = frozenset({"compiled", "wait_for_compile"})  # ScaledEstimator answers these for its inner one
 
 
-def probe_size(width: int, height: int) -> tuple[int, int]:
-    """(W, H) of fit_range's probe of a width x height pair: 1/4, at least PROBE_MIN_WIDTH wide (at most 1x)."""
-    return input_size(width, height, min(1.0, max(PROBE_SCALE, PROBE_MIN_WIDTH / width)))
-
-
-def _small_pair_probe(width: int, height: int) -> tuple[int, int]:
-    """(W, H) of a small pair's probe: SMALL_PAIR_PROBE, at least PROBE_MIN_WIDTH wide (at most 1x)."""
-    return input_size(width, height, min(1.0, max(SMALL_PAIR_PROBE, PROBE_MIN_WIDTH / width)))
+def probe_size(width: int, height: int, fraction: float = PROBE_SCALE) -> tuple[int, int]:
+    """(W, H) of fit_range's probe of a width x height pair: the pair at `fraction` (1/4; a small
+    pair's SMALL_PAIR_PROBE), at least PROBE_MIN_WIDTH wide, at most 1x."""
+    return input_size(width, height, min(1.0, max(fraction, PROBE_MIN_WIDTH / width)))
 
 
 class ScaledEstimator(StereoEstimator):
@@ -178,17 +174,16 @@ class ScaledEstimator(StereoEstimator):
         that gives it, with its probe (SMALL_PAIR_PROBE), about as many, at most small_pairs.max_scale."""
         if self.small_pairs is None:
             return self.scale
-        probe_width, probe_height = _small_pair_probe(width, height)
+        probe_width, probe_height = probe_size(width, height, SMALL_PAIR_PROBE)
         room = (self.small_pairs.pixels - probe_width * probe_height) / (height * width)
         fill = math.floor(math.sqrt(max(room, 0.0)) / FIT_STEP) * FIT_STEP
         return max(self.scale, min(fill, self.small_pairs.max_scale))
 
-    def probe_size(self, height: int, width: int) -> tuple[int, int]:
-        """(W, H) of fit_range's probe of a height x width pair: `probe_size`, or SMALL_PAIR_PROBE
-        for a small pair (one that `pair_scale` enlarges beyond `scale`)."""
-        if self.pair_scale(height, width) > self.scale:
-            return _small_pair_probe(width, height)
-        return probe_size(width, height)
+    def probe_for(self, height: int, width: int) -> tuple[int, int]:
+        """(W, H) of fit_range's probe of a height x width pair: `probe_size` at 1/4, or at
+        SMALL_PAIR_PROBE for a small pair (one that `pair_scale` enlarges beyond `scale`)."""
+        small = self.pair_scale(height, width) > self.scale
+        return probe_size(width, height, SMALL_PAIR_PROBE if small else PROBE_SCALE)
 
     def scale_for(self, left: np.ndarray, right: np.ndarray) -> float:
         """The scale this (checked) pair runs at: `pair_scale`, or with fit_range the largest grid
@@ -196,7 +191,7 @@ class ScaledEstimator(StereoEstimator):
         height, width = left.shape[:2]
         if not self.fit_range:
             return self.pair_scale(height, width)
-        size = self.probe_size(height, width)
+        size = self.probe_for(height, width)
         small = resize_image(left, size), resize_image(right, size)
         coarse = getattr(self.inner, "predict_coarse", None)
         disparity = coarse(*small) if coarse is not None else None  # a network's cost-resolution look
@@ -225,7 +220,7 @@ class ScaledEstimator(StereoEstimator):
         """(W, H) of what a height x width pair runs at: enlarged by `pair_scale`, and the probe's with
         fit_range (smaller grid scales, for near scenes, come when first needed)."""
         return [input_size(width, height, self.pair_scale(height, width))] + (
-            [self.probe_size(height, width)] if self.fit_range else [])
+            [self.probe_for(height, width)] if self.fit_range else [])
 
     def prepare_size(self, height: int, width: int) -> bool:
         """The inner estimator's prepare_size (a compiled network's background build) for the sizes
@@ -290,7 +285,7 @@ class ScaledEstimator(StereoEstimator):
         width, height = size if size is not None else (left.shape[1], left.shape[0])  # the inner checks the pair
         scale = self.pair_scale(height, width)
         if self.fit_range:
-            probe = self.probe_size(height, width)
+            probe = self.probe_for(height, width)
             look = self.inner.predict_raw(left, right, maps, probe).prediction.disparity
             scale = self._fitted_scale(look * (width / probe[0]), height, width)
         raw = self.inner.predict_raw(left, right, maps, input_size(width, height, scale), rectified_left=True)
