@@ -34,19 +34,23 @@ GT_MAX_DISPARITY = 192
 
 
 def score(model: str, realval: Path, precision: str = "auto", input_scale: float = 1.0,
-          min_confidence: float = 0.0) -> dict:
+          min_confidence: float = 0.0, estimator: StereoEstimator | None = None, pairs=None) -> dict:
     """{"realval": {dataset: mean metrics}, "realval_mean": ..., "motorcycle": ..., "cases": [...]};
-    with min_confidence also what that threshold publishes (kept %, bad-2 of the kept pixels)."""
-    estimator = StereoEstimator.load(model, device="cpu", precision=precision, input_scale=input_scale)
+    with min_confidence also what that threshold publishes (kept %, bad-2 of the kept pixels).
+    `estimator`: one loaded already (else `model` is loaded); `pairs`: a function applied to every
+    sample before it is scored (a photometric change of the views, say)."""
+    if estimator is None:
+        estimator = StereoEstimator.load(model, device="cpu", precision=precision, input_scale=input_scale)
     keys = ("epe", "bad2", "d1") + (("kept", "bad2_kept") if min_confidence > 0 else ())
-    real = evaluate(estimator, open_eval_dataset("middlebury", str(realval)), max_disparity=GT_MAX_DISPARITY,
+    changed = (lambda samples: samples) if pairs is None else (lambda samples: map(pairs, samples))
+    real = evaluate(estimator, changed(open_eval_dataset("middlebury", str(realval))), max_disparity=GT_MAX_DISPARITY,
                     min_confidence=min_confidence)
     by_dataset: dict[str, list[dict]] = defaultdict(list)
     for case in real["cases"]:
         by_dataset[dataset_of(case["name"])].append(case)
     means = {name: {key: sum(c[key] for c in cases) / len(cases) for key in keys}
              for name, cases in sorted(by_dataset.items())}
-    moto = evaluate(estimator, open_eval_dataset("motorcycle"), max_disparity=GT_MAX_DISPARITY,
+    moto = evaluate(estimator, changed(open_eval_dataset("motorcycle")), max_disparity=GT_MAX_DISPARITY,
                     min_confidence=min_confidence)
     def mean_of(result: dict) -> dict:  # kept / bad2_kept: the mean over cases (aggregate_metrics leaves them out)
         return {key: result["mean"][key] if key in result["mean"]

@@ -130,9 +130,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     as `model.working_scale` the input scale it is meant to run at, as `model.fit_range` whether
     it fits near scenes into its range and as `model.small_pairs` how it enlarges small pairs (its
     `extra["input_scale"]`, `extra["fit_range"]` and `extra["small_pairs"]`, written by `stereo-kd
-    adapt` for a start that ran so; 1, False and None when absent)."""
+    adapt` for a start that ran so; 1, False and None when absent), and how its eval forward sees
+    colour and exposure (`extra["saturation"]`, `extra["match_exposure"]`: models.photometric)."""
     from stereo_kd_core.models import build_model
     from stereo_kd_core.models.confidence import ConfidenceCalibration, calibration_path
+    from stereo_kd_core.models.photometric import set_photometric
 
     ckpt = load_checkpoint(path, expected_sha256=expected_sha256)
     try:
@@ -147,4 +149,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     model.working_scale = float((ckpt["extra"] or {}).get("input_scale", 1.0))
     model.fit_range = bool((ckpt["extra"] or {}).get("fit_range", False))
     model.small_pairs = (ckpt["extra"] or {}).get("small_pairs")
+    try:
+        set_photometric(model, ckpt["extra"] or {}, f"checkpoint {path}")
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     return model.to(device).eval()

@@ -92,14 +92,16 @@ def load_shipped(name: str):
     """A shipped entry's network, its file verified by SHA-256, with the entry's confidence table
     (`shipped_calibration`, else the one beside the file) and how the entry runs it as
     `network.working_scale`, `network.fit_range` and `network.small_pairs` (the manifest's
-    `small_pairs` or None; a checkpoint file carries its own, see checkpoint.load_model)."""
+    `small_pairs` or None; a checkpoint file carries its own, see checkpoint.load_model), and the
+    entry's `saturation` and `match_exposure` (models.photometric: how it sees colour and exposure)."""
     from stereo_kd_core.checkpoint import load_model
+    from stereo_kd_core.models.photometric import set_photometric
 
     path, sha = resolve_shipped(name)
     network = load_model(path, expected_sha256=sha, calibration=shipped_calibration(name))
     network.working_scale, network.fit_range = working_scale(name), fits_range(name)
     network.small_pairs = shipped_models().get(name, {}).get("small_pairs")
-    return network
+    return set_photometric(network, shipped_models().get(name, {}), f"manifest entry '{name}'")
 
 
 def model_source(model: str | None) -> dict[str, str | None]:

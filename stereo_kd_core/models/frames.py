@@ -32,6 +32,7 @@ from .blocks import (
     soft_argmin,
 )
 from .confidence import ConfidenceCalibration, distribution_statistics, image_cues
+from .photometric import normalised_as_seen, sees_as_captured
 
 
 class StereoNetwork(nn.Module):
@@ -50,6 +51,10 @@ class StereoNetwork(nn.Module):
     feature_stages = FEATURE_STAGES
     # Set by checkpoint.load_model from the checkpoint's calibration table, when there is one.
     confidence_calibration: ConfidenceCalibration | None = None
+    # How the eval forward sees a pair's colour and exposure (models.photometric: set by the loaders
+    # from a shipped entry's or a checkpoint's `saturation` and `match_exposure`); training sees it as given.
+    input_saturation: float = 1.0
+    match_exposure: bool = False
 
     def __init__(
         self,
@@ -142,10 +147,15 @@ class StereoNetwork(nn.Module):
         return disparity, unrefined, logits, levels, logits.new_zeros(0) if mask is None else mask, images
 
     def _last_costs(self, left: Tensor, right: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
-        """The eval forward up to the last cost logits: (normalised padded views (2B, 3, Hp, Wp),
-        both views' backbone stages, correlation features (2B, Cg, h, w), logits (B, D, h, w))."""
+        """The eval forward up to the last cost logits: (normalised padded views (2B, 3, Hp, Wp) as the
+        network sees them (models.photometric), both views' backbone stages, correlation features
+        (2B, Cg, h, w), logits (B, D, h, w))."""
         batch = left.shape[0]
-        images = pad_to_multiple(self.normalise(torch.cat([left, right], dim=0)), self.stride)
+        if self.training or sees_as_captured(self):
+            images = self.normalise(torch.cat([left, right], dim=0))
+        else:
+            images = normalised_as_seen(self, left, right, self.mean, self.std)
+        images = pad_to_multiple(images, self.stride)
         stages, correlation, concat = self.features(images)
         volume, _, _ = self.volume((correlation[:batch], correlation[batch:]), (concat[:batch], concat[batch:]))
         return images, stages, correlation, self.aggregation(volume, all_outputs=False)[-1]

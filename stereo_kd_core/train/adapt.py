@@ -47,6 +47,7 @@ from stereo_kd_core.data.recordings import open_recordings, split_holdout
 from stereo_kd_core.estimator import NetworkEstimator, resolve_device
 from stereo_kd_core.evaluate import evaluate, open_eval_dataset
 from stereo_kd_core.metrics import aggregate_metrics, stereo_metrics
+from stereo_kd_core.models.photometric import photometric_settings
 from stereo_kd_core.train import adapt_judge
 from stereo_kd_core.train.label_cache import (
     NO_TEACHER,
@@ -70,8 +71,8 @@ PICTURE_FRAMES = 3  # hold-out frames shown in before_after.png
 def load_student(spec: str | None) -> tuple[nn.Module, str]:
     """(network, description) of --init: a registry name or a checkpoint; None = the shipped
     default student, with a clear error while no trained default ships. `network.working_scale`,
-    `network.fit_range` and `network.small_pairs`: how it runs (a shipped model's manifest, a
-    checkpoint's own)."""
+    `network.fit_range`, `network.small_pairs` and its `photometric_settings`: how it runs (a shipped
+    model's manifest, a checkpoint's own)."""
     if spec is None:
         spec = registry.default_model()
     if Path(spec).is_file():
@@ -189,7 +190,7 @@ def run_adapt(data: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tea
         [adapt_judge.judge_frame(frame.sample(), None if cache is None else cache.confident(frame, adapt[
             "min_confidence"]), student_max) for frame in judged],
         [frame.key for frame in judged], out_dir, adapt["judge"], student.config, device, judge_precision, scale,
-        getattr(student, "fit_range", False), getattr(student, "small_pairs", None))
+        getattr(student, "fit_range", False), getattr(student, "small_pairs", None), photometric_settings(student))
     judge.record(0, student)
     trainer.on_checkpoint = judge.record
     started = time.perf_counter()

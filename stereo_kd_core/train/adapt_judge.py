@@ -46,6 +46,7 @@ from stereo_kd_core.distill.label_confidence import (
 )
 from stereo_kd_core.distill.losses import photometric_loss
 from stereo_kd_core.estimator import NetworkEstimator, StereoEstimator
+from stereo_kd_core.models.photometric import set_photometric
 
 CRITERIA = ("photometric", "left_right", "sgbm_agreement", "teacher")
 RECORDED = (*CRITERIA, "ground_truth")
@@ -117,10 +118,12 @@ def _epe(disparity: np.ndarray, reference: np.ndarray | None) -> float | None:
 
 
 def measure(network: nn.Module, frames: Sequence[JudgeFrame], device: str = "cpu", precision: str = "fp32",
-            criteria: Sequence[str] = RECORDED) -> dict[str, float | None]:
-    """Mean of each criterion over the frames (None where no frame has what it needs).
+            criteria: Sequence[str] = RECORDED, photometric: Mapping | None = None) -> dict[str, float | None]:
+    """Mean of each criterion over the frames (None where no frame has what it needs), the network
+    seeing colour and exposure as `photometric` says (models.photometric's keys; None: as it does).
     The network is copied: its training mode and device are left alone."""
-    estimator = NetworkEstimator(copy.deepcopy(network), "judged", device, precision, network.max_disparity)
+    judged = set_photometric(copy.deepcopy(network), photometric or {}, "the judged network")
+    estimator = NetworkEstimator(judged, "judged", device, precision, network.max_disparity)
     values: dict[str, list[float]] = {name: [] for name in criteria}
 
     def add(name: str, value: float | None) -> None:
@@ -157,7 +160,8 @@ class Judge:
 
     def __init__(self, frames: Sequence[JudgeFrame], frame_names: Sequence[str], out_dir: Path,
                  config: Mapping[str, Any], model_config: Mapping, device: str, precision: str,
-                 input_scale: float = 1.0, fit_range: bool = False, small_pairs: dict | None = None) -> None:
+                 input_scale: float = 1.0, fit_range: bool = False, small_pairs: dict | None = None,
+                 photometric: Mapping | None = None) -> None:
         criterion = config["criterion"]
         if criterion not in CRITERIA:
             raise ValueError(f"adapt.judge.criterion {criterion!r}: one of {', '.join(CRITERIA)}")
@@ -177,9 +181,12 @@ class Judge:
                               or "left_right" in (criterion, self.guard))
         self.out_dir, self.model_config = Path(out_dir), dict(model_config)
         self.device, self.precision = device, precision
-        # how the start runs (frames arrive resized by its working scale): every checkpoint written runs so too
+        # how the start runs (frames arrive resized by its working scale; its colour and exposure
+        # settings, models.photometric): every network is judged so and every checkpoint written runs so too
+        self.photometric = dict(photometric or {})
         self.saved_extra = ({} if input_scale == 1.0 else {"input_scale": float(input_scale)}) | (
-            {"fit_range": True} if fit_range else {}) | ({} if small_pairs is None else {"small_pairs": small_pairs})
+            {"fit_range": True} if fit_range else {}) | ({} if small_pairs is None else {"small_pairs": small_pairs}) \
+            | self.photometric
         self.identity = {"criterion": criterion, "frames": list(frame_names), "recorded": list(self.recorded)}
         self.scores: dict[int, dict[str, float | None]] = {}
         path = self.out_dir / JUDGE_FILE
@@ -205,7 +212,7 @@ class Judge:
         best adapted checkpoint so far."""
         if step in self.scores:
             return
-        self.scores[step] = measure(network, self.frames, self.device, self.precision, self.recorded)
+        self.scores[step] = measure(network, self.frames, self.device, self.precision, self.recorded, self.photometric)
         if step > 0 and self.best_adapted_step() == step:
             save_checkpoint(self.out_dir / ADAPTED_CHECKPOINT, network, self.model_config, step=step,
                             extra={"judge": {"criterion": self.criterion, "scores": self.scores[step]},

@@ -17,6 +17,7 @@ from stereo_kd_core.cli import main as cli_main
 from stereo_kd_core.data.io import read_pfm, write_pfm
 from stereo_kd_core.data.synthetic import SyntheticStereoGenerator, write_middlebury_dataset
 from stereo_kd_core.models import build_model
+from stereo_kd_core.models.photometric import photometric_settings, set_photometric
 from stereo_kd_core.registry import resolve_shipped
 from stereo_kd_core.train import adapt_judge
 from stereo_kd_core.train.adapt import run_adapt
@@ -167,7 +168,8 @@ def test_settle_writes_the_start_or_the_adapted_weights(tmp_path, monkeypatch):
     start = load_model(start_path)
     monkeypatch.setattr(adapt_judge, "measure", lambda network, *args: {"photometric": 1.0})
     small_pairs = {"like": [384, 640], "max_scale": 2.0}  # how the start runs: the written file runs so too
-    judge = Judge([], [], tmp_path, JUDGE, start.config, "cpu", "fp32", 1.25, True, small_pairs)
+    photometric = {"saturation": 0.25, "match_exposure": True}
+    judge = Judge([], [], tmp_path, JUDGE, start.config, "cpu", "fp32", 1.25, True, small_pairs, photometric)
     judge.record(0, start)
     judge.record(5, load_model(adapted_path))  # equal score: not better
     for keep_anyway, expected in ((False, start_path), (True, adapted_path)):
@@ -176,6 +178,7 @@ def test_settle_writes_the_start_or_the_adapted_weights(tmp_path, monkeypatch):
         written, reference = load_checkpoint(tmp_path / "final.pt"), load_checkpoint(expected)
         runs_as = load_model(tmp_path / "final.pt")
         assert (runs_as.working_scale, runs_as.fit_range, runs_as.small_pairs) == (1.25, True, small_pairs)
+        assert photometric_settings(runs_as) == photometric
         for key, value in reference["state_dict"].items():
             torch.testing.assert_close(written["state_dict"][key], value, rtol=0, atol=0)
         assert candidate is not None
@@ -209,6 +212,21 @@ def test_photometric_criterion_prefers_the_true_disparity():
     scores = {shift: adapt_judge.measure(Fixed(truth + shift), [frame], criteria=("photometric",))["photometric"]
               for shift in (0.0, 1.0, 5.0)}
     assert scores[0.0] < scores[1.0] < scores[5.0]
+
+
+def test_every_network_is_judged_as_the_start_sees_colour_and_exposure(tmp_path):
+    """The trainer's student is built from its config (the pair as captured): the judge scores it
+    as the start runs, with the start's photometric settings, and leaves the network as it was."""
+    from stereo_kd_core.checkpoint import load_model
+
+    sample = SyntheticStereoGenerator(HEIGHT, WIDTH, MAX_DISPARITY, seed=5).sample(0)
+    frame = JudgeFrame(sample["left"], sample["right"], truth=sample["disparity"].astype(np.float32))
+    network = load_model(tiny_checkpoint(tmp_path / "start.pt", seed=0))
+    grey = set_photometric(load_model(tmp_path / "start.pt"), {"saturation": 0.0}, "test")
+    judged = adapt_judge.measure(network, [frame], criteria=("ground_truth",), photometric={"saturation": 0.0})
+    assert judged == adapt_judge.measure(grey, [frame], criteria=("ground_truth",))
+    assert judged != adapt_judge.measure(network, [frame], criteria=("ground_truth",))
+    assert photometric_settings(network) == {}
 
 
 def test_amp_auto_is_bf16_where_the_cpu_computes_it(monkeypatch):

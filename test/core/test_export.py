@@ -1,11 +1,14 @@
 """ONNX export matches PyTorch on real-size inputs (onnxruntime, CPU); TorchScript too."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from stereo_kd_core.export import export_model
 from stereo_kd_core.models import build_model, default_config
+from stereo_kd_core.models.photometric import set_photometric
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -51,6 +54,17 @@ def test_onnx_matches_pytorch_at_real_size(fast_model, tmp_path):
     assert onnx_disparity.shape == (1, height, width)
     assert relative_error(onnx_disparity, disparity) < 1e-3
     assert np.max(np.abs(onnx_confidence - confidence)) < 1e-3
+
+
+def test_the_onnx_graph_sees_colour_and_exposure_as_the_network_does(fast_model, tmp_path):
+    """A network that sees a quarter of the colour and matches exposure (a shipped entry's settings)
+    exports with that in the graph: an ONNX runtime fed RGB answers as PyTorch does, not as the
+    network seeing the pair as captured."""
+    network = set_photometric(copy.deepcopy(fast_model), {"saturation": 0.25, "match_exposure": True}, "test")
+    (disparity, _), (onnx_disparity, _) = run_exported(network, tmp_path / "quarter.onnx", 128, 192, shift_px=6)
+    assert relative_error(onnx_disparity, disparity) < 1e-3
+    (colour, _), _ = run_exported(fast_model, tmp_path / "colour.onnx", 128, 192, shift_px=6)
+    assert relative_error(colour, disparity) > 1e-2
 
 
 def test_torchscript_matches_pytorch(fast_model, tmp_path):

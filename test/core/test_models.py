@@ -26,6 +26,15 @@ from stereo_kd_core.models.blocks import (
     soft_argmin,
 )
 from stereo_kd_core.models.confidence import distribution_confidence
+from stereo_kd_core.models.photometric import (
+    as_seen,
+    channel_statistics,
+    desaturate,
+    match_exposure,
+    normalised_as_seen,
+    photometric_settings,
+    set_photometric,
+)
 from stereo_kd_core.models.profile import count_flops, count_parameters
 
 HEIGHT, WIDTH = 37, 61  # odd on purpose: exercises padding and cropping
@@ -498,3 +507,72 @@ def test_folding_batch_norm_keeps_the_eval_output_and_leaves_the_network_alone(m
         got = folded(left, right)
     for reference, value in zip(expected, got, strict=True):
         torch.testing.assert_close(value, reference, atol=1e-2, rtol=1e-3)  # fp32 rounding through the layers
+
+
+# ---------------------------------------------------------------- how the eval forward sees colour and exposure
+
+
+def test_desaturate_by_hand():
+    """saturation 1 leaves the images alone, 0 gives BT.601 grey in all channels, 0.5 halfway."""
+    images = torch.tensor([0.2, 0.4, 0.6]).view(1, 3, 1, 1)  # grey = 0.299 * 0.2 + 0.587 * 0.4 + 0.114 * 0.6
+    assert desaturate(images, 1.0) is images
+    torch.testing.assert_close(desaturate(images, 0.0).flatten(), torch.full((3,), 0.363))
+    torch.testing.assert_close(desaturate(images, 0.5).flatten(), torch.tensor([0.2815, 0.3815, 0.4815]))
+
+
+def test_matching_exposure_gives_the_right_view_the_left_views_statistics():
+    """A right view darker, with less contrast and another white balance, gets each left channel's
+    mean and spread back: an affine change of a channel is undone exactly."""
+    left = torch.rand(2, 3, 20, 30, generator=torch.Generator().manual_seed(3)) * 0.8 + 0.1
+    gain, offset = torch.tensor([0.5, 0.7, 0.6]).view(1, 3, 1, 1), torch.tensor([0.02, 0.05, 0.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(match_exposure(left * gain + offset, left), left, rtol=0, atol=1e-5)
+    flat = torch.full_like(left, 0.3)  # no contrast to scale: only shifted to the left's means
+    means = channel_statistics(left)[0][..., None, None].expand_as(left)
+    torch.testing.assert_close(match_exposure(flat, left), means)
+
+
+def test_the_fused_view_transform_is_its_definition():
+    """normalised_as_seen (one 1 x 1 convolution per view) gives ((as_seen) - mean) / std, in any layout."""
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    left, right = stereo_pair(batch=2)
+    network = set_photometric(build_model(default_config("dsnet-fast", MAX_DISPARITY)),
+                              {"saturation": 0.3, "match_exposure": True}, "test")
+    for layout in (torch.contiguous_format, torch.channels_last):
+        views = [view.contiguous(memory_format=layout) for view in (left, right * 0.7 + 0.1)]
+        expected = (torch.cat(as_seen(network, *views)) - mean) / std
+        torch.testing.assert_close(normalised_as_seen(network, *views, mean, std), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("key", "value"), [("saturation", -0.1), ("saturation", 1.5), ("saturation", "0.5"),
+                                            ("saturation", True), ("saturation", float("nan")),
+                                            ("match_exposure", 1), ("match_exposure", "yes")])
+def test_malformed_photometric_settings_are_refused_naming_where(key, value):
+    network = build_model(default_config("dsnet-fast", MAX_DISPARITY))
+    with pytest.raises(ValueError, match=f"^entry 'x': {key} must be"):
+        set_photometric(network, {key: value}, "entry 'x'")
+    assert photometric_settings(network) == {}  # nothing was set
+    set_photometric(network, {"saturation": 0, "match_exposure": True, "other": 1}, "entry 'x'")
+    assert photometric_settings(network) == {"saturation": 0.0, "match_exposure": True}
+
+
+def test_the_eval_forward_sees_colour_and_exposure_as_set_and_training_sees_the_pair():
+    """A network at saturation 0 with matched exposure answers a colour pair as it answers that pair
+    made grey and matched by hand; in training it sees the pair as given."""
+    torch.manual_seed(0)
+    network = perturb_refinement(build_model(refined_config())).eval()
+    left, right = stereo_pair(batch=1)
+    right = right * 0.6  # a darker right camera
+    grey_left, grey_right = desaturate(left, 0.0), desaturate(right, 0.0)
+    with torch.no_grad():
+        colour = network(left, right)
+        by_hand = network(grey_left, match_exposure(grey_right, grey_left))
+        set_photometric(network, {"saturation": 0.0, "match_exposure": True}, "test")
+        seen = network(left, right)
+        network.train()
+        trained_on = network(left, right)["disp"]
+        set_photometric(network, {"saturation": 1.0, "match_exposure": False}, "test")
+        trained_on_as_given = network(left, right)["disp"]
+    for got, expected in zip(seen, by_hand, strict=True):  # the same up to float rounding (fused transform)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-4)
+    assert (seen[0] - colour[0]).abs().max() > 1e-3  # colour and exposure mattered to this network
+    torch.testing.assert_close(trained_on, trained_on_as_given, rtol=0, atol=0)

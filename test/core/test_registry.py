@@ -236,3 +236,32 @@ def test_an_entry_with_a_table_of_its_own_gets_that_confidence_calibration(shipp
     assert bias(StereoEstimator.load("tiny-fast", device="cpu")) == 1.0
     assert bias(StereoEstimator.load("tiny-fast-x1.25", device="cpu")) == -1.0
     assert load_student("tiny-fast-x1.25")[0].confidence_calibration.table["bias"] == -1.0
+
+
+def test_an_entry_and_a_checkpoint_carry_how_their_network_sees_colour_and_exposure(shipped, tmp_path):
+    """Manifest and checkpoint `saturation` / `match_exposure` reach the network the estimator runs
+    (and adapt's start); absent means the pair as captured; malformed is refused, naming where."""
+    from stereo_kd_core.models.photometric import photometric_settings
+    from stereo_kd_core.train.adapt import load_student
+
+    manifest = json.loads(registry.MANIFEST_PATH.read_text())
+    manifest["models"]["tiny-fast-grey"] = {**manifest["models"]["tiny-fast"], "saturation": 0.25,
+                                            "match_exposure": True}
+    manifest["models"]["tiny-fast-bad"] = {**manifest["models"]["tiny-fast"], "saturation": 2}
+    registry.MANIFEST_PATH.write_text(json.dumps(manifest))
+
+    def seen(estimator) -> dict:
+        return photometric_settings(estimator.inference_network)
+
+    assert seen(StereoEstimator.load("tiny-fast", device="cpu")) == {}
+    assert seen(StereoEstimator.load("tiny-fast-grey", device="cpu")) == {"saturation": 0.25, "match_exposure": True}
+    assert photometric_settings(load_student("tiny-fast-grey")[0]) == {"saturation": 0.25, "match_exposure": True}
+    with pytest.raises(ValueError, match="manifest entry 'tiny-fast-bad': saturation must be a number in"):
+        StereoEstimator.load("tiny-fast-bad", device="cpu")
+    config = default_config("dsnet-fast", max_disparity=64)
+    network = build_model(config)
+    grey = save_checkpoint(tmp_path / "grey.pt", network, config, extra={"saturation": 0.0})
+    assert seen(StereoEstimator.load(str(grey), device="cpu")) == {"saturation": 0.0}
+    bad = save_checkpoint(tmp_path / "bad.pt", network, config, extra={"match_exposure": "yes"})
+    with pytest.raises(CheckpointError, match="match_exposure must be true or false"):
+        StereoEstimator.load(str(bad), device="cpu")
