@@ -25,6 +25,9 @@ class AugmentConfig:
     saturation: float = 0.2  # factor from [1 - saturation, 1 + saturation]
     gamma: tuple[float, float] = (0.8, 1.2)
     asymmetric_prob: float = 0.2  # chance that left and right get independent photometric draws
+    # per-channel gains from [1 - white_balance, 1 + white_balance] (a camera's colour response), drawn
+    # with the other photometric factors; 0: none drawn (recipes without it keep their random stream)
+    white_balance: float = 0.0
     occlusion_prob: float = 0.5  # chance of one patch in the right image filled with its mean colour
     occlusion_size: tuple[int, int] = (50, 100)  # patch side lengths, pixels
     scale_range: tuple[float, float] | None = None  # isotropic resize factor range before cropping
@@ -128,19 +131,25 @@ def crop_sample(sample: dict, top: int, left: int, crop_size: tuple[int, int]) -
     return out
 
 
-def _photometric_draw(rng: np.random.Generator, config: AugmentConfig) -> tuple[float, float, float, float]:
-    return (
+def _photometric_draw(rng: np.random.Generator, config: AugmentConfig) -> tuple:
+    draw = (
         rng.uniform(1 - config.brightness, 1 + config.brightness),
         rng.uniform(1 - config.contrast, 1 + config.contrast),
         rng.uniform(1 - config.saturation, 1 + config.saturation),
         rng.uniform(*config.gamma),
     )
+    if config.white_balance <= 0:
+        return draw
+    return (*draw, rng.uniform(1 - config.white_balance, 1 + config.white_balance, size=3))
 
 
 def adjust_photometric(image: np.ndarray, brightness: float, contrast: float, saturation: float,
-                       gamma: float) -> np.ndarray:
-    """Brightness gain, contrast and saturation around the grey level, then gamma; float32 in [0, 255]."""
+                       gamma: float, channel_gains: np.ndarray | None = None) -> np.ndarray:
+    """Brightness gain (times per-channel `channel_gains` of a colour image: white balance),
+    contrast and saturation around the grey level, then gamma; float32 in [0, 255]."""
     image = image.astype(np.float32) * brightness
+    if channel_gains is not None and image.ndim == 3 and image.shape[2] == len(channel_gains):
+        image = image * np.asarray(channel_gains, np.float32)
     grey = image.mean(axis=2, keepdims=True)
     image = (image - grey.mean()) * contrast + grey.mean()
     grey = image.mean(axis=2, keepdims=True)

@@ -5,6 +5,7 @@ import pytest
 
 from stereo_kd_core.data.augment import (
     AugmentConfig,
+    _photometric_draw,
     adjust_photometric,
     augment_sample,
     crop_sample,
@@ -120,6 +121,26 @@ def test_photometric_draws_respect_ranges_and_symmetry():
         np.testing.assert_array_equal(out["disparity"], sample["disparity"])
         out = augment_sample(sample, np.random.default_rng(seed), None, asymmetric)
         assert not np.allclose(out["left"], out["right"])
+
+
+def test_white_balance_gains_each_channel_within_its_range_and_is_drawn_only_when_asked():
+    sample = random_sample()
+    sample["left"] = (sample["left"] * 0.8).astype(np.uint8)  # no clipping at 255 after a 1.2 gain
+    sample["right"] = sample["left"].copy()
+    still = dict(brightness=0.0, contrast=0.0, saturation=0.0, gamma=(1.0, 1.0), occlusion_prob=0.0)
+    balanced = AugmentConfig(asymmetric_prob=1.0, white_balance=0.2, **still)
+    lit = sample["left"].astype(np.float32) > 20
+    for seed in range(3):
+        out = augment_sample(sample, np.random.default_rng(seed), None, balanced)
+        for view in ("left", "right"):
+            gains = [np.median(out[view][..., c][lit[..., c]] / sample[view][..., c][lit[..., c]]) for c in range(3)]
+            assert all(0.8 - 1e-3 <= g <= 1.2 + 1e-3 for g in gains) and np.ptp(gains) > 1e-3
+        assert not np.allclose(out["left"], out["right"])  # independent draws per view
+    # white_balance 0 draws nothing more: a photometric draw takes four numbers, as before it existed
+    drawn, four = np.random.default_rng(0), np.random.default_rng(0)
+    assert len(_photometric_draw(drawn, AugmentConfig(**still))) == 4
+    four.uniform(size=4)
+    assert drawn.bit_generator.state == four.bit_generator.state
 
 
 def test_training_dataset_is_reproducible_per_seed_and_epoch():
