@@ -46,6 +46,7 @@ from stereo_kd_core.distill.teacher_cache import (
     write_npz_atomic,
 )
 from stereo_kd_core.estimator import StereoEstimator
+from stereo_kd_core.models.photometric import photometric_settings
 from stereo_kd_core.rectification import input_size
 from stereo_kd_core.scaled_estimator import disparity_to_size
 from stereo_kd_core.teachers import convert_psmnet_checkpoint, default_cache_dir, fetch_psmnet_kitti2015
@@ -242,12 +243,19 @@ def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0,
     path = Path(spec)
     identity = {"teacher": spec, "sha256": sha256_of_file(path)} if path.is_file() else {
         "teacher": spec, "sha256": registry.shipped_models().get(spec, {}).get("sha256")}
-    return EstimatorTeacher(estimator, {**identity, **_tagged(precision)}, lr_check_px)
+    return EstimatorTeacher(estimator, {**identity, **_tagged(precision), **_seen_as(estimator)}, lr_check_px)
 
 
 def _tagged(precision: str) -> dict:
     """The precision entry of a teacher's identity: none for fp32 (caches made before it existed)."""
     return {} if precision == "fp32" else {"precision": precision}
+
+
+def _seen_as(estimator: StereoEstimator) -> dict:
+    """How a network teacher sees colour and exposure where that is not as captured (models.photometric:
+    the same weights label differently), as entries of its identity; none otherwise (older caches hold)."""
+    network = getattr(getattr(estimator, "inner", estimator), "inference_network", None)
+    return {} if network is None else photometric_settings(network)
 
 
 def teacher_precision(choice: str, device: str) -> str:

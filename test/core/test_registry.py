@@ -240,7 +240,8 @@ def test_an_entry_with_a_table_of_its_own_gets_that_confidence_calibration(shipp
 
 def test_an_entry_and_a_checkpoint_carry_how_their_network_sees_colour_and_exposure(shipped, tmp_path):
     """Manifest and checkpoint `saturation` / `match_exposure` reach the network the estimator runs
-    (and adapt's start); absent means the pair as captured; malformed is refused, naming where."""
+    (adapt's start, a teacher's label identity); absent means the pair as captured; malformed is
+    refused, naming where."""
     from stereo_kd_core.models.photometric import photometric_settings
     from stereo_kd_core.train.adapt import load_student
 
@@ -256,6 +257,11 @@ def test_an_entry_and_a_checkpoint_carry_how_their_network_sees_colour_and_expos
     assert seen(StereoEstimator.load("tiny-fast", device="cpu")) == {}
     assert seen(StereoEstimator.load("tiny-fast-grey", device="cpu")) == {"saturation": 0.25, "match_exposure": True}
     assert photometric_settings(load_student("tiny-fast-grey")[0]) == {"saturation": 0.25, "match_exposure": True}
+    # as a teacher its labels differ from the same weights seeing colour: a label cache tells them apart
+    from stereo_kd_core.train.label_cache import load_teacher
+
+    assert load_teacher("tiny-fast-grey", "cpu").identity()["saturation"] == 0.25
+    assert "saturation" not in load_teacher("tiny-fast", "cpu").identity()
     with pytest.raises(ValueError, match="manifest entry 'tiny-fast-bad': saturation must be a number in"):
         StereoEstimator.load("tiny-fast-bad", device="cpu")
     config = default_config("dsnet-fast", max_disparity=64)
