@@ -100,8 +100,9 @@ def load_shipped(name: str):
     path, sha = resolve_shipped(name)
     network = load_model(path, expected_sha256=sha, calibration=shipped_calibration(name))
     network.working_scale, network.fit_range = working_scale(name), fits_range(name)
-    network.small_pairs = shipped_models().get(name, {}).get("small_pairs")
-    return set_photometric(network, shipped_models().get(name, {}), f"manifest entry '{name}'")
+    entry = shipped_models().get(name, {})
+    network.small_pairs = entry.get("small_pairs")
+    return set_photometric(network, entry, f"manifest entry '{name}'")
 
 
 def model_source(model: str | None) -> dict[str, str | None]:
