@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     left, right, _ = motorcycle_640x480()
     max_disparity = 192
-    prediction = StereoEstimator.load("sgbm", max_disparity=max_disparity).predict(left, right)
+    prediction = StereoEstimator.load("sgbm", max_disparity=max_disparity, align_rows=False).predict(left, right)
     estimator = FixedDisparityEstimator(prediction, max_disparity)
 
     rclpy.init(domain_id=DOMAIN_ID)

@@ -123,7 +123,8 @@ def main() -> int:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    estimator = StereoEstimator.load(args.model, device="cpu", precision="auto", compile=args.compile)
+    estimator = StereoEstimator.load(args.model, device="cpu", precision="auto", compile=args.compile,
+                                     align_rows=False)  # as the node loads it
     if not args.compile:  # hooks would split the compiled graph
         instrument(estimator.inference_network)
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.models:
         compiled = spec.endswith("+compile")
         model, _, precision = spec.removesuffix("+compile").partition(":")
-        estimator = StereoEstimator.load(model, device="cpu", precision=precision or "auto", compile=compiled)
+        estimator = StereoEstimator.load(model, device="cpu", precision=precision or "auto", compile=compiled,
+                                         align_rows=False)  # the node aligns rows itself, every 30 pairs
         if hasattr(estimator, "warm_up"):
             estimator.warm_up(args.height, args.width)
         label = (f"{model} ({estimator.precision}{', compiled' if compiled else ''}"

@@ -33,7 +33,8 @@ def _load_estimator(args: argparse.Namespace) -> tuple:
     estimator = StereoEstimator.load(model, device=args.device, precision=args.precision,
                                      max_disparity=args.max_disparity, compile=getattr(args, "compile", False),
                                      threads=getattr(args, "threads", 0) or None,
-                                     input_scale=getattr(args, "input_scale", 1.0))
+                                     input_scale=getattr(args, "input_scale", 1.0),
+                                     align_rows=getattr(args, "align_rows", True))
     return estimator, registry.describe_estimator(estimator, model)
 
 
@@ -62,6 +63,9 @@ def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True
                         help="run on each pair resized by this factor, the disparity brought back to its size "
                              "(above 1: more exact for about the square of the factor in time, while the "
                              "enlarged disparities stay within the model's range; README 'Input scale')")
+    parser.add_argument("--no-align-rows", dest="align_rows", action="store_false",
+                        help="run each pair as given (default: the right view's vertical offset from the left's "
+                             "is measured and taken out first; README 'Rows that do not line up')")
 
 
 def _add_min_confidence_arg(parser: argparse.ArgumentParser, meaning: str) -> None:

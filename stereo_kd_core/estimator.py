@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from stereo_kd_core.aligned_estimator import RowAlignedEstimator
 from stereo_kd_core.checkpoint import load_model
 from stereo_kd_core.estimator_base import (  # noqa: F401 (re-exported: the seam's names in one place)
     PRECISIONS,
@@ -73,7 +74,7 @@ def resolve_channels_last(channels_last: bool | None, model: str) -> bool:
 def load(model: str | None = None, device: str = "auto", precision: str = "auto",
          max_disparity: int = 192, compile: bool = False, threads: int | None = None,
          engine_cache_dir: str | None = None, channels_last: bool | None = None,
-         input_scale: float = 1.0) -> StereoEstimator:
+         input_scale: float = 1.0, align_rows: bool = True) -> StereoEstimator:
     """A registry name ("dsnet", ...), a checkpoint path, an ONNX model path (*.onnx), or "sgbm";
     None = the registry's default student (`registry.default_model()`).
 
@@ -97,7 +98,20 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
     first and runs nearer scenes at a smaller scale (`ScaledEstimator`). One that enlarges small
     pairs (manifest or checkpoint `small_pairs`, `SmallPairs`) runs a pair with fewer pixels than
     the size it was measured at enlarged further, for about that size's time.
+
+    align_rows: measure each pair's vertical offset between the views and take it out first
+    (`stereo_kd_core.aligned_estimator`; a pair whose rows line up runs as given): a 1 px offset
+    costs the default 0.7 px of realval EPE, 2 px make it useless. False: pairs as given (what a
+    caller that aligns rows itself, as the node does over a stream, asks for).
     """
+    estimator = _load(model, device, precision, max_disparity, compile, threads, engine_cache_dir, channels_last,
+                      input_scale)
+    return RowAlignedEstimator(estimator) if align_rows else estimator
+
+
+def _load(model: str | None, device: str, precision: str, max_disparity: int, compile: bool, threads: int | None,
+          engine_cache_dir: str | None, channels_last: bool | None, input_scale: float) -> StereoEstimator:
+    """`load` without row alignment."""
     scale = check_scale(input_scale)
     model = default_model() if model is None else model
     estimator, own_scale, fit_range, small_pairs = _load_at_own_scale(model, device, precision, max_disparity,
@@ -149,5 +163,6 @@ def _load_at_own_scale(model: str, device: str, precision: str, max_disparity: i
 
 StereoEstimator.load = staticmethod(load)  # the seam's entry point (see estimator_base.StereoEstimator)
 
-__all__ = ["NetworkEstimator", "OnnxEstimator", "RawPrediction", "SGBMEstimator", "ScaledEstimator", "StereoEstimator",
+__all__ = ["NetworkEstimator", "OnnxEstimator", "RawPrediction", "RowAlignedEstimator", "SGBMEstimator",
+           "ScaledEstimator", "StereoEstimator",
            "StereoPrediction", "compile_cache_dir", "load", "pair_peak", "resolve_device", "resolve_precision"]

@@ -64,6 +64,7 @@ class StereoDiagnostics:
                 "discarded_at_shutdown": str(stats.discarded),
                 "time_resets": str(stats.time_resets),
                 "stamps_off_clock": str(stats.off_clock),
+                "row_offset_px": "nan" if stats.row_offset_px is None else f"{stats.row_offset_px:+.2f}",
             }
             values.update({f"rejected_{reason}": str(count) for reason, count in sorted(stats.rejected.items())})
         values["received_left_images"], values["received_right_images"] = map(str, pipeline.image_sync.received)

@@ -99,7 +99,7 @@ class StereoNode(Node):
             self._loaded = StereoEstimator.load(values["model"], device=values["device"],
                                                 precision=values["precision"],
                                                 max_disparity=requested_range or SGBM_DEFAULT_RANGE,
-                                                compile=values["compile"])
+                                                compile=values["compile"], align_rows=False)  # the pipeline aligns
         self.estimator = for_input_scale(self._loaded, values["input_scale"])
         self._rectification_device = (self._choose_rectification_device(values["rectify_on"])
                                       if values["rectify"] else None)
@@ -114,7 +114,7 @@ class StereoNode(Node):
             self, self.outputs, lambda: (self.estimator, self.settings), input_qos(values), overrides,
             values["queue_size"], tolerance, values["rectify"],
             # Reprojection runs where the estimator runs when that is a GPU (one copy back for all).
-            points_on_estimator=self.estimator.device.startswith("cuda"))
+            points_on_estimator=self.estimator.device.startswith("cuda"), align_rows_every=values["align_rows_every"])
         self.diagnostics = StereoDiagnostics(self, self.pipeline, self._described, values["diagnostics_period_s"],
                                              values["status_log_period_s"])
         self.get_logger().info(
@@ -186,8 +186,8 @@ class StereoNode(Node):
         return max_disparity
 
     def _sgbm_for(self, input_scale: float) -> StereoEstimator:
-        return StereoEstimator.load("sgbm", max_disparity=scaled_search_range(self._sgbm_max_disparity,
-                                                                              input_scale))
+        return StereoEstimator.load("sgbm", max_disparity=scaled_search_range(self._sgbm_max_disparity, input_scale),
+                                    align_rows=False)  # the pipeline aligns
 
     # -- diagnostics and shutdown ------------------------------------------------------------
 

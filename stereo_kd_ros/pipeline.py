@@ -27,6 +27,7 @@ from stereo_kd_core.rectification import (
     input_size,
     resize_pair,
 )
+from stereo_kd_core.row_alignment import RowOffsetTracker, shift_rows
 from stereo_kd_ros import conversions
 from stereo_kd_ros.outputs import StereoOutputs
 from stereo_kd_ros.parameters import OutputSettings
@@ -42,7 +43,8 @@ TIME_RESET_THRESHOLD_S = 1.0
 # was not stamped on this clock (a recording replayed without use_sim_time, a camera's own clock):
 # its stamp-to-output time is no latency and is left out of the latency figures.
 MAX_LATENCY_S = 60.0
-OFF_CLOCK_WARNING_INTERVAL_S = 60.0
+OFF_CLOCK_WARNING_INTERVAL_S = 60.0  # also for a row offset of the cameras
+ROW_OFFSET_WARN_PX = 1.0  # a running row offset this large is warned of (and corrected)
 # A pair that arrives before the first camera_infos waits this long for them (then is rejected).
 AWAIT_CAMERA_INFO_S = 1.0
 # A camera_info larger than this on a side starts no compile ahead of its pairs (a corrupt one
@@ -92,6 +94,7 @@ class PipelineStats:
     time_resets: int = 0
     off_clock: int = 0  # processed pairs whose stamps are not on the node's clock (no latency)
     longest_inference_s: float = 0.0
+    row_offset_px: float | None = None  # the right camera's running row offset (None: not measured)
     rejected: Counter = field(default_factory=Counter)
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
     inference_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
@@ -108,8 +111,10 @@ class PairPipeline:
 
     def __init__(self, node: Node, outputs: StereoOutputs, current: Callable[[], tuple[StereoEstimator,
                  OutputSettings]], input_qos: QoSProfile, overrides: QoSOverridingOptions, queue_size: int,
-                 tolerance_s: float | None, rectify: bool, points_on_estimator: bool):
+                 tolerance_s: float | None, rectify: bool, points_on_estimator: bool, align_rows_every: int = 0):
         self.node, self.outputs, self.current = node, outputs, current
+        # rectified input: the right view brought onto the left's rows by the camera's running offset
+        self.rows = RowOffsetTracker(every=align_rows_every) if align_rows_every > 0 and not rectify else None
         self.points_on_estimator = points_on_estimator  # reprojection where the estimator runs (a GPU)
         self.stats = PipelineStats()
         self._last_warning: dict[str, float] = {}
@@ -341,6 +346,7 @@ class PairPipeline:
         rectified_left = None
         if pair.rectification is None:
             left, right = resize_pair(pair.left, pair.right, size)
+            right = self._on_left_rows(pair, right, height / full_height)
             scaled = time.perf_counter()
             prediction = estimator.predict(left, right, geometry=points_geometry)
         else:  # raw input: rectified and resized where the estimator says (CPU or its device), timed with it
@@ -371,6 +377,24 @@ class PairPipeline:
             self.stats.overhead_ms.append((done - inferred + scaled - start + pair.prepare_s) * 1e3)
         if not on_clock:
             self._warn_off_clock(latency_ns * 1e-9)
+
+    def _on_left_rows(self, pair: StereoPair, right: np.ndarray, scale: float) -> np.ndarray:
+        """`right` (the pair's right view at `scale`) shifted onto the left view's rows by the camera's
+        running row offset (stereo_kd_core.row_alignment: measured at full size on the first pair and
+        every align_rows_every-th after it); as it is without one or within the dead band."""
+        if self.rows is None:
+            return right
+        shift = self.rows.update(pair.left, pair.right)
+        with self.stats.lock:
+            self.stats.row_offset_px = self.rows.offset_px
+        now = time.monotonic()
+        last = self._last_warning.get("row_offset")
+        if abs(shift) >= ROW_OFFSET_WARN_PX and (last is None or now - last >= OFF_CLOCK_WARNING_INTERVAL_S):
+            self._last_warning["row_offset"] = now
+            self.node.get_logger().warning(
+                f"the right camera's rows lie {shift:+.2f} px from the left's (full size): corrected from a "
+                f"running estimate; recalibrate the pair")
+        return shift_rows(right, shift * scale) if shift else right
 
     def _warn_off_clock(self, latency_s: float) -> None:
         """Once per OFF_CLOCK_WARNING_INTERVAL_S: the pairs' stamps are not on this node's clock."""

@@ -243,7 +243,8 @@ def check_pair(left: np.ndarray, right: np.ndarray, max_disparity: int = CHECK_M
     `ok` when the pair is usable as a rectified left/right pair (see the module docstring)."""
     from stereo_kd_core.estimator import StereoEstimator
 
-    matcher = StereoEstimator.load("sgbm", max_disparity=min(max_disparity, left.shape[1] // 2 // 16 * 16))
+    matcher = StereoEstimator.load("sgbm", max_disparity=min(max_disparity, left.shape[1] // 2 // 16 * 16),
+                                   align_rows=False)  # the row search needs the rows as given
     margin = ROW_SEARCH_PX  # rows rolled around the border are cut from both images
     by_offset = {}
     for rows in range(-ROW_SEARCH_PX, ROW_SEARCH_PX + 1):

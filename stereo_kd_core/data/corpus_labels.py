@@ -88,7 +88,8 @@ def label_cases(root: str | os.PathLike, teacher: str, precision: str = "bf16", 
         raise ValueError(f"{root} holds labels of another teacher ({record.read_text().strip()}, now {identity})")
     todo = [case for case in cases_round_robin(root) if not (case / LABEL_FILE).is_file()][:limit]
     # loaded before the record is written: a teacher that fails to load must not claim the folder
-    estimator = StereoEstimator.load(teacher, device="cpu", precision=precision, input_scale=input_scale)
+    estimator = StereoEstimator.load(teacher, device="cpu", precision=precision, input_scale=input_scale,
+                                     align_rows=False)
     record.write_text(json.dumps(identity, indent=2) + "\n")
     for index, case in enumerate(todo):
         start = time.perf_counter()
@@ -117,8 +118,8 @@ def confidence_cases(root: str | os.PathLike, student: str | None, export: str |
     if "student" in AGREEMENT_NEEDS[rule.agreement] and not student:
         rule = replace(rule, agreement="sgbm")
     needs = AGREEMENT_NEEDS[rule.agreement]  # only the estimators the rule reads run
-    sgbm = StereoEstimator.load("sgbm", max_disparity=192) if "sgbm" in needs else None
-    student_estimator = StereoEstimator.load(student, device="cpu") if "student" in needs else None
+    sgbm = StereoEstimator.load("sgbm", max_disparity=192, align_rows=False) if "sgbm" in needs else None
+    student_estimator = StereoEstimator.load(student, device="cpu", align_rows=False) if "student" in needs else None
     cases = [case for case in cases_round_robin(Path(root)) if (case / LABEL_FILE).is_file()]
     done = 0
     for case in cases:

@@ -73,7 +73,8 @@ def sgbm_agreement(left: np.ndarray, right: np.ndarray, label: np.ndarray, max_d
     """The label where OpenCV SGBM (left-right checked) agrees with it, NaN elsewhere; None
     where the image is too narrow for SGBM at this range."""
     try:
-        sgbm = StereoEstimator.load("sgbm", max_disparity=max_disparity).predict(left, right).disparity
+        sgbm = StereoEstimator.load("sgbm", max_disparity=max_disparity, align_rows=False)  # as the labels see it
+        sgbm = sgbm.predict(left, right).disparity
     except ValueError:
         return None
     rule = ConfidenceRule(agreement_px=SGBM_AGREEMENT_PX, agreement_fraction=SGBM_AGREEMENT_FRACTION)

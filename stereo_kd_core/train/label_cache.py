@@ -150,7 +150,8 @@ class EstimatorTeacher(Teacher):
         needs = AGREEMENT_NEEDS.get(self.agreement, ())
         if "sgbm" in needs:
             try:  # SGBM checks left-right itself: NaN where it fails
-                sgbm = StereoEstimator.load("sgbm", max_disparity=self.max_disparity).predict(left, right).disparity
+                sgbm = StereoEstimator.load("sgbm", max_disparity=self.max_disparity,
+                                             align_rows=False).predict(left, right).disparity
             except ValueError:  # narrower than SGBM's range: no SGBM evidence anywhere
                 sgbm = np.full(left.shape[:2], np.nan, np.float32)
         if "student" in needs:
@@ -228,13 +229,14 @@ def load_teacher(spec: str, device: str = "auto", lr_check_px: float = 1.0,
         return FileTeacher(spec[len(LABELS_PREFIX):])
     if spec == "psmnet" and "psmnet" not in registry.shipped_models():
         path = psmnet_checkpoint()
-        return EstimatorTeacher(StereoEstimator.load(str(path), device=device, precision=precision),
+        return EstimatorTeacher(StereoEstimator.load(str(path), device=device, precision=precision, align_rows=False),
                                 {"teacher": "psmnet", "sha256": sha256_of_file(path), **_tagged(precision)},
                                 lr_check_px)
     if spec.endswith(".onnx"):
         precision = "fp32"
     try:
-        estimator = StereoEstimator.load(spec, device=device, precision=precision)
+        # labels of pairs as given (row alignment: the caches made before it hold)
+        estimator = StereoEstimator.load(spec, device=device, precision=precision, align_rows=False)
     except CheckpointError as error:
         if spec.endswith(".onnx"):  # StereoEstimator.load runs ONNX files where its ONNX Runtime backend exists
             raise ValueError(f"--teacher {spec}: this install's StereoEstimator cannot run ONNX models "

@@ -31,7 +31,7 @@ def shifted_pair(shift: int = SHIFT_PX, width: int = WIDTH) -> tuple[np.ndarray,
 def test_the_disparity_comes_back_in_the_pairs_pixels(scale):
     """SGBM sees the shift times the scale; the caller gets the shift, at the pair's size."""
     left, right = shifted_pair()
-    estimator = StereoEstimator.load("sgbm", max_disparity=64, input_scale=scale)
+    estimator = StereoEstimator.load("sgbm", max_disparity=64, input_scale=scale, align_rows=False)
     assert isinstance(estimator, ScaledEstimator) and estimator.name == f"sgbm@x{scale:g}"
     assert estimator.max_disparity == int(64 / scale)  # its range in the pair's pixels
     prediction = estimator.predict(left, right)
