@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"Frames to time (after {WARMUP_FRAMES} warm-up frames); at most 200 are kept.")
     parser.add_argument("--rate", type=float, default=15.0, help="Input frames per second.")
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
+    parser.add_argument("--align-rows-every", type=int, default=30,
+                        help="The node's align_rows_every (default 30, the node's default; 0: off).")
     parser.add_argument("--glibc-defaults", action="store_true",
                         help="Leave glibc's malloc as it is (the node's console script keeps freed memory "
                              "for reuse: stereo_kd_core.allocator).")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     # Reliable input: best-effort 640x480 images over the loopback-UDP-only profile lose most frames.
     node = StereoNode(estimator=estimator, parameter_overrides=[
         Parameter("use_color", value=True), Parameter("use_system_default_qos", value=True),
-        Parameter("diagnostics_period_s", value=0.5)])
+        Parameter("diagnostics_period_s", value=0.5), Parameter("align_rows_every", value=args.align_rows_every)])
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, daemon=True)
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": os.getloadavg(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "kept_freed_memory": kept_freed_memory,
+        "align_rows_every": args.align_rows_every,
     }
     print(json.dumps(figures, indent=2))
     if args.json:
