@@ -4,8 +4,8 @@ measured on each pair (stereo_kd_core.row_alignment) and taken out before the es
     StereoEstimator.load("dsnet-fast")                      # aligns rows (the default)
     StereoEstimator.load("dsnet-fast", align_rows=False)    # pairs as given
 
-A pair whose rows already line up (offset under row_alignment.DEADBAND_PX, or one that gives no
-estimate) goes to the estimator untouched.
+A pair whose rows already line up (`row_alignment.correction` keeps nothing of its measurement, or
+it gives none) goes to the estimator untouched.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ from __future__ import annotations
 import numpy as np
 
 from stereo_kd_core.estimator_base import RawPrediction, StereoEstimator, StereoPrediction, check_pair
-from stereo_kd_core.row_alignment import correction, estimate_row_offset, shift_rows
+from stereo_kd_core.row_alignment import RowShift, correction, measure_rows, onto_left_rows
 
 
 class RowAlignedEstimator(StereoEstimator):
     """`wrapped` on each pair with its right view shifted onto the left view's rows. Everything else
     is the wrapped estimator's, read and set there (name, range, build, warm-up, its `inner` network
-    estimator when it scales pairs, ...). `last_shift_px`: the shift the last pair was given (0: none)."""
+    estimator when it scales pairs, ...). `last_shift`: the RowShift the last pair's right view was given."""
 
     def __init__(self, wrapped: StereoEstimator):
         self.__dict__["wrapped"] = wrapped
-        self.last_shift_px = 0.0
+        self.last_shift = RowShift()
 
     def __getattr__(self, name: str):
         if name == "wrapped":
@@ -31,7 +31,7 @@ class RowAlignedEstimator(StereoEstimator):
         return getattr(self.wrapped, name)
 
     def __setattr__(self, name: str, value) -> None:
-        if name == "last_shift_px":
+        if name == "last_shift":
             object.__setattr__(self, name, value)
         else:  # a setting of the estimator (its name, rectifies_on_device, ...) is the wrapped one's
             setattr(self.wrapped, name, value)
@@ -46,8 +46,9 @@ class RowAlignedEstimator(StereoEstimator):
     def aligned(self, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The pair (checked) with its right view on the left view's rows."""
         left, right = check_pair(left, right)
-        self.last_shift_px = correction(estimate_row_offset(left, right))
-        return left, shift_rows(right, self.last_shift_px)
+        measured = measure_rows(left, right)
+        self.last_shift = correction(None if measured is None else measured.shift)
+        return left, onto_left_rows(right, self.last_shift)
 
     def predict(self, left: np.ndarray, right: np.ndarray, geometry=None) -> StereoPrediction:
         return self.wrapped.predict(*self.aligned(left, right), geometry=geometry)

@@ -1,17 +1,18 @@
-"""Rows of a stereo pair that do not line up: measuring the right view's vertical offset from the
-left's and taking it out.
+"""Rows of a stereo pair that do not line up: measuring where the right view's rows lie against the
+left's and taking that out.
 
 Stereo matching searches along rows. A pair rectified with a calibration that is slightly off (a
 camera knocked, a lens refocused, a rig warmed up) has its right rows a fraction of a pixel to a
 few pixels above or below the left's, and a network trained on exact rows degrades fast: the
-shipped default's realval EPE goes from 1.08 px to 1.79 px at a 1 px offset and to 7.4 px at 2 px
-(README, "Rows that do not line up").
+shipped default's realval EPE goes from 1.07 px to 1.79 px at a 1 px offset and to 12.6 px at 2.5 px;
+a roll of 0.3 degrees takes it to 1.91 (README, "Rows that do not line up").
 
-`estimate_row_offset` tracks corners of the left view into the right view (pyramidal
-Lucas-Kanade, checked back from right to left) and takes a robust mean of their vertical
-displacement; `shift_rows` resamples the right view by it (bilinear, sub-pixel).
-`RowOffsetTracker` keeps a running estimate over a stream of pairs for a camera whose offset
-changes slowly, re-measuring every few pairs.
+`measure_rows` tracks corners of the left view into the right view (pyramidal Lucas-Kanade,
+checked back from right to left) and fits their vertical displacement as an offset, a tilt
+across the image (a roll) and a stretch down it (a vertical scale); `onto_left_rows` resamples
+the right view by the `RowShift` that `correction` keeps of it (bilinear, sub-pixel).
+`RowTracker` keeps a running measurement over a stream of pairs for a camera whose rows change
+slowly, re-measuring every few pairs.
 """
 
 from __future__ import annotations
@@ -25,20 +26,42 @@ import numpy as np
 # the longest side a pair is measured at: enough corners for a 0.05 px estimate, a few ms
 MEASURE_SIDE_PX = 640
 MAX_CORNERS = 300
-MIN_POINTS = 20                 # fewer consistent tracks: no estimate
+MIN_POINTS = 20                 # fewer consistent tracks: no measurement
 MAX_OFFSET_PX = 8.0             # vertical displacements beyond this are mismatches
 FORWARD_BACKWARD_PX = 0.3       # a track's round trip must come back within this
-MAX_SPREAD_PX = 0.5             # median |residual| of the kept tracks above this: no estimate
-# offsets smaller than this are left alone: below the estimate's own noise (about 0.05 px)
+MAX_SPREAD_PX = 0.5             # median |residual| of the kept tracks above this: no measurement
+# an offset smaller than this is left alone: below the measurement's own noise (about 0.05 px)
 DEADBAND_PX = 0.1
+# a tilt or stretch is taken out only from this many pixels at the image's edge: on realval's KITTI
+# frame the tracks report a 0.7-0.8 px tilt that is not there (converging road lines bias them;
+# correcting it costs 0.09 px of EPE), while a roll of 0.2 deg over 640 px is 1.1 px
+TILT_MIN_PX = 1.0
 
 
 @dataclass(frozen=True)
-class RowOffset:
-    """The right view's rows lie `offset_px` below the left's: right(x - d, y + offset_px) = left(x, y).
-    `points`: the tracks it rests on; `spread_px`: their median absolute deviation from it."""
+class RowShift:
+    """Where the right view's rows lie below the left's, in pixels: `offset_px` at the image centre,
+    plus `tilt_px` times the column's position from -1 (left edge) to 1 (right edge) and `scale_px`
+    times the row's position from -1 (top) to 1 (bottom): right(x - d, y + shift(x, y)) = left(x, y)."""
 
-    offset_px: float
+    offset_px: float = 0.0
+    tilt_px: float = 0.0
+    scale_px: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.offset_px or self.tilt_px or self.scale_px)
+
+    def scaled(self, factor: float) -> RowShift:
+        """The same shift for the pair resized by `factor` (pixels scale with it)."""
+        return RowShift(self.offset_px * factor, self.tilt_px * factor, self.scale_px * factor)
+
+
+@dataclass(frozen=True)
+class RowMeasurement:
+    """A pair's `RowShift` as measured, the tracks it rests on and their median absolute deviation
+    from it."""
+
+    shift: RowShift
     points: int
     spread_px: float
 
@@ -54,22 +77,12 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return grey
 
 
-def estimate_row_offset(left: np.ndarray, right: np.ndarray) -> RowOffset | None:
-    """The right view's vertical offset from the left's (`RowOffset`), or None where the pair does
-    not say (too few corners that track both ways, or tracks that disagree). Images HxW or HxWxC,
-    any size (measured at most MEASURE_SIDE_PX on the longer side, the offset in the pair's pixels)."""
-    grey_left, grey_right = _grey(left), _grey(right)
-    height, width = grey_left.shape
-    factor = min(1.0, MEASURE_SIDE_PX / max(height, width))
-    if factor < 1.0:
-        size = (max(int(round(width * factor)), 1), max(int(round(height * factor)), 1))
-        grey_left = cv2.resize(grey_left, size, interpolation=cv2.INTER_AREA)
-        grey_right = cv2.resize(grey_right, size, interpolation=cv2.INTER_AREA)
-    if min(grey_left.shape) < 32:
-        return None
+def _tracks(grey_left: np.ndarray, grey_right: np.ndarray, max_offset_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """(left positions (N, 2) x, y; their vertical displacements (N,)) of the corners that track into
+    the right view and back, with a match left of their pixel and a plausible vertical displacement."""
     corners = cv2.goodFeaturesToTrack(grey_left, MAX_CORNERS, 0.01, 7, blockSize=7)
     if corners is None or len(corners) < MIN_POINTS:
-        return None
+        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01)
     tracked, found, _ = cv2.calcOpticalFlowPyrLK(grey_left, grey_right, corners, None, winSize=(21, 21),
                                                  maxLevel=4, criteria=criteria)
@@ -79,63 +92,102 @@ def estimate_row_offset(left: np.ndarray, right: np.ndarray) -> RowOffset | None
     dx, dy = end[:, 0] - start[:, 0], end[:, 1] - start[:, 1]
     usable = ((found[:, 0] == 1) & (found_back[:, 0] == 1)
               & (np.abs(back - start).max(axis=1) < FORWARD_BACKWARD_PX)
-              & (dx <= 1.0) & (np.abs(dy) < MAX_OFFSET_PX * factor))  # a match lies left of its pixel
-    dy = dy[usable]
-    if dy.size < MIN_POINTS:
-        return None
-    offset, kept = float(np.median(dy)), np.ones(dy.size, dtype=bool)
-    for _ in range(3):  # the mean of the tracks within 3 robust sigmas of the estimate
-        deviation = np.abs(dy - offset)
+              & (dx <= 1.0) & (np.abs(dy) < max_offset_px))  # a match lies left of its pixel
+    return start[usable], dy[usable]
+
+
+def _robust_fit(design: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least squares of `values` on `design`'s columns, refitted on the points within 3 robust sigmas
+    of the fit (three times): (coefficients, kept mask)."""
+    kept = np.ones(values.size, dtype=bool)
+    coefficients = np.zeros(design.shape[1])
+    coefficients[0] = float(np.median(values))
+    for _ in range(3):
+        deviation = np.abs(design @ coefficients - values)
         sigma = max(1.4826 * float(np.median(deviation[kept])), 0.02)
         kept = deviation < 3.0 * sigma
-        offset = float(dy[kept].mean())
-    spread = float(np.median(np.abs(dy[kept] - offset))) / factor
+        coefficients = np.linalg.lstsq(design[kept], values[kept], rcond=None)[0]
+    return coefficients, kept
+
+
+def measure_rows(left: np.ndarray, right: np.ndarray) -> RowMeasurement | None:
+    """Where the right view's rows lie against the left's (`RowMeasurement`), or None where the pair
+    does not say (too few corners that track both ways, or tracks that disagree). Images HxW or HxWxC,
+    any size (measured at most MEASURE_SIDE_PX on the longer side; the shift in the pair's pixels)."""
+    grey_left, grey_right = _grey(left), _grey(right)
+    height, width = grey_left.shape
+    factor = min(1.0, MEASURE_SIDE_PX / max(height, width))
+    if factor < 1.0:
+        size = (max(int(round(width * factor)), 1), max(int(round(height * factor)), 1))
+        grey_left = cv2.resize(grey_left, size, interpolation=cv2.INTER_AREA)
+        grey_right = cv2.resize(grey_right, size, interpolation=cv2.INTER_AREA)
+    if min(grey_left.shape) < 32:
+        return None
+    points, dy = _tracks(grey_left, grey_right, MAX_OFFSET_PX * factor)
+    if dy.size < MIN_POINTS:
+        return None
+    small_height, small_width = grey_left.shape
+    across = points[:, 0] / ((small_width - 1) / 2.0) - 1.0
+    down = points[:, 1] / ((small_height - 1) / 2.0) - 1.0
+    design = np.stack([np.ones_like(across), across, down], axis=1)
+    coefficients, kept = _robust_fit(design, dy)
+    spread = float(np.median(np.abs(design[kept] @ coefficients - dy[kept]))) / factor
     if kept.sum() < MIN_POINTS or spread > MAX_SPREAD_PX:
         return None
-    return RowOffset(offset / factor, int(kept.sum()), spread)
+    offset, tilt, stretch = (float(value) / factor for value in coefficients)
+    return RowMeasurement(RowShift(offset, tilt, stretch), int(kept.sum()), spread)
 
 
-def shift_rows(image: np.ndarray, offset_px: float) -> np.ndarray:
-    """`image` resampled at rows y + offset_px (bilinear; the border row repeated): the right view
-    of a pair whose `RowOffset` is offset_px, brought onto the left view's rows."""
-    if offset_px == 0.0:
+def correction(shift: RowShift | None) -> RowShift:
+    """What to take out of a measured shift: the offset from DEADBAND_PX, the tilt and the stretch
+    from TILT_MIN_PX (at the image's edge); none without a measurement."""
+    if shift is None:
+        return RowShift()
+    keep_tilt = abs(shift.tilt_px) >= TILT_MIN_PX or abs(shift.scale_px) >= TILT_MIN_PX
+    return RowShift(shift.offset_px if keep_tilt or abs(shift.offset_px) >= DEADBAND_PX else 0.0,
+                    shift.tilt_px if keep_tilt else 0.0, shift.scale_px if keep_tilt else 0.0)
+
+
+def onto_left_rows(image: np.ndarray, shift: RowShift) -> np.ndarray:
+    """The right view `image` resampled at rows y + shift(x, y) (bilinear; the border repeated): a
+    pair whose right view lies `shift` below the left's, brought onto the left view's rows."""
+    if not shift:
         return image
     height, width = image.shape[:2]
-    matrix = np.float32([[1.0, 0.0, 0.0], [0.0, 1.0, offset_px]])
+    across, down = 2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)  # x, y -> -1..1
+    # source row = y + offset + tilt (across x - 1) + scale (down y - 1), an affine map of (x, y)
+    matrix = np.float32([[1.0, 0.0, 0.0],
+                         [shift.tilt_px * across, 1.0 + shift.scale_px * down,
+                          shift.offset_px - shift.tilt_px - shift.scale_px]])
     return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REPLICATE)
 
 
-def correction(offset: RowOffset | None) -> float:
-    """The shift to apply for an estimate: 0 without one or within DEADBAND_PX."""
-    if offset is None or abs(offset.offset_px) < DEADBAND_PX:
-        return 0.0
-    return offset.offset_px
-
-
-class RowOffsetTracker:
-    """A camera's row offset over a stream: measured on the first pair and every `every`-th after
-    it, the median of the last `window` estimates (a pair that gives none keeps the last value)."""
+class RowTracker:
+    """A camera's row shift over a stream: measured on the first pair and every `every`-th after it,
+    each term the median of the last `window` measurements (a pair that gives none keeps the last)."""
 
     def __init__(self, every: int = 30, window: int = 5) -> None:
         if every < 1 or window < 1:
             raise ValueError(f"every and window must be >= 1, got {every} and {window}")
         self.every = every
-        self.estimates: deque[float] = deque(maxlen=window)
-        self.last: RowOffset | None = None
+        self.measured: deque[RowShift] = deque(maxlen=window)
+        self.last: RowMeasurement | None = None
         self._pairs = 0
 
     @property
-    def offset_px(self) -> float | None:
-        """The running estimate, None before any pair gave one."""
-        return float(np.median(self.estimates)) if self.estimates else None
+    def shift(self) -> RowShift | None:
+        """The running measurement, None before any pair gave one."""
+        if not self.measured:
+            return None
+        terms = np.median([(s.offset_px, s.tilt_px, s.scale_px) for s in self.measured], axis=0)
+        return RowShift(*(float(term) for term in terms))
 
-    def update(self, left: np.ndarray, right: np.ndarray) -> float:
-        """Measure this pair when it is due; the shift to apply to its right view."""
+    def update(self, left: np.ndarray, right: np.ndarray) -> RowShift:
+        """Measure this pair when it is due; the shift to take out of its right view (`correction`)."""
         if self._pairs % self.every == 0:
-            self.last = estimate_row_offset(left, right)
+            self.last = measure_rows(left, right)
             if self.last is not None:
-                self.estimates.append(self.last.offset_px)
+                self.measured.append(self.last.shift)
         self._pairs += 1
-        current = self.offset_px
-        return 0.0 if current is None or abs(current) < DEADBAND_PX else current
+        return correction(self.shift)

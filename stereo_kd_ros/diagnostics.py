@@ -18,6 +18,13 @@ from stereo_kd_ros.pipeline import PairPipeline
 STATUS_HOLD_S = 3.0
 
 
+def row_shift_values(shift) -> dict[str, str]:
+    """/diagnostics' row_offset_px, row_tilt_px, row_stretch_px of the running RowShift ("nan": none)."""
+    terms = ("nan",) * 3 if shift is None else (f"{value:+.2f}" for value in
+                                                  (shift.offset_px, shift.tilt_px, shift.scale_px))
+    return dict(zip(("row_offset_px", "row_tilt_px", "row_stretch_px"), terms, strict=True))
+
+
 def percentile(values: deque, q: float) -> float:
     return float(np.percentile(np.fromiter(values, dtype=np.float64), q)) if values else float("nan")
 
@@ -64,7 +71,7 @@ class StereoDiagnostics:
                 "discarded_at_shutdown": str(stats.discarded),
                 "time_resets": str(stats.time_resets),
                 "stamps_off_clock": str(stats.off_clock),
-                "row_offset_px": "nan" if stats.row_offset_px is None else f"{stats.row_offset_px:+.2f}",
+                **row_shift_values(stats.row_shift),
             }
             values.update({f"rejected_{reason}": str(count) for reason, count in sorted(stats.rejected.items())})
         values["received_left_images"], values["received_right_images"] = map(str, pipeline.image_sync.received)

@@ -27,7 +27,7 @@ from stereo_kd_core.rectification import (
     input_size,
     resize_pair,
 )
-from stereo_kd_core.row_alignment import RowOffsetTracker, shift_rows
+from stereo_kd_core.row_alignment import RowShift, RowTracker, onto_left_rows
 from stereo_kd_ros import conversions
 from stereo_kd_ros.outputs import StereoOutputs
 from stereo_kd_ros.parameters import OutputSettings
@@ -44,7 +44,7 @@ TIME_RESET_THRESHOLD_S = 1.0
 # its stamp-to-output time is no latency and is left out of the latency figures.
 MAX_LATENCY_S = 60.0
 OFF_CLOCK_WARNING_INTERVAL_S = 60.0  # also for a row offset of the cameras
-ROW_OFFSET_WARN_PX = 1.0  # a running row offset this large is warned of (and corrected)
+ROW_SHIFT_WARN_PX = 1.0  # rows moved this far somewhere in the image: warned of (and corrected)
 # A pair that arrives before the first camera_infos waits this long for them (then is rejected).
 AWAIT_CAMERA_INFO_S = 1.0
 # A camera_info larger than this on a side starts no compile ahead of its pairs (a corrupt one
@@ -94,7 +94,7 @@ class PipelineStats:
     time_resets: int = 0
     off_clock: int = 0  # processed pairs whose stamps are not on the node's clock (no latency)
     longest_inference_s: float = 0.0
-    row_offset_px: float | None = None  # the right camera's running row offset (None: not measured)
+    row_shift: RowShift | None = None  # where the right camera's rows lie, running (None: not measured)
     rejected: Counter = field(default_factory=Counter)
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
     inference_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
@@ -114,7 +114,7 @@ class PairPipeline:
                  tolerance_s: float | None, rectify: bool, points_on_estimator: bool, align_rows_every: int = 0):
         self.node, self.outputs, self.current = node, outputs, current
         # rectified input: the right view brought onto the left's rows by the camera's running offset
-        self.rows = RowOffsetTracker(every=align_rows_every) if align_rows_every > 0 and not rectify else None
+        self.rows = RowTracker(every=align_rows_every) if align_rows_every > 0 and not rectify else None
         self.points_on_estimator = points_on_estimator  # reprojection where the estimator runs (a GPU)
         self.stats = PipelineStats()
         self._last_warning: dict[str, float] = {}
@@ -379,22 +379,24 @@ class PairPipeline:
             self._warn_off_clock(latency_ns * 1e-9)
 
     def _on_left_rows(self, pair: StereoPair, right: np.ndarray, scale: float) -> np.ndarray:
-        """`right` (the pair's right view at `scale`) shifted onto the left view's rows by the camera's
-        running row offset (stereo_kd_core.row_alignment: measured at full size on the first pair and
-        every align_rows_every-th after it); as it is without one or within the dead band."""
+        """`right` (the pair's right view at `scale`) brought onto the left view's rows by the camera's
+        running row shift (stereo_kd_core.row_alignment: measured at full size on the first pair and
+        every align_rows_every-th after it); as it is without one or where correction keeps nothing."""
         if self.rows is None:
             return right
         shift = self.rows.update(pair.left, pair.right)
         with self.stats.lock:
-            self.stats.row_offset_px = self.rows.offset_px
+            self.stats.row_shift = self.rows.shift
         now = time.monotonic()
-        last = self._last_warning.get("row_offset")
-        if abs(shift) >= ROW_OFFSET_WARN_PX and (last is None or now - last >= OFF_CLOCK_WARNING_INTERVAL_S):
-            self._last_warning["row_offset"] = now
+        last = self._last_warning.get("row_shift")
+        worst = abs(shift.offset_px) + abs(shift.tilt_px) + abs(shift.scale_px)  # the most a row moves
+        if worst >= ROW_SHIFT_WARN_PX and (last is None or now - last >= OFF_CLOCK_WARNING_INTERVAL_S):
+            self._last_warning["row_shift"] = now
             self.node.get_logger().warning(
-                f"the right camera's rows lie {shift:+.2f} px from the left's (full size): corrected from a "
-                f"running estimate; recalibrate the pair")
-        return shift_rows(right, shift * scale) if shift else right
+                f"the right camera's rows lie off the left's (full size: {shift.offset_px:+.2f} px at the centre, "
+                f"tilt {shift.tilt_px:+.2f} px, stretch {shift.scale_px:+.2f} px at the edges): corrected from a "
+                f"running measurement; recalibrate the pair")
+        return onto_left_rows(right, shift.scaled(scale))
 
     def _warn_off_clock(self, latency_s: float) -> None:
         """Once per OFF_CLOCK_WARNING_INTERVAL_S: the pairs' stamps are not on this node's clock."""
