@@ -19,6 +19,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from stereo_kd_core.row_alignment import RowShift, onto_left_rows
+
 # Coefficients per distortion model, as image_geometry / camera_calibration write them.
 DISTORTION_COEFFICIENTS = {"plumb_bob": 5, "rational_polynomial": 8, "equidistant": 4}
 ROTATION_TOLERANCE = 1e-3  # max |R^T R - I| and |det R - 1|: calibration files print R to ~5 digits
@@ -161,6 +163,13 @@ class RectificationMaps:
         if (height, width) != (self.calibration.height, self.calibration.width):
             raise ValueError(f"{what} is {width}x{height} but its calibration is for "
                              f"{self.calibration.width}x{self.calibration.height}")
+
+    def with_rows_moved(self, shift: RowShift) -> RectificationMaps:
+        """These maps followed by `row_alignment.onto_left_rows(., shift)`: a right camera's maps that
+        bring its rectified rows onto the left camera's, in one remap."""
+        if not shift:
+            return self
+        return RectificationMaps(self.calibration, onto_left_rows(self.raw_x, shift), onto_left_rows(self.raw_y, shift))
 
     def remap(self, raw: np.ndarray) -> np.ndarray:
         """Rectify a raw (h, w[, C]) image on the CPU (bilinear, 0 outside the raw image)."""

@@ -18,6 +18,7 @@ slowly, re-measuring every few pairs.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -185,8 +186,13 @@ class RowTracker:
 
     def update(self, left: np.ndarray, right: np.ndarray) -> RowShift:
         """Measure this pair when it is due; the shift to take out of its right view (`correction`)."""
+        return self.update_lazily(lambda: (left, right))
+
+    def update_lazily(self, views: Callable[[], tuple[np.ndarray, np.ndarray]]) -> RowShift:
+        """`update` with the pair's rectified views made by `views` only when a measurement is due
+        (raw cameras: rectifying both views for it costs a few ms)."""
         if self._pairs % self.every == 0:
-            self.last = measure_rows(left, right)
+            self.last = measure_rows(*views())
             if self.last is not None:
                 self.measured.append(self.last.shift)
         self._pairs += 1

@@ -68,12 +68,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "came), else the CPU; cpu: OpenCV remap on the CPU; estimator: on the estimator's device "
                   "(networks only; others rectify on the CPU)."),
     ParameterSpec("align_rows_every", 30,
-                  "Rectified input: measure where the right camera's rows lie against the left's (tracked corners, "
+                  "Measure where the right camera's rows lie against the left's (tracked corners, "
                   "sub-pixel: an offset, and a tilt and stretch across the image) on the first pair and every this "
                   "many pairs after it, and resample the right image by the median of the last five measurements "
                   "(an offset from 0.1 px, a tilt or stretch from 1 px at the edge; a warning from 1 px: "
-                  "recalibrate). A 1 px offset costs the default model 0.7 px of EPE on real pairs. 0: off. "
-                  "Raw input (rectify) is not corrected.", value_range=(0, 100000, 1)),
+                  "recalibrate). A 1 px offset costs the default model 0.7 px of EPE on real pairs. Raw input "
+                  "(rectify): measured on the rectified views, the right camera's maps moved by it. 0: off.",
+                  value_range=(0, 100000, 1)),
     ParameterSpec("use_color", True, "Add packed rgb from the left image to points2.", read_only=False),
     ParameterSpec("publish_depth", False,
                   "Publish 'depth/image_rect' and 'depth/camera_info' (and the deprecated 'depth', 32FC1)."),

@@ -113,8 +113,10 @@ class PairPipeline:
                  OutputSettings]], input_qos: QoSProfile, overrides: QoSOverridingOptions, queue_size: int,
                  tolerance_s: float | None, rectify: bool, points_on_estimator: bool, align_rows_every: int = 0):
         self.node, self.outputs, self.current = node, outputs, current
-        # rectified input: the right view brought onto the left's rows by the camera's running offset
-        self.rows = RowTracker(every=align_rows_every) if align_rows_every > 0 and not rectify else None
+        # the right view brought onto the left's rows by the cameras' running row shift (raw input: folded
+        # into the right camera's rectification maps, cached here with the shift they were moved by)
+        self.rows = RowTracker(every=align_rows_every) if align_rows_every > 0 else None
+        self._moved_maps: tuple[RectificationMaps, RowShift, RectificationMaps] | None = None
         self.points_on_estimator = points_on_estimator  # reprojection where the estimator runs (a GPU)
         self.stats = PipelineStats()
         self._last_warning: dict[str, float] = {}
@@ -350,8 +352,9 @@ class PairPipeline:
             scaled = time.perf_counter()
             prediction = estimator.predict(left, right, geometry=points_geometry)
         else:  # raw input: rectified and resized where the estimator says (CPU or its device), timed with it
+            rectification = self._maps_onto_left_rows(pair)
             scaled = time.perf_counter()
-            raw = estimator.predict_raw(pair.left, pair.right, pair.rectification, size, geometry=points_geometry,
+            raw = estimator.predict_raw(pair.left, pair.right, rectification, size, geometry=points_geometry,
                                         rectified_left=wants_rectified_left)
             prediction, left, rectified_left = raw.prediction, raw.left, raw.rectified_left
         inferred = time.perf_counter()
@@ -379,12 +382,30 @@ class PairPipeline:
             self._warn_off_clock(latency_ns * 1e-9)
 
     def _on_left_rows(self, pair: StereoPair, right: np.ndarray, scale: float) -> np.ndarray:
-        """`right` (the pair's right view at `scale`) brought onto the left view's rows by the camera's
-        running row shift (stereo_kd_core.row_alignment: measured at full size on the first pair and
-        every align_rows_every-th after it); as it is without one or where correction keeps nothing."""
+        """Rectified input: `right` (the pair's right view at `scale`) brought onto the left view's rows
+        by the cameras' running row shift (stereo_kd_core.row_alignment: measured at full size on the
+        first pair and every align_rows_every-th after it); as it is without one."""
         if self.rows is None:
             return right
-        shift = self.rows.update(pair.left, pair.right)
+        shift = self._note_rows(self.rows.update(pair.left, pair.right))
+        return onto_left_rows(right, shift.scaled(scale))
+
+    def _maps_onto_left_rows(self, pair: StereoPair) -> tuple[RectificationMaps, RectificationMaps]:
+        """Raw input: the pair's maps, the right camera's moved by the running row shift (measured on
+        both views rectified with the maps as calibrated, when due), rebuilt only when it changes."""
+        left_maps, right_maps = pair.rectification
+        if self.rows is None:
+            return left_maps, right_maps
+        shift = self._note_rows(self.rows.update_lazily(lambda: (left_maps.remap(pair.left),
+                                                                 right_maps.remap(pair.right))))
+        cached = self._moved_maps
+        if cached is None or cached[0] is not right_maps or cached[1] != shift:
+            cached = self._moved_maps = (right_maps, shift, right_maps.with_rows_moved(shift))
+        return left_maps, cached[2]
+
+    def _note_rows(self, shift: RowShift) -> RowShift:
+        """Record the running measurement for /diagnostics and warn (once a minute) of rows moved by
+        ROW_SHIFT_WARN_PX or more; returns `shift`."""
         with self.stats.lock:
             self.stats.row_shift = self.rows.shift
         now = time.monotonic()
@@ -396,7 +417,7 @@ class PairPipeline:
                 f"the right camera's rows lie off the left's (full size: {shift.offset_px:+.2f} px at the centre, "
                 f"tilt {shift.tilt_px:+.2f} px, stretch {shift.scale_px:+.2f} px at the edges): corrected from a "
                 f"running measurement; recalibrate the pair")
-        return onto_left_rows(right, shift.scaled(scale))
+        return shift
 
     def _warn_off_clock(self, latency_s: float) -> None:
         """Once per OFF_CLOCK_WARNING_INTERVAL_S: the pairs' stamps are not on this node's clock."""

@@ -16,6 +16,7 @@ MAX_LINES = 600
 # The most specific prefix wins; a module that none names fails the test until it gets a layer.
 CORE_LAYERS = {
     "stereo_kd_core.models": 0, "stereo_kd_core.geometry": 0, "stereo_kd_core.rectification": 0,
+    "stereo_kd_core.row_alignment": 0,
     "stereo_kd_core.metrics": 0, "stereo_kd_core.backend_choice": 0,
     "stereo_kd_core.checkpoint": 1, "stereo_kd_core.registry": 1, "stereo_kd_core.teachers": 1,
     # the seam (the package's __init__ exports it), its backends and its loader; distillation

@@ -209,3 +209,20 @@ def test_predict_raw_on_the_cpu_is_remap_resize_predict():
     assert result.rectified_left is None
     with pytest.raises(ValueError, match="calibration is for 160x120"):
         sgbm.predict_raw(left[:-2], right[:-2], maps)
+
+
+def test_maps_with_rows_moved_rectify_as_the_rows_moved_after_rectifying():
+    """A right camera's maps moved by a RowShift give, in one remap, the rectified view brought onto
+    the left's rows (row_alignment.onto_left_rows after remap): within a grey level (OpenCV's 1/32 px
+    fixed-point maps) for whole pixels, within interpolation for a sub-pixel tilt."""
+    from stereo_kd_core.row_alignment import RowShift, onto_left_rows
+
+    (_, right), (_, maps) = raw_stereo_pair()
+    assert maps.with_rows_moved(RowShift()) is maps
+    inside = (slice(8, -8), slice(8, -8))
+    moved = maps.with_rows_moved(RowShift(2.0)).remap(right)
+    np.testing.assert_allclose(moved[inside], onto_left_rows(maps.remap(right), RowShift(2.0))[inside], atol=1)
+    tilted = maps.with_rows_moved(RowShift(0.3, 1.2, -0.4)).remap(right).astype(np.float32)
+    expected = onto_left_rows(maps.remap(right), RowShift(0.3, 1.2, -0.4)).astype(np.float32)
+    assert np.abs(tilted - expected)[inside].mean() < 2.0
+    assert np.abs(tilted - maps.remap(right))[inside].mean() > 4 * np.abs(tilted - expected)[inside].mean()

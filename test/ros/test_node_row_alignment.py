@@ -1,6 +1,7 @@
 """The node corrects a right camera whose rows lie off the left's (align_rows_every): measured on the
 first pair, reported on /diagnostics, the right image shifted before the estimator; with 0 the
-pair runs as given. Real rclpy over DDS, SGBM on the analytic plane-and-box scene."""
+pair runs as given; raw cameras (rectify) get it folded into the right camera's maps. Real rclpy over
+DDS, SGBM on the analytic plane-and-box scene."""
 
 import cv2
 import numpy as np
@@ -61,3 +62,28 @@ def test_a_rolled_right_camera_is_measured_as_a_tilt_and_taken_out(make_harness)
     tilt = -np.sin(np.deg2rad(roll_deg)) * (scene.left.shape[1] - 1) / 2
     assert float(values["row_tilt_px"]) == pytest.approx(tilt, abs=0.1)
     assert good_share(disparity, scene) > 0.9
+
+
+@pytest.mark.parametrize("align_rows_every", [30, 0])
+def test_raw_cameras_whose_calibration_is_off_are_corrected_in_the_right_cameras_maps(make_harness,
+                                                                                     align_rows_every):
+    """rectify: true with a right camera whose rectified rows lie OFFSET_PX low (its calibration is off
+    by that much): measured on the rectified views and folded into its maps."""
+    from test_raw_input import HEIGHT, WIDTH, raw_images, raw_infos
+
+    scene = make_scene(width=WIDTH, height=HEIGHT, plane_disparity=12, box_disparity=24, max_disparity=48)
+    scene.right = cv2.warpAffine(scene.right, np.float32([[1, 0, 0], [0, 1, OFFSET_PX]]), (WIDTH, HEIGHT),
+                                 flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    harness = make_harness(rectify=True, confidence_threshold=0.0, align_rows_every=align_rows_every)
+    stamp = Time(sec=1)
+    infos = raw_infos(scene, stamp)
+    harness.send_infos(*infos)
+    harness.send_images(*raw_images(scene, stamp, infos))
+    assert wait_until(lambda: harness.count("disparity"), timeout_s=60)
+    values = harness.diagnostics(until=lambda v: v["processed"] == "1")
+    share = good_share(disparity_from_msg(harness.last("disparity")), scene)
+    if align_rows_every:
+        assert float(values["row_offset_px"]) == pytest.approx(OFFSET_PX, abs=0.1)
+        assert share > 0.9
+    else:
+        assert values["row_offset_px"] == "nan" and share < 0.6  # measured 0.42
