@@ -116,6 +116,7 @@ class PairPipeline:
         # the right view brought onto the left's rows by the cameras' running row shift (raw input: folded
         # into the right camera's rectification maps, cached here with the shift they were moved by)
         self.rows = RowTracker(every=align_rows_every) if align_rows_every > 0 else None
+        self._rows_of: tuple | None = None  # (image shape, raw maps) the tracker measures for
         self._moved_maps: tuple[RectificationMaps, RowShift, RectificationMaps] | None = None
         self.points_on_estimator = points_on_estimator  # reprojection where the estimator runs (a GPU)
         self.stats = PipelineStats()
@@ -387,6 +388,7 @@ class PairPipeline:
         first pair and every align_rows_every-th after it); as it is without one."""
         if self.rows is None:
             return right
+        self._rows_for(pair.left.shape)
         shift = self._note_rows(self.rows.update(pair.left, pair.right))
         return onto_left_rows(right, shift.scaled(scale))
 
@@ -396,12 +398,22 @@ class PairPipeline:
         left_maps, right_maps = pair.rectification
         if self.rows is None:
             return left_maps, right_maps
+        self._rows_for(pair.left.shape, left_maps, right_maps)
         shift = self._note_rows(self.rows.update_lazily(lambda: (left_maps.remap(pair.left),
                                                                  right_maps.remap(pair.right))))
         cached = self._moved_maps
         if cached is None or cached[0] is not right_maps or cached[1] != shift:
             cached = self._moved_maps = (right_maps, shift, right_maps.with_rows_moved(shift))
         return left_maps, cached[2]
+
+    def _rows_for(self, size: tuple, *maps: RectificationMaps) -> None:
+        """Start measuring afresh when the cameras' image size or (raw input) calibration changes: what
+        was measured for the others says nothing of these."""
+        old = self._rows_of
+        if old is not None and (old[0] != size or len(old[1]) != len(maps)
+                                or any(a is not b for a, b in zip(old[1], maps, strict=True))):
+            self.rows = RowTracker(every=self.rows.every, window=self.rows.measured.maxlen)
+        self._rows_of = (size, maps)
 
     def _note_rows(self, shift: RowShift) -> RowShift:
         """Record the running measurement for /diagnostics and warn (once a minute) of rows moved by

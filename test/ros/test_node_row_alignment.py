@@ -87,3 +87,18 @@ def test_raw_cameras_whose_calibration_is_off_are_corrected_in_the_right_cameras
         assert share > 0.9
     else:
         assert values["row_offset_px"] == "nan" and share < 0.6  # measured 0.42
+
+
+def test_a_camera_of_another_size_is_measured_afresh(make_harness):
+    """What was measured for one image size says nothing of the next: the second pair (another size,
+    rows that line up) is measured at once instead of inheriting the first pair's OFFSET_PX."""
+    harness = make_harness(confidence_threshold=0.0)
+    for stamp_s, (width, height), offset in ((1, (160, 120), OFFSET_PX), (2, (192, 128), 0.0)):
+        scene = make_scene(width=width, height=height, plane_disparity=8, box_disparity=16)
+        scene.right = cv2.warpAffine(scene.right, np.float32([[1, 0, 0], [0, 1, offset]]), (width, height),
+                                     flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        harness.send_infos(*scene.camera_infos(Time(sec=stamp_s)))
+        harness.send_images(*scene.images(Time(sec=stamp_s)))
+        assert wait_until(lambda count=stamp_s: harness.count("disparity") == count, timeout_s=60)
+        values = harness.diagnostics(until=lambda v, count=stamp_s: v["processed"] == str(count))
+        assert float(values["row_offset_px"]) == pytest.approx(offset, abs=0.1)
