@@ -124,7 +124,10 @@ def measure_rows(left: np.ndarray, right: np.ndarray) -> RowMeasurement | None:
         grey_right = cv2.resize(grey_right, size, interpolation=cv2.INTER_AREA)
     if min(grey_left.shape) < 32:
         return None
-    points, dy = _tracks(grey_left, grey_right, MAX_OFFSET_PX * factor)
+    try:
+        points, dy = _tracks(grey_left, grey_right, MAX_OFFSET_PX * factor)
+    except cv2.error:  # a pair OpenCV cannot track says nothing of its rows; it is still matched as given
+        return None
     if dy.size < MIN_POINTS:
         return None
     small_height, small_width = grey_left.shape

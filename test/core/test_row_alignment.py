@@ -153,3 +153,15 @@ def test_the_loaded_estimator_aligns_rows_and_answers_the_plane_as_if_they_lined
     assert rolled_error(as_given) > 0.3
     with pytest.raises(ValueError, match="left and right images differ"):
         aligned.predict(left, moved[:-1])
+
+
+def test_a_pair_opencv_cannot_track_is_matched_as_given(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise cv2.error("tracking refused")
+
+    left, right = plane_pair(PLANE_PX)
+    estimator = StereoEstimator.load("sgbm", max_disparity=64)
+    monkeypatch.setattr(cv2, "calcOpticalFlowPyrLK", refuse)
+    assert measure_rows(left, right) is None
+    disparity = estimator.predict(left, right).disparity
+    assert estimator.last_shift == RowShift() and np.nanmedian(disparity[:, 64:]) == pytest.approx(PLANE_PX, abs=0.5)
