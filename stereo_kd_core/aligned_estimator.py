@@ -10,6 +10,8 @@ it gives none) goes to the estimator untouched.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from stereo_kd_core.estimator_base import RawPrediction, StereoEstimator, StereoPrediction, check_pair
@@ -47,6 +49,9 @@ class RowAlignedEstimator(StereoEstimator):
         """The pair (checked) with its right view on the left view's rows."""
         left, right = check_pair(left, right)
         measured = measure_rows(left, right)
+        if measured is not None and measured.swapped:
+            warnings.warn("the left view's corners lie to the right in the right view: left and right look "
+                          "swapped (the disparity of such a pair is meaningless)", RuntimeWarning, stacklevel=3)
         self.last_shift = correction(None if measured is None else measured.shift)
         return left, onto_left_rows(right, self.last_shift)
 

@@ -37,6 +37,8 @@ DEADBAND_PX = 0.1
 # frame the tracks report a 0.7-0.8 px tilt that is not there (converging road lines bias them;
 # correcting it costs 0.09 px of EPE), while a roll of 0.2 deg over 640 px is 1.1 px
 TILT_MIN_PX = 1.0
+# the share of the sideways tracks that must move right (into a left view's matches) to call a pair swapped
+SWAPPED_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,13 @@ class RowShift:
 @dataclass(frozen=True)
 class RowMeasurement:
     """A pair's `RowShift` as measured, the tracks it rests on and their median absolute deviation
-    from it."""
+    from it; `swapped`: the tracks find the left view's corners to the right in the right view, as
+    they are when the two views are swapped (then nothing is measured: shift zero, no points)."""
 
     shift: RowShift
     points: int
     spread_px: float
+    swapped: bool = False
 
 
 def _grey(image: np.ndarray) -> np.ndarray:
@@ -78,12 +82,15 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return grey
 
 
-def _tracks(grey_left: np.ndarray, grey_right: np.ndarray, max_offset_px: float) -> tuple[np.ndarray, np.ndarray]:
+def _tracks(grey_left: np.ndarray, grey_right: np.ndarray,
+            max_offset_px: float) -> tuple[np.ndarray, np.ndarray, bool]:
     """(left positions (N, 2) x, y; their vertical displacements (N,)) of the corners that track into
-    the right view and back, with a match left of their pixel and a plausible vertical displacement."""
+    the right view and back, with a match left of their pixel and a plausible vertical displacement;
+    and whether the views look swapped (of the tracks that came back and moved a pixel or more
+    sideways, at least MIN_POINTS and SWAPPED_SHARE moved right)."""
     corners = cv2.goodFeaturesToTrack(grey_left, MAX_CORNERS, 0.01, 7, blockSize=7)
     if corners is None or len(corners) < MIN_POINTS:
-        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32)
+        return np.zeros((0, 2), np.float32), np.zeros(0, np.float32), False
     criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01)
     tracked, found, _ = cv2.calcOpticalFlowPyrLK(grey_left, grey_right, corners, None, winSize=(21, 21),
                                                  maxLevel=4, criteria=criteria)
@@ -91,10 +98,12 @@ def _tracks(grey_left: np.ndarray, grey_right: np.ndarray, max_offset_px: float)
                                                    maxLevel=4, criteria=criteria)
     start, end, back = corners[:, 0], tracked[:, 0], back[:, 0]
     dx, dy = end[:, 0] - start[:, 0], end[:, 1] - start[:, 1]
-    usable = ((found[:, 0] == 1) & (found_back[:, 0] == 1)
-              & (np.abs(back - start).max(axis=1) < FORWARD_BACKWARD_PX)
-              & (dx <= 1.0) & (np.abs(dy) < max_offset_px))  # a match lies left of its pixel
-    return start[usable], dy[usable]
+    came_back = ((found[:, 0] == 1) & (found_back[:, 0] == 1)
+                 & (np.abs(back - start).max(axis=1) < FORWARD_BACKWARD_PX) & (np.abs(dy) < max_offset_px))
+    rightward, sideways = int((came_back & (dx >= 1.0)).sum()), int((came_back & (np.abs(dx) >= 1.0)).sum())
+    swapped = rightward >= MIN_POINTS and rightward >= SWAPPED_SHARE * sideways
+    usable = came_back & (dx <= 1.0)  # a match lies left of its pixel
+    return start[usable], dy[usable], swapped
 
 
 def _robust_fit(design: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,9 +134,11 @@ def measure_rows(left: np.ndarray, right: np.ndarray) -> RowMeasurement | None:
     if min(grey_left.shape) < 32:
         return None
     try:
-        points, dy = _tracks(grey_left, grey_right, MAX_OFFSET_PX * factor)
+        points, dy, swapped = _tracks(grey_left, grey_right, MAX_OFFSET_PX * factor)
     except cv2.error:  # a pair OpenCV cannot track says nothing of its rows; it is still matched as given
         return None
+    if swapped:
+        return RowMeasurement(RowShift(), 0, 0.0, swapped=True)
     if dy.size < MIN_POINTS:
         return None
     small_height, small_width = grey_left.shape
@@ -169,7 +180,8 @@ def onto_left_rows(image: np.ndarray, shift: RowShift) -> np.ndarray:
 
 class RowTracker:
     """A camera's row shift over a stream: measured on the first pair and every `every`-th after it,
-    each term the median of the last `window` measurements (a pair that gives none keeps the last)."""
+    each term the median of the last `window` measurements (a pair that gives none, or whose views
+    look swapped, keeps the last). `last`: the latest measurement (None where the pair said nothing)."""
 
     def __init__(self, every: int = 30, window: int = 5) -> None:
         if every < 1 or window < 1:
@@ -196,7 +208,7 @@ class RowTracker:
         (raw cameras: rectifying both views for it costs a few ms)."""
         if self._pairs % self.every == 0:
             self.last = measure_rows(*views())
-            if self.last is not None:
+            if self.last is not None and not self.last.swapped:
                 self.measured.append(self.last.shift)
         self._pairs += 1
         return correction(self.shift)

@@ -72,6 +72,7 @@ class StereoDiagnostics:
                 "time_resets": str(stats.time_resets),
                 "stamps_off_clock": str(stats.off_clock),
                 **row_shift_values(stats.row_shift),
+                "views_look_swapped": {None: "unknown", True: "yes", False: "no"}[stats.views_swapped],
             }
             values.update({f"rejected_{reason}": str(count) for reason, count in sorted(stats.rejected.items())})
         values["received_left_images"], values["received_right_images"] = map(str, pipeline.image_sync.received)

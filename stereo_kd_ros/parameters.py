@@ -73,7 +73,8 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
                   "many pairs after it, and resample the right image by the median of the last five measurements "
                   "(an offset from 0.1 px, a tilt or stretch from 1 px at the edge; a warning from 1 px: "
                   "recalibrate). A 1 px offset costs the default model 0.7 px of EPE on real pairs. Raw input "
-                  "(rectify): measured on the rectified views, the right camera's maps moved by it. 0: off.",
+                  "(rectify): measured on the rectified views, the right camera's maps moved by it. Swapped views "
+                  "are told by the same tracks and warned of. 0: off.",
                   value_range=(0, 100000, 1)),
     ParameterSpec("use_color", True, "Add packed rgb from the left image to points2.", read_only=False),
     ParameterSpec("publish_depth", False,

@@ -43,7 +43,7 @@ TIME_RESET_THRESHOLD_S = 1.0
 # was not stamped on this clock (a recording replayed without use_sim_time, a camera's own clock):
 # its stamp-to-output time is no latency and is left out of the latency figures.
 MAX_LATENCY_S = 60.0
-OFF_CLOCK_WARNING_INTERVAL_S = 60.0  # also for a row offset of the cameras
+OFF_CLOCK_WARNING_INTERVAL_S = 60.0  # also for rows off and swapped views (`_due_warning`)
 ROW_SHIFT_WARN_PX = 1.0  # rows moved this far somewhere in the image: warned of (and corrected)
 # A pair that arrives before the first camera_infos waits this long for them (then is rejected).
 AWAIT_CAMERA_INFO_S = 1.0
@@ -95,6 +95,7 @@ class PipelineStats:
     off_clock: int = 0  # processed pairs whose stamps are not on the node's clock (no latency)
     longest_inference_s: float = 0.0
     row_shift: RowShift | None = None  # where the right camera's rows lie, running (None: not measured)
+    views_swapped: bool | None = None  # the last row measurement found the views swapped (None: none yet)
     rejected: Counter = field(default_factory=Counter)
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
     inference_ms: deque = field(default_factory=lambda: deque(maxlen=STATS_WINDOW))
@@ -416,28 +417,39 @@ class PairPipeline:
         self._rows_of = (size, maps)
 
     def _note_rows(self, shift: RowShift) -> RowShift:
-        """Record the running measurement for /diagnostics and warn (once a minute) of rows moved by
-        ROW_SHIFT_WARN_PX or more; returns `shift`."""
+        """Record the running measurement for /diagnostics and warn (once a minute each) of rows moved
+        by ROW_SHIFT_WARN_PX or more and of views that look swapped; returns `shift`."""
+        last = self.rows.last
+        swapped = None if last is None else last.swapped
         with self.stats.lock:
             self.stats.row_shift = self.rows.shift
-        now = time.monotonic()
-        last = self._last_warning.get("row_shift")
+            if last is not None:
+                self.stats.views_swapped = swapped
         worst = abs(shift.offset_px) + abs(shift.tilt_px) + abs(shift.scale_px)  # the most a row moves
-        if worst >= ROW_SHIFT_WARN_PX and (last is None or now - last >= OFF_CLOCK_WARNING_INTERVAL_S):
-            self._last_warning["row_shift"] = now
+        if worst >= ROW_SHIFT_WARN_PX and self._due_warning("row_shift"):
             self.node.get_logger().warning(
                 f"the right camera's rows lie off the left's (full size: {shift.offset_px:+.2f} px at the centre, "
                 f"tilt {shift.tilt_px:+.2f} px, stretch {shift.scale_px:+.2f} px at the edges): corrected from a "
                 f"running measurement; recalibrate the pair")
+        if swapped and self._due_warning("views_swapped"):
+            self.node.get_logger().warning(
+                "left and right look swapped: the left image's corners lie to the right in the right image, so "
+                "the disparity is meaningless; check the remapping of left/* and right/* topics")
         return shift
+
+    def _due_warning(self, key: str) -> bool:
+        """True (and noted) when the warning `key` was not given in the last OFF_CLOCK_WARNING_INTERVAL_S."""
+        now = time.monotonic()
+        last = self._last_warning.get(key)
+        if last is not None and now - last < OFF_CLOCK_WARNING_INTERVAL_S:
+            return False
+        self._last_warning[key] = now
+        return True
 
     def _warn_off_clock(self, latency_s: float) -> None:
         """Once per OFF_CLOCK_WARNING_INTERVAL_S: the pairs' stamps are not on this node's clock."""
-        now = time.monotonic()
-        last = self._last_warning.get("off_clock")
-        if last is not None and now - last < OFF_CLOCK_WARNING_INTERVAL_S:
+        if not self._due_warning("off_clock"):
             return
-        self._last_warning["off_clock"] = now
         where = f"{latency_s:.1f} s behind" if latency_s > 0 else f"{-latency_s:.1f} s ahead of"
         self.node.get_logger().warning(
             f"input stamps are {where} this node's clock: their latency is not measured (replaying a "

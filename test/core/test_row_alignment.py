@@ -13,6 +13,7 @@ from stereo_kd_core.aligned_estimator import RowAlignedEstimator
 from stereo_kd_core.row_alignment import (
     DEADBAND_PX,
     TILT_MIN_PX,
+    RowMeasurement,
     RowShift,
     RowTracker,
     correction,
@@ -165,3 +166,17 @@ def test_a_pair_opencv_cannot_track_is_matched_as_given(monkeypatch):
     assert measure_rows(left, right) is None
     disparity = estimator.predict(left, right).disparity
     assert estimator.last_shift == RowShift() and np.nanmedian(disparity[:, 64:]) == pytest.approx(PLANE_PX, abs=0.5)
+
+
+def test_swapped_views_are_told_apart_and_not_measured():
+    left, right = plane_pair(PLANE_PX)
+    assert not measure_rows(left, right).swapped
+    swapped = measure_rows(right, left)  # the left view's corners now lie PLANE_PX to the right
+    assert swapped == RowMeasurement(RowShift(), 0, 0.0, swapped=True)
+    tracker = RowTracker(every=1)
+    tracker.update(left, rows_moved(right, 0.5))
+    assert tracker.update(right, left).offset_px == pytest.approx(0.5, abs=0.05)  # the swapped pair kept nothing
+    assert tracker.last.swapped
+    estimator = StereoEstimator.load("sgbm", max_disparity=64)
+    with pytest.warns(RuntimeWarning, match="left and right look swapped"):
+        estimator.predict(right, left)

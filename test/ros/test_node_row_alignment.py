@@ -47,12 +47,13 @@ def good_share(disparity: np.ndarray, scene) -> float:
 def test_the_node_measures_the_offset_and_matches_the_pair_as_if_rows_lined_up(make_harness):
     disparity, values, scene = run_pair(make_harness)  # align_rows_every: its default
     assert float(values["row_offset_px"]) == pytest.approx(OFFSET_PX, abs=0.05)
+    assert values["views_look_swapped"] == "no"
     assert good_share(disparity, scene) > 0.9
 
 
 def test_with_alignment_off_the_pair_runs_as_given(make_harness):
     disparity, values, scene = run_pair(make_harness, align_rows_every=0)
-    assert values["row_offset_px"] == "nan"
+    assert values["row_offset_px"] == "nan" and values["views_look_swapped"] == "unknown"
     assert good_share(disparity, scene) < 0.5  # the row search misses (measured 0.15): what the correction is for
 
 
@@ -102,3 +103,18 @@ def test_a_camera_of_another_size_is_measured_afresh(make_harness):
         assert wait_until(lambda count=stamp_s: harness.count("disparity") == count, timeout_s=60)
         values = harness.diagnostics(until=lambda v, count=stamp_s: v["processed"] == str(count))
         assert float(values["row_offset_px"]) == pytest.approx(offset, abs=0.1)
+
+
+def test_swapped_views_are_reported_on_diagnostics_and_warned_of(make_harness):
+    from conftest import RosoutRecorder
+
+    scene = make_scene(width=160, height=120, plane_disparity=8, box_disparity=16)
+    scene.left, scene.right = scene.right, scene.left  # left/* and right/* remapped the wrong way round
+    harness = make_harness(confidence_threshold=0.0)
+    rosout = RosoutRecorder(harness)
+    rosout.wait_connected()
+    harness.send_infos(*scene.camera_infos(Time(sec=1)))
+    harness.send_images(*scene.images(Time(sec=1)))
+    values = harness.diagnostics(until=lambda v: v["processed"] == "1")
+    assert values["views_look_swapped"] == "yes" and values["row_offset_px"] == "nan"
+    assert wait_until(lambda: rosout.matching("left and right look swapped"))
