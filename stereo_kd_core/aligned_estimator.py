@@ -15,17 +15,19 @@ import warnings
 import numpy as np
 
 from stereo_kd_core.estimator_base import RawPrediction, StereoEstimator, StereoPrediction, check_pair
-from stereo_kd_core.row_alignment import RowShift, correction, measure_rows, onto_left_rows
+from stereo_kd_core.row_alignment import RowMeasurement, RowShift, correction, measure_rows, onto_left_rows
 
 
 class RowAlignedEstimator(StereoEstimator):
     """`wrapped` on each pair with its right view shifted onto the left view's rows. Everything else
     is the wrapped estimator's, read and set there (name, range, build, warm-up, its `inner` network
-    estimator when it scales pairs, ...). `last_shift`: the RowShift the last pair's right view was given."""
+    estimator when it scales pairs, ...). `last_measurement`: what the last pair's rows measured (None:
+    nothing); `last_shift`: the RowShift its right view was given."""
 
     def __init__(self, wrapped: StereoEstimator):
         self.__dict__["wrapped"] = wrapped
         self.last_shift = RowShift()
+        self.last_measurement: RowMeasurement | None = None
 
     def __getattr__(self, name: str):
         if name == "wrapped":
@@ -33,7 +35,7 @@ class RowAlignedEstimator(StereoEstimator):
         return getattr(self.wrapped, name)
 
     def __setattr__(self, name: str, value) -> None:
-        if name == "last_shift":
+        if name in ("last_shift", "last_measurement"):
             object.__setattr__(self, name, value)
         else:  # a setting of the estimator (its name, rectifies_on_device, ...) is the wrapped one's
             setattr(self.wrapped, name, value)
@@ -48,7 +50,7 @@ class RowAlignedEstimator(StereoEstimator):
     def aligned(self, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The pair (checked) with its right view on the left view's rows."""
         left, right = check_pair(left, right)
-        measured = measure_rows(left, right)
+        measured = self.last_measurement = measure_rows(left, right)
         if measured is not None and measured.swapped:
             warnings.warn("the left view's corners lie to the right in the right view: left and right look "
                           "swapped (the disparity of such a pair is meaningless)", RuntimeWarning, stacklevel=3)

@@ -190,9 +190,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
           "included; `stereo-kd bench` measures steady latency)")
     print(f"wrote {out / 'disparity.pfm'}, {out / 'disparity.png'} and {out / 'panel.png'} "
           f"({density:.1f}% of the pixels at confidence >= {args.min_confidence:g})")
+    rows = _rows_report(estimator)
+    if rows is not None:
+        print(rows["line"])
     _write_json(args.json, {**ran, "min_confidence": args.min_confidence, "density": density,
-                            "mean_confidence": float(prediction.confidence.mean())})
+                            "mean_confidence": float(prediction.confidence.mean()),
+                            **({} if rows is None else {"rows": rows["figures"]})})
     return 0
+
+
+def _rows_report(estimator) -> dict | None:
+    """What an estimator that aligns rows measured on its last pair: {"line": console text, "figures":
+    {measured, taken_out (px: offset, tilt, stretch), swapped}}; None for one that does not align."""
+    if not hasattr(estimator, "last_measurement"):
+        return None
+    measured, taken_out = estimator.last_measurement, estimator.last_shift
+    terms = ("offset_px", "tilt_px", "scale_px")
+    figures = {"measured": None if measured is None or measured.swapped
+               else {term: round(getattr(measured.shift, term), 3) for term in terms},
+               "taken_out": {term: round(getattr(taken_out, term), 3) for term in terms},
+               "swapped": None if measured is None else measured.swapped}
+    if measured is None:
+        line = "rows: this pair does not say where its right rows lie (too few corners tracked both ways)"
+    elif measured.swapped:
+        line = "rows: left and right look swapped (the left image's corners lie to the right in the right image)"
+    else:
+        shift = measured.shift
+        line = (f"rows: the right image's rows lie {shift.offset_px:+.2f} px from the left's at the centre "
+                f"(tilt {shift.tilt_px:+.2f}, stretch {shift.scale_px:+.2f} px at the edges); "
+                + ("taken out" if taken_out else "within what is left alone") + " (--no-align-rows: as given)")
+    return {"line": line, "figures": figures}
 
 
 def cmd_bag(args: argparse.Namespace) -> int:

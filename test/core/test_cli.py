@@ -72,6 +72,24 @@ def test_predict_writes_pfm_and_png(tmp_path):
     assert ran["per_pair_ms"] > 0
 
 
+def test_predict_says_where_the_right_rows_lie_and_what_it_took_out(tmp_path, capsys):
+    from test_border import plane_pair
+    from test_row_alignment import rows_moved
+
+    left, right = plane_pair(24)
+    write_image_rgb(tmp_path / "l.png", left)
+    write_image_rgb(tmp_path / "r.png", rows_moved(right, 1.5))
+    arguments = ["predict", "--model", "sgbm", "--max-disparity", "64", str(tmp_path / "l.png"),
+                 str(tmp_path / "r.png"), "--out", str(tmp_path / "out")]
+    assert main([*arguments, "--json", str(tmp_path / "ran.json")]) == 0
+    rows = json.loads((tmp_path / "ran.json").read_text())["rows"]
+    assert rows["measured"]["offset_px"] == pytest.approx(1.5, abs=0.05) and rows["swapped"] is False
+    assert rows["taken_out"] == {"offset_px": rows["measured"]["offset_px"], "tilt_px": 0.0, "scale_px": 0.0}
+    assert "rows lie +1.5" in capsys.readouterr().out
+    assert main([*arguments, "--no-align-rows", "--json", str(tmp_path / "given.json")]) == 0
+    assert "rows" not in json.loads((tmp_path / "given.json").read_text())
+
+
 def test_info_and_bench_on_a_checkpoint(tmp_path, capsys):
     config = default_config("dsnet-fast", max_disparity=64)
     torch.manual_seed(0)
