@@ -1,5 +1,6 @@
-"""Any estimator given pairs whose rows line up: the right view's vertical offset from the left's
-measured on each pair (stereo_kd_core.row_alignment) and taken out before the estimator runs.
+"""Any estimator given pairs whose rows line up: where the right view's rows lie against the left's
+(an offset, a tilt, a stretch) measured on each pair (stereo_kd_core.row_alignment) and taken out
+before the estimator runs.
 
     StereoEstimator.load("dsnet-fast")                      # aligns rows (the default)
     StereoEstimator.load("dsnet-fast", align_rows=False)    # pairs as given
