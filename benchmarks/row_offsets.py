@@ -49,31 +49,31 @@ def rolled(degrees: float):
     return roll
 
 
-def roll_measurement(rolls: list[float], realval: Path) -> dict:
+def validation_pairs(realval: Path) -> list[dict]:
+    """Every realval pair and Motorcycle."""
+    return [*open_eval_dataset("middlebury", str(realval)), *open_eval_dataset("motorcycle")]
+
+
+def roll_measurement(rolls: list[float], samples: list[dict]) -> dict:
     """Per roll: the measured tilt's error against the roll's (the tilt measured on the pair as
     given subtracted: the pairs' own tilt), median and worst over every pair."""
-    samples = [*open_eval_dataset("middlebury", str(realval)), *open_eval_dataset("motorcycle")]
+    own = [measure_rows(sample["left"], sample["right"]) for sample in samples]
     result = {}
     for degrees in rolls:
         errors = []
-        for sample in samples:
-            width = sample["left"].shape[1]
-            own, found = measure_rows(sample["left"], sample["right"]), measure_rows(*_views(rolled(degrees)(sample)))
-            if own is not None and found is not None:  # a roll of +deg moves the right edge's rows up
-                expected = -np.sin(np.deg2rad(degrees)) * (width - 1) / 2
-                errors.append(abs(found.shift.tilt_px - own.shift.tilt_px - expected))
+        for sample, as_given in zip(samples, own, strict=True):
+            turned = rolled(degrees)(sample)
+            found = measure_rows(turned["left"], turned["right"])
+            if as_given is not None and found is not None:  # a roll of +deg moves the right edge's rows up
+                expected = -np.sin(np.deg2rad(degrees)) * (sample["left"].shape[1] - 1) / 2
+                errors.append(abs(found.shift.tilt_px - as_given.shift.tilt_px - expected))
         result[f"{degrees:g}"] = {"median_error_px": float(np.median(errors)), "max_error_px": float(np.max(errors)),
                                   "pairs": len(errors)}
     return result
 
 
-def _views(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-    return sample["left"], sample["right"]
-
-
-def measurement(offsets: list[float], realval: Path) -> dict:
+def measurement(offsets: list[float], samples: list[dict]) -> dict:
     """Per offset: the measured offset's error over every pair (median, max) and the time taken."""
-    samples = [*open_eval_dataset("middlebury", str(realval)), *open_eval_dataset("motorcycle")]
     result = {}
     for offset in offsets:
         errors, times, missing = [], [], 0
@@ -113,12 +113,13 @@ def main() -> None:
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
     print(table(rows))
-    measured = measurement(args.offsets, Path(args.realval))
+    samples = validation_pairs(Path(args.realval))
+    measured = measurement(args.offsets, samples)
     for offset, figures in measured.items():
         print(f"offset {offset} px: measured within {figures['median_error_px']:.3f} px (median), "
               f"{figures['max_error_px']:.3f} (worst), {figures['no_estimate']} without an estimate, "
               f"{figures['median_ms']:.1f} ms median ({figures['max_ms']:.1f} worst)")
-    rolls = roll_measurement(args.rolls, Path(args.realval))
+    rolls = roll_measurement(args.rolls, samples)
     for degrees, figures in rolls.items():
         print(f"roll {degrees} deg: tilt measured within {figures['median_error_px']:.3f} px at the edge (median), "
               f"{figures['max_error_px']:.3f} (worst), {figures['pairs']} pairs")

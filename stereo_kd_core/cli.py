@@ -64,8 +64,9 @@ def _add_estimator_args(parser: argparse.ArgumentParser, model_flag: bool = True
                              "(above 1: more exact for about the square of the factor in time, while the "
                              "enlarged disparities stay within the model's range; README 'Input scale')")
     parser.add_argument("--no-align-rows", dest="align_rows", action="store_false",
-                        help="run each pair as given (default: the right view's vertical offset from the left's "
-                             "is measured and taken out first; README 'Rows that do not line up')")
+                        help="run each pair as given (default: where the right view's rows lie against the left's, "
+                             "an offset, a tilt, a stretch, is measured and taken out first; README 'Rows that do "
+                             "not line up')")
 
 
 def _add_min_confidence_arg(parser: argparse.ArgumentParser, meaning: str) -> None:

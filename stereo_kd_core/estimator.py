@@ -99,8 +99,9 @@ def load(model: str | None = None, device: str = "auto", precision: str = "auto"
     pairs (manifest or checkpoint `small_pairs`, `SmallPairs`) runs a pair with fewer pixels than
     the size it was measured at enlarged further, for about that size's time.
 
-    align_rows: measure each pair's vertical offset between the views and take it out first
-    (`stereo_kd_core.aligned_estimator`; a pair whose rows line up runs as given): a 1 px offset
+    align_rows: measure where each pair's right rows lie against the left's (an offset; a tilt or
+    stretch across the image) and take it out first (`stereo_kd_core.aligned_estimator`; a pair whose
+    rows line up runs as given): a 1 px offset
     costs the default 0.7 px of realval EPE, 2 px make it useless. False: pairs as given (what a
     caller that aligns rows itself, as the node does over a stream, asks for).
     """
