@@ -24,7 +24,12 @@ from stereo_kd_core.estimator_base import (
     pair_peak,
 )
 from stereo_kd_core.geometry import points_from_disparity_torch
-from stereo_kd_core.models.blocks import fold_batch_norm, pointwise_as_matmul
+from stereo_kd_core.models.blocks import (
+    fold_batch_norm,
+    onednn_3d_convolutions,
+    onednn_convolution_available,
+    pointwise_as_matmul,
+)
 from stereo_kd_core.registry import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -117,6 +122,8 @@ class NetworkEstimator(StereoEstimator):
                     elif isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
                         # NDHWC volumes: dsnet-faster 67 -> 63 ms at 384x640 in bf16
                         module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            if onednn_convolution_available():  # float32 3D convolutions of small volumes: oneDNN, not slow_conv3d
+                onednn_3d_convolutions(self._eager)
         self._forward = self._eager
         self.compiled = False
         self._compiling: dict[tuple[int, ...], threading.Thread] = {}  # input size -> background compile

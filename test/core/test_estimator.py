@@ -114,15 +114,18 @@ def test_channels_last_on_the_cpu_changes_the_layout_not_the_result():
 
 
 def test_the_cpu_inference_copy_runs_pointwise_3d_convolutions_as_matrix_products():
-    """The estimator's CPU copy swaps its 1x1x1 Conv3d for PointwiseConv3d: the network's own eval
+    """The estimator's CPU copy swaps its 1x1x1 Conv3d for PointwiseConv3d and its other 3D
+    convolutions for OneDnnConv3d (with their ReLU): the network's own eval
     output all the same (fp32), and the network it was given keeps its convolutions."""
     import torch
 
-    from stereo_kd_core.models.blocks import PointwiseConv3d
+    from stereo_kd_core.models.blocks import OneDnnConv3d, PointwiseConv3d, onednn_convolution_available
 
     left, right = textured_pair(height=64, width=96, shift=5, seed=4)
     estimator = StereoEstimator.load("dsnet-fast", device="cpu", precision="fp32")
     assert any(isinstance(m, PointwiseConv3d) for m in estimator.inference_network.modules())
+    if onednn_convolution_available():  # and the others run by oneDNN directly
+        assert any(isinstance(m, OneDnnConv3d) and m.relu for m in estimator.inference_network.modules())
     assert not any(isinstance(m, PointwiseConv3d) for m in estimator.network.modules())
     got = estimator.predict(left, right)
     with torch.inference_mode():

@@ -12,6 +12,7 @@ from torch import nn
 from stereo_kd_core.models import ARCHITECTURES, build_model, default_config
 from stereo_kd_core.models.blocks import (
     FEATURE_STAGES,
+    OneDnnConv3d,
     PointwiseConv3d,
     cat_channels,
     concat_volume,
@@ -20,6 +21,8 @@ from stereo_kd_core.models.blocks import (
     convex_upsample,
     convex_weights,
     group_correlation_volume,
+    onednn_3d_convolutions,
+    onednn_convolution_available,
     pad_to_multiple,
     pointwise_as_matmul,
     shift_rows,
@@ -400,6 +403,38 @@ def test_pointwise_conv_as_matmul_is_the_convolution_in_any_layout():
             torch.testing.assert_close(got, network[0](x), atol=1e-5, rtol=1e-5)
             assert sorted(range(5), key=got.stride) == sorted(range(5), key=x.stride)  # laid out as the input
             torch.testing.assert_close(replaced(x), network(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_convolution_available(), reason="this PyTorch build has no oneDNN")
+def test_onednn_3d_convolutions_are_the_convolutions_and_their_relu():
+    """The CPU inference copy's 3D convolutions run by oneDNN: the same output as the modules they
+    replace (a strided convolution, a transposed one with output padding, the ReLU after a folded
+    BatchNorm's Identity taken into the convolution) on small volumes (those PyTorch sends to its
+    reference kernels) in both layouts, and the same again where the wrapped modules run instead
+    (bf16 autocast, autograd)."""
+    generator = torch.Generator().manual_seed(8)
+    network = nn.Sequential(
+        nn.Sequential(nn.Conv3d(4, 8, 3, stride=2, padding=1), nn.Identity(), nn.ReLU(inplace=True)),
+        nn.Sequential(nn.ConvTranspose3d(8, 6, 3, stride=2, padding=1, output_padding=1, bias=False),
+                      nn.ReLU()),
+        nn.Conv3d(6, 1, 3, padding=1, bias=False),
+    ).eval()
+    replaced = onednn_3d_convolutions(copy.deepcopy(network))
+    assert [type(m) for m in replaced[0]] == [OneDnnConv3d, nn.Identity, nn.Identity]
+    assert [type(m) for m in replaced[1]] == [OneDnnConv3d, nn.Identity]
+    assert isinstance(replaced[2], OneDnnConv3d) and not replaced[2].relu
+    assert replaced[0][0].relu and replaced[1][0].relu
+    volume = torch.randn(1, 4, 8, 6, 10, generator=generator)
+    with torch.inference_mode():
+        expected = network(volume)
+        assert expected.min() < 0 < expected.max()  # the last convolution has no ReLU
+        for x in (volume, volume.contiguous(memory_format=torch.channels_last_3d)):
+            torch.testing.assert_close(replaced(x), expected, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(replaced(volume), network(volume))
+    trained = volume.clone().requires_grad_()
+    replaced(trained).sum().backward()  # the wrapped modules run: gradients flow
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
 
 
 def test_shifting_rows_of_channels_last_features_is_grid_samples_bilinear_shift():
