@@ -3,11 +3,14 @@ a registry model loaded as the node loads it (precision auto, the manifest's lay
 CPU bf16 with channels_last), broken down by network module and by operator within each module.
 Writes benchmarks/results/<model>_profile.json and prints the README's tables.
 
-    python benchmarks/profile_default.py                      # dsnet-fast at 384x640 and 480x640
+    python benchmarks/profile_default.py                      # the default at 384x640 and 480x640
+    python benchmarks/profile_default.py --model dsnet-fast
     python benchmarks/profile_default.py --sizes 384x640 --compile
 
 Module ranges are torch.profiler.record_function spans opened and closed by forward hooks on the
-network's top-level stages; "outside the network" is predict()'s own work (staging, casts, NaN
+network's top-level stages (a model run on enlarged pairs, as the default is: its network's
+stages, the probe's pass included); "outside the network" is predict()'s own work (and a scaled
+model's resizing) (staging, casts, NaN
 masking, the host copy) plus the frame's normalisation, padding, soft argmin and confidence. Each
 operator's self CPU time is charged to the innermost stage range around it. Profiled times carry
 the profiler's overhead; the unprofiled median beside them is the latency to quote.
@@ -28,6 +31,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from stereo_kd_core import StereoEstimator
+from stereo_kd_core.registry import default_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # network submodule -> stage; the convex mask is predicted by upsampler.mask outside upsampler.forward
@@ -114,7 +118,7 @@ def profile_size(estimator: StereoEstimator, height: int, width: int, runs: int)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="dsnet-fast", help="registry name")
+    parser.add_argument("--model", default=default_model(), help="registry name (default: the node's default)")
     parser.add_argument("--sizes", default="384x640,480x640", help="comma-separated HxW")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5, help="predict() calls profiled (and timed) per size")
@@ -126,7 +130,7 @@ def main() -> int:
     estimator = StereoEstimator.load(args.model, device="cpu", precision="auto", compile=args.compile,
                                      align_rows=False)  # as the node loads it
     if not args.compile:  # hooks would split the compiled graph
-        instrument(estimator.inference_network)
+        instrument(getattr(estimator, "inner", estimator).inference_network)  # a scaled model's network
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     load_before = os.getloadavg()[0]
     results = [profile_size(estimator, height, width, args.runs) for height, width in sizes]
