@@ -204,8 +204,8 @@ def onednn_3d_convolutions(network: nn.Module) -> nn.Module:
     for parent in list(network.modules()):
         children = list(parent.named_children())
         for index, (name, child) in enumerate(children):
-            if not isinstance(child, kinds) or isinstance(child.padding, str):
-                continue
+            if not isinstance(child, kinds) or isinstance(child.padding, str) or child.padding_mode != "zeros":
+                continue  # oneDNN pads with zeros, and 'same' / 'valid' are resolved in the module
             following = [module for _, module in children[index + 1:]] if isinstance(parent, nn.Sequential) else []
             while following and isinstance(following[0], nn.Identity):
                 following.pop(0)

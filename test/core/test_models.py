@@ -418,16 +418,18 @@ def test_onednn_3d_convolutions_are_the_convolutions_and_their_relu():
         nn.Sequential(nn.ConvTranspose3d(8, 6, 3, stride=2, padding=1, output_padding=1, bias=False),
                       nn.ReLU()),
         nn.Conv3d(6, 1, 3, padding=1, bias=False),
+        nn.Conv3d(1, 1, 3, padding=1, padding_mode="replicate"),  # not oneDNN's zeros: stays
     ).eval()
     replaced = onednn_3d_convolutions(copy.deepcopy(network))
     assert [type(m) for m in replaced[0]] == [OneDnnConv3d, nn.Identity, nn.Identity]
     assert [type(m) for m in replaced[1]] == [OneDnnConv3d, nn.Identity]
     assert isinstance(replaced[2], OneDnnConv3d) and not replaced[2].relu
+    assert type(replaced[3]) is nn.Conv3d
     assert replaced[0][0].relu and replaced[1][0].relu
     volume = torch.randn(1, 4, 8, 6, 10, generator=generator)
     with torch.inference_mode():
         expected = network(volume)
-        assert expected.min() < 0 < expected.max()  # the last convolution has no ReLU
+        assert expected.min() < 0 < expected.max()  # the last convolutions have no ReLU
         for x in (volume, volume.contiguous(memory_format=torch.channels_last_3d)):
             torch.testing.assert_close(replaced(x), expected, atol=1e-5, rtol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
