@@ -43,7 +43,7 @@ TIME_RESET_THRESHOLD_S = 1.0
 # was not stamped on this clock (a recording replayed without use_sim_time, a camera's own clock):
 # its stamp-to-output time is no latency and is left out of the latency figures.
 MAX_LATENCY_S = 60.0
-OFF_CLOCK_WARNING_INTERVAL_S = 60.0  # also for rows off and swapped views (`_due_warning`)
+OFF_CLOCK_WARNING_INTERVAL_S = 60.0  # also for rows off and swapped views (`_due_warning`'s default)
 ROW_SHIFT_WARN_PX = 1.0  # rows moved this far somewhere in the image: warned of (and corrected)
 # A pair that arrives before the first camera_infos waits this long for them (then is rejected).
 AWAIT_CAMERA_INFO_S = 1.0
@@ -295,14 +295,11 @@ class PairPipeline:
         """Count a rejected pair; warn once per reason and WARNING_INTERVAL_S."""
         with self.stats.lock:
             self.stats.rejected[reason] += 1
-        now = time.monotonic()
-        last = self._last_warning.get(reason)
-        if last is not None and now - last < WARNING_INTERVAL_S:
+        if not self._due_warning(reason, WARNING_INTERVAL_S):
             self._suppressed[reason] += 1
             return
         suppressed = self._suppressed.pop(reason, 0)
         more = f" ({suppressed} more since the last warning)" if suppressed else ""
-        self._last_warning[reason] = now
         self.node.get_logger().warning(f"skipping stereo pair [{reason}]: {message}{more}")
 
     # -- inference and output (worker thread) ------------------------------------------------
@@ -437,11 +434,11 @@ class PairPipeline:
                 "the disparity is meaningless; check the remapping of left/* and right/* topics")
         return shift
 
-    def _due_warning(self, key: str) -> bool:
-        """True (and noted) when the warning `key` was not given in the last OFF_CLOCK_WARNING_INTERVAL_S."""
+    def _due_warning(self, key: str, interval_s: float = OFF_CLOCK_WARNING_INTERVAL_S) -> bool:
+        """True (and noted) when the warning `key` was not given in the last `interval_s`."""
         now = time.monotonic()
         last = self._last_warning.get(key)
-        if last is not None and now - last < OFF_CLOCK_WARNING_INTERVAL_S:
+        if last is not None and now - last < interval_s:
             return False
         self._last_warning[key] = now
         return True

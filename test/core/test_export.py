@@ -41,10 +41,10 @@ def seeded_pair(height: int, width: int, shift_px: int) -> tuple[torch.Tensor, t
     return left, right
 
 
-def run_in_pytorch(network, height: int, width: int, shift_px: int) -> list:
-    """`network`'s outputs on `seeded_pair`, numpy arrays each."""
+def run_in_pytorch(network, left: torch.Tensor, right: torch.Tensor) -> list:
+    """`network`'s outputs on the pair, numpy arrays each."""
     with torch.no_grad():
-        return [output.numpy() for output in network(*seeded_pair(height, width, shift_px))]
+        return [output.numpy() for output in network(left, right)]
 
 
 def run_exported(network, path, height: int, width: int, shift_px: int) -> tuple[list, list]:
@@ -53,8 +53,7 @@ def run_exported(network, path, height: int, width: int, shift_px: int) -> tuple
     path = export_model(network, path, "onnx", height, width)
     left, right = seeded_pair(height, width, shift_px)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return run_in_pytorch(network, height, width, shift_px), session.run(None, {"left": left.numpy(),
-                                                                                 "right": right.numpy()})
+    return run_in_pytorch(network, left, right), session.run(None, {"left": left.numpy(), "right": right.numpy()})
 
 
 def test_onnx_matches_pytorch_at_real_size(fast_model, tmp_path):
@@ -73,7 +72,7 @@ def test_the_onnx_graph_sees_colour_and_exposure_as_the_network_does(fast_model,
     network = set_photometric(copy.deepcopy(fast_model), {"saturation": 0.25, "match_exposure": True}, "test")
     (disparity, _), (onnx_disparity, _) = run_exported(network, tmp_path / "quarter.onnx", 128, 192, shift_px=6)
     assert relative_error(onnx_disparity, disparity) < 1e-3
-    colour, _ = run_in_pytorch(fast_model, 128, 192, shift_px=6)  # the network seeing the pair as captured
+    colour, _ = run_in_pytorch(fast_model, *seeded_pair(128, 192, shift_px=6))  # seeing the pair as captured
     assert relative_error(colour, disparity) > 1e-2
 
 
